@@ -1,0 +1,1 @@
+"""Control process of the sharded runtime (installed as shardvu.control)."""

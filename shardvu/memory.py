@@ -1,0 +1,187 @@
+"""Guest memory: the regions a front-end shares, mapped into this process.
+
+The counterpart of libvhost-user's ``VuDevRegion`` table and of
+``vu_gpa_to_va``/``qva_to_va``.  Each region is mapped ``MAP_SHARED`` from
+the fd the front-end sent, honouring ``mmap_offset`` (the mapping starts at
+file offset 0 and the region's bytes start ``mmap_offset`` into it, as
+libvhost-user does, so unaligned offsets work).
+
+Contract: :class:`GuestMemory` owns the fds and mappings it holds.  Removing
+a region, :meth:`GuestMemory.clear` and :meth:`GuestMemory.close` unmap it
+and close its fd.  A mapping whose memoryviews are still referenced
+elsewhere cannot be closed at once in Python; it is then released when the
+last view goes (the fd is still closed immediately).
+"""
+from __future__ import annotations
+
+import mmap
+import os
+from typing import List, Optional, Tuple
+
+from .protocol import MemoryRegion
+
+__all__ = ["MappedRegion", "GuestMemory", "MemoryMapError"]
+
+
+class MemoryMapError(Exception):
+    """A region could not be mapped, or would overlap another."""
+
+
+class MappedRegion:
+    """One mapped region.  ``view`` covers exactly the region's ``size``
+    bytes; byte ``i`` of it is guest-physical ``gpa + i`` and front-end
+    virtual ``uva + i``."""
+
+    __slots__ = ("gpa", "size", "uva", "mmap_offset", "fd", "_mm", "view", "gpa_end", "uva_end")
+
+    def __init__(self, desc: MemoryRegion, fd: int):
+        if desc.size == 0:
+            raise MemoryMapError("region size is zero")
+        if desc.gpa + desc.size > 1 << 64 or desc.uva + desc.size > 1 << 64:
+            raise MemoryMapError("region wraps the address space")
+        try:
+            mm = mmap.mmap(fd, desc.size + desc.mmap_offset, flags=mmap.MAP_SHARED,
+                           prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except (OSError, ValueError, OverflowError) as exc:
+            raise MemoryMapError(f"mmap of fd {fd} failed: {exc}") from None
+        self.gpa = desc.gpa
+        self.size = desc.size
+        self.uva = desc.uva
+        self.mmap_offset = desc.mmap_offset
+        self.fd = fd
+        self._mm = mm
+        self.view = memoryview(mm)[desc.mmap_offset:desc.mmap_offset + desc.size]
+        self.gpa_end = desc.gpa + desc.size
+        self.uva_end = desc.uva + desc.size
+
+    def describe(self) -> MemoryRegion:
+        return MemoryRegion(self.gpa, self.size, self.uva, self.mmap_offset)
+
+    def matches(self, desc: MemoryRegion) -> bool:
+        """REM_MEM_REG identity: guest address, user address and size."""
+        return (self.gpa, self.uva, self.size) == (desc.gpa, desc.uva, desc.size)
+
+    def close(self) -> None:
+        """Unmap (as soon as no view is left) and close the fd.  Idempotent."""
+        if self.fd < 0:
+            return
+        self.view.release()
+        try:
+            self._mm.close()
+        except BufferError:
+            pass  # someone still holds a slice; the mapping goes with it
+        os.close(self.fd)
+        self.fd = -1
+
+    def __repr__(self) -> str:
+        return (f"MappedRegion(gpa={self.gpa:#x}, size={self.size:#x}, "
+                f"uva={self.uva:#x}, off={self.mmap_offset:#x})")
+
+
+class GuestMemory:
+    """The set of mapped regions of one device (at most ``max_slots``)."""
+
+    def __init__(self, max_slots: int = 509):
+        self.max_slots = max_slots
+        self.regions: List[MappedRegion] = []
+
+    # -- table changes ------------------------------------------------------
+    def add(self, desc: MemoryRegion, fd: int) -> MappedRegion:
+        """Map ``desc`` from ``fd``.  Takes ownership of ``fd``: on failure it
+        is closed and :class:`MemoryMapError` says why."""
+        try:
+            if len(self.regions) >= self.max_slots:
+                raise MemoryMapError(f"all {self.max_slots} memory slots are in use")
+            for r in self.regions:
+                if desc.gpa < r.gpa_end and r.gpa < desc.gpa + desc.size:
+                    raise MemoryMapError(f"guest range {desc.gpa:#x}+{desc.size:#x} overlaps {r}")
+            region = MappedRegion(desc, fd)
+        except MemoryMapError:
+            os.close(fd)
+            raise
+        self.regions.append(region)
+        self.regions.sort(key=lambda r: r.gpa)
+        return region
+
+    def remove(self, desc: MemoryRegion) -> bool:
+        """Unmap the region matching ``desc`` (gpa, uva, size); False if none."""
+        for i, r in enumerate(self.regions):
+            if r.matches(desc):
+                del self.regions[i]
+                r.close()
+                return True
+        return False
+
+    def clear(self) -> None:
+        """Unmap every region and close its fd."""
+        regions, self.regions = self.regions, []
+        for r in regions:
+            r.close()
+
+    close = clear
+
+    def __len__(self) -> int:
+        return len(self.regions)
+
+    # -- translation ----------------------------------------------------------
+    def find_gpa(self, gpa: int) -> Optional[MappedRegion]:
+        for r in self.regions:
+            if r.gpa <= gpa < r.gpa_end:
+                return r
+        return None
+
+    def gpa_to_va(self, gpa: int, plen: int) -> Tuple[Optional[memoryview], int]:
+        """libvhost-user's ``vu_gpa_to_va``: a view starting at ``gpa`` and the
+        length available there, ``min(plen, bytes to the region's end)``.
+        Returns ``(None, 0)`` when ``gpa`` lies in no region.  A caller that
+        needs more than the returned length must translate the rest itself."""
+        r = self.find_gpa(gpa)
+        if r is None:
+            return None, 0
+        off = gpa - r.gpa
+        n = min(plen, r.size - off)
+        return r.view[off:off + n], n
+
+    def gpa_range(self, gpa: int, length: int) -> Optional[Tuple[MappedRegion, int]]:
+        """The region holding all of ``[gpa, gpa+length)`` and the offset of
+        ``gpa`` in it, or None when the range is not inside one region."""
+        for r in self.regions:
+            if r.gpa <= gpa and gpa + length <= r.gpa_end:
+                return r, gpa - r.gpa
+        return None
+
+    def uva_range(self, uva: int, length: int) -> Optional[Tuple[MappedRegion, int]]:
+        """As :meth:`gpa_range`, for a front-end virtual address (``qva_to_va``)."""
+        for r in self.regions:
+            if r.uva <= uva and uva + length <= r.uva_end:
+                return r, uva - r.uva
+        return None
+
+    def uva_to_gpa(self, uva: int) -> Optional[int]:
+        for r in self.regions:
+            if r.uva <= uva < r.uva_end:
+                return r.gpa + (uva - r.uva)
+        return None
+
+    def read(self, gpa: int, length: int) -> bytes:
+        """Copy ``length`` bytes from guest memory, across regions.  Raises
+        ValueError if any byte lies outside guest memory."""
+        out = bytearray()
+        while length:
+            view, n = self.gpa_to_va(gpa, length)
+            if view is None:
+                raise ValueError(f"guest address {gpa:#x} is not mapped")
+            out += view
+            gpa += n
+            length -= n
+        return bytes(out)
+
+    def write(self, gpa: int, data: bytes) -> None:
+        """Copy ``data`` into guest memory, across regions (ValueError if unmapped)."""
+        pos = 0
+        while pos < len(data):
+            view, n = self.gpa_to_va(gpa + pos, len(data) - pos)
+            if view is None:
+                raise ValueError(f"guest address {gpa + pos:#x} is not mapped")
+            view[:] = data[pos:pos + n]
+            pos += n

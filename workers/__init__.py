@@ -1,0 +1,1 @@
+"""Data-plane worker processes (installed as shardvu.workers)."""
