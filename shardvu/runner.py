@@ -1,0 +1,157 @@
+"""A single-process back-end loop: libvhost-user's own usage model.
+
+One thread polls the vhost-user socket and every watched kick fd; messages
+go through :class:`~shardvu.device.Device`, kicks run the queue handlers.
+A simple back-end is a few lines::
+
+    dev = Device(2, NetIface(1))
+    dev.set_queue_handler(1, on_tx)
+    Runner(dev).serve("/tmp/vhost.sock")
+
+Contract: :meth:`Runner.run_connection` returns when the front-end
+disconnects (or sends something the stream cannot recover from), after
+``device.close()`` released every fd and mapping of that session.
+:meth:`Runner.serve` then accepts the next connection, until :meth:`stop`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+import threading
+from typing import Dict, Optional
+
+from .device import Close, Device, Reply, Unwatch, Watch
+from .protocol import MessageReader, ProtocolError, ProtocolFeature, request_name
+from .transport import recv_with_fds, send_with_fds
+
+log = logging.getLogger("shardvu.runner")
+
+
+class Runner:
+    """Drives one :class:`Device` over a socket, single-threaded."""
+
+    def __init__(self, device: Device, poll_interval: float = 0.2):
+        self.device = device
+        self.poll_interval = poll_interval
+        self._stop = threading.Event()
+        self._watched: Dict[int, int] = {}     # kick fd -> queue index
+        self.polling_queues: set = set()        # queues with no kick fd (NOFD)
+
+    def stop(self) -> None:
+        """Ask :meth:`serve` / :meth:`run_connection` to return soon (thread-safe)."""
+        self._stop.set()
+
+    # -- connection setup -----------------------------------------------------
+    def serve(self, path: str, listener: Optional[socket.socket] = None) -> None:
+        """Listen on ``path`` (mode 0600, removed on return) or on an inherited
+        ``listener``, and serve one front-end at a time until :meth:`stop`."""
+        own = listener is None
+        if own:
+            if os.path.exists(path):
+                os.unlink(path)
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            old = os.umask(0o177)
+            try:
+                listener.bind(path)
+            finally:
+                os.umask(old)
+            listener.listen(1)
+        listener.settimeout(self.poll_interval)
+        try:
+            while not self._stop.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except socket.timeout:
+                    continue
+                self.run_connection(conn)
+        finally:
+            if own:
+                listener.close()
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+
+    # -- the loop ---------------------------------------------------------------
+    def run_connection(self, conn: socket.socket) -> None:
+        """Serve ``conn`` until it closes; then tear the device down."""
+        dev = self.device
+        reader = MessageReader()
+        conn.setblocking(False)
+        poller = select.poll()
+        poller.register(conn.fileno(), select.POLLIN)
+        try:
+            while not self._stop.is_set():
+                timeout = 0 if self.polling_queues else self.poll_interval * 1000
+                for fd, ev in poller.poll(timeout):
+                    if fd == conn.fileno():
+                        if not self._on_socket(conn, reader, poller):
+                            return
+                    elif fd in self._watched:
+                        dev.kick(self._watched[fd])
+                for q in list(self.polling_queues):
+                    dev.kick(q)
+        finally:
+            for fd in reader.pending_fds():
+                os.close(fd)
+            for fd in list(self._watched):
+                poller.unregister(fd)
+            self._watched.clear()
+            self.polling_queues.clear()
+            dev.close()
+            conn.close()
+            log.info("front-end disconnected; device reset")
+
+    def _on_socket(self, conn: socket.socket, reader: MessageReader, poller) -> bool:
+        try:
+            data, fds = recv_with_fds(conn)
+        except BlockingIOError:
+            return True
+        except OSError as exc:
+            log.error("socket read failed: %s", exc)
+            return False
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            if reader.buffered:
+                log.error("front-end closed mid-message (%d bytes of a truncated message)", reader.buffered)
+            return False
+        reader.feed(data, fds)
+        while True:
+            try:
+                msg = reader.next_message()
+            except ProtocolError as exc:
+                log.error("%s: %s; dropping the connection",
+                          request_name(exc.request) if exc.request is not None else "header", exc.reason)
+                return False
+            if msg is None:
+                return True
+            for event in self.device.handle(msg):
+                if isinstance(event, Reply):
+                    try:
+                        conn.setblocking(True)
+                        send_with_fds(conn, event.data, event.fds)
+                    except OSError as exc:
+                        log.error("%s: sending the reply failed: %s", msg.name, exc)
+                        return False
+                    finally:
+                        conn.setblocking(False)
+                elif isinstance(event, Watch):
+                    self._watched[event.fd] = event.qidx
+                    poller.register(event.fd, select.POLLIN)
+                    self.polling_queues.discard(event.qidx)
+                elif isinstance(event, Unwatch):
+                    if self._watched.pop(event.fd, None) is not None:
+                        poller.unregister(event.fd)
+                elif isinstance(event, Close):
+                    log.error("closing the connection: %s", event.reason)
+                    return False
+            # A started ring with no kick fd is polled (SET_VRING_KICK with NOFD).
+            inband = self.device.has_protocol_feature(ProtocolFeature.INBAND_NOTIFICATIONS)
+            for vq in self.device.vqs:
+                if vq.started and vq.kick_fd < 0 and not inband:
+                    self.polling_queues.add(vq.index)
+                else:
+                    self.polling_queues.discard(vq.index)
