@@ -349,10 +349,11 @@ class Device:
     def _fail(self, msg: Message, reason: str) -> List[object]:
         self.errors += 1
         log.error("%s: %s", msg.name, reason)
-        if msg.request in _HAS_REPLY:
+        if msg.request in _HAS_REPLY and msg.request != R.SET_LOG_BASE:
             # The front-end waits for a body; an empty one is a clear failure.
             return [Reply(P.encode_reply(msg.request))]
-        if msg.need_reply:
+        if msg.need_reply or msg.request == R.SET_LOG_BASE:
+            # (SET_LOG_BASE's reply body is itself a u64 status.)
             return [Reply(P.encode_reply(msg.request, P.pack_u64(1)))]
         return []
 
@@ -561,15 +562,15 @@ class Device:
         vq = self._queue(addr.index)
         if not vq.num:
             raise RequestError(f"queue {addr.index}: SET_VRING_ADDR before SET_VRING_NUM")
-        if self.mem.uva_range(addr.desc, 16 * vq.num) is None:
-            raise RequestError(f"queue {addr.index}: descriptor table {addr.desc:#x} outside guest memory")
         old = vq.addr
         vq.addr = addr
         try:
             vq.map_rings()
         except RingError as exc:
             vq.addr = old
-            raise RequestError(f"queue {addr.index}: {exc}") from None
+            if old is not None:
+                vq.map_rings()          # keep serving on the previous, valid rings
+            raise RequestError(f"ring addresses outside guest memory: {exc}") from None
 
     def _on_set_vring_base(self, msg, out):
         st = P.VringState.unpack(msg.payload)

@@ -7,10 +7,11 @@ Ring layout (virtio 1.x split ring, little-endian)::
     avail      u16 flags | u16 idx | u16 ring[num] | u16 used_event
     used       u16 flags | u16 idx | {u32 id, u32 len}[num] | u16 avail_event
 
-Everything the driver wrote is untrusted.  Each descriptor is copied out of
-shared memory exactly once and checked before use; anything a well-behaved
-driver cannot produce marks the queue broken (:meth:`VirtQueue.mark_broken`)
-instead of raising, and the queue then yields nothing until :meth:`reset`.
+Everything the driver wrote is untrusted.  A chain walk copies each
+descriptor out of shared memory once and checks it before use; anything a
+well-behaved driver cannot produce marks the queue broken
+(:meth:`VirtQueue.mark_broken`) instead of raising, and the queue then
+yields nothing until :meth:`VirtQueue.reset`.
 
 Memory ordering.  The protocol needs the back-end to load ``avail->idx``
 before the descriptors that idx publishes, to store used elements before
@@ -21,7 +22,9 @@ separate ``struct`` call on a memoryview of a ``MAP_SHARED`` mapping, which
 CPython executes in program order (the GIL gives one thread at a time, and
 the interpreter does not reorder memory accesses across bytecodes).  On
 x86-64 (TSO) the hardware keeps load->load and store->store order, so
-program order gives the first two.  The only reordering TSO allows -- a
+program order gives the first two.  Index and flag fields are single
+16-bit accesses, never torn: on a little-endian host CPython's ``struct``
+serves ``"<H"`` with its native ``memcpy``-based routines.  The only reordering TSO allows -- a
 later load passing an earlier store -- is the notify case; :func:`_smp_mb`
 closes it with an uncontended lock acquire/release, which is a locked
 read-modify-write and therefore a full fence on x86-64.  On a weakly ordered
