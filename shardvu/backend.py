@@ -5,14 +5,13 @@ CONFIG_CHANGE_MSG, VRING_HOST_NOTIFIER_MSG and in-band VRING_CALL/VRING_ERR.
 """
 from __future__ import annotations
 
-import array
 import logging
-import os
 import socket
 import threading
-from typing import Optional, Sequence
+from typing import Sequence
 
 from . import protocol as P
+from .transport import send_with_fds
 
 log = logging.getLogger("shardvu.backend")
 
@@ -38,11 +37,10 @@ class BackendChannel:
                 need_reply: bool = False) -> int:
         flags = P.VERSION | (P.FLAG_NEED_REPLY if need_reply else 0)
         data = P.encode(request, payload, flags)
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
         name = P.BackendRequest(request).name if request in P.BackendRequest._value2member_map_ else str(request)
         with self._lock:
             try:
-                self.sock.sendmsg([data], anc)
+                send_with_fds(self.sock, data, fds)
                 self.sent += 1
                 if not need_reply:
                     return 0

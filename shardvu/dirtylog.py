@@ -121,6 +121,10 @@ class DirtyLog:
                 out.extend(i * 8 + j for j in range(8) if b & (1 << j))
         return out
 
+    def clear(self) -> None:
+        """Zero every bit (what a front-end does after it has synced the log)."""
+        self._view[:] = bytes(self.size)
+
     def kick(self) -> None:
         """Signal ``call_fd`` (if any) that the log changed.  Never raises."""
         if self.call_fd >= 0:

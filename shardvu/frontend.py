@@ -17,9 +17,9 @@ Contracts:
 * A message's fds travel with its header in one ``sendmsg``.
 * :meth:`Frontend.close` closes every fd the front-end made or received
   (sockets, memfds, eventfds, log and inflight fds) and stops the
-  back-end-request thread.  Views handed out (:class:`DirtyLog.view`,
-  :attr:`Frontend.inflight_view`) must be dropped by the caller first for
-  the mappings to go away at once.
+  back-end-request thread.  A view handed out
+  (:attr:`Frontend.inflight_view`) must be dropped by the caller first for
+  its mapping to go away at once.
 * Virtqueue ``2*p`` is pair ``p``'s RX queue (the device writes into it),
   ``2*p + 1`` its TX queue.
 """
@@ -32,13 +32,14 @@ import socket
 import struct
 import threading
 import time
-from array import array
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from . import protocol as P
+from .dirtylog import DirtyLog
 from .driver import DriverError, DriverQueue, QueueFull, ring_layout
 from .eventfd import drain, eventfd, signal
 from .memory import GuestMemory
+from .transport import recv_with_fds, send_with_fds
 from .protocol import (BackendRequest, ConfigMsg, InflightDesc, LogArea, MemoryRegion,
                        MemoryTable, MemRegMsg, Message, MessageReader, ProtocolFeature,
                        Request, VringAddr, VringState, bit, pack_u64)
@@ -97,42 +98,6 @@ class BackendClosed(FrontendError, ConnectionError):
 
 class ReplyTimeout(FrontendError, TimeoutError):
     """No reply within the timeout."""
-
-
-class DirtyLog:
-    """The dirty log shared by SET_LOG_BASE: bit ``page % 8`` of byte
-    ``page // 8`` is set when the back-end wrote guest page ``page``."""
-
-    def __init__(self, fd: int, size: int):
-        self.fd = fd
-        self.size = size
-        self._mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        self.view: Optional[memoryview] = memoryview(self._mm)
-
-    def is_dirty(self, gpa: int) -> bool:
-        page = gpa // P.VHOST_LOG_PAGE
-        return bool(self._mm[page // 8] >> (page % 8) & 1)
-
-    def dirty_pages(self) -> List[int]:
-        """Page numbers (gpa // 4096) whose bit is set."""
-        data = self._mm[:]
-        return [i * 8 + b for i, byte in enumerate(data) if byte for b in range(8) if byte >> b & 1]
-
-    def clear(self) -> None:
-        self._mm[:] = bytes(self.size)
-
-    def close(self) -> None:
-        if self.fd < 0:
-            return
-        if self.view is not None:
-            self.view.release()
-            self.view = None
-        try:
-            self._mm.close()
-        except BufferError:
-            pass
-        os.close(self.fd)
-        self.fd = -1
 
 
 class _Pool:
@@ -384,11 +349,8 @@ class Frontend:
     def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None:
         """Send ``data`` (any bytes) in one sendmsg with ``fds`` attached."""
         sock = self._require_sock()
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", fds))] if fds else []
         try:
-            sent = sock.sendmsg([data], anc)
-            if sent < len(data):
-                sock.sendall(data[sent:])
+            send_with_fds(sock, data, fds)
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise BackendClosed(Request.NONE, -1, f"send failed: {exc}") from None
         except socket.timeout:
@@ -412,15 +374,13 @@ class Frontend:
                 raise ReplyTimeout(Request.NONE, -1, "no reply")
             sock.settimeout(left)
             try:
-                data, anc, flags, _ = sock.recvmsg(_RECV_SIZE, socket.CMSG_SPACE(P.MAX_FDS * 4),
-                                                   getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+                data, fds = recv_with_fds(sock, _RECV_SIZE)
             except socket.timeout:
                 raise ReplyTimeout(Request.NONE, -1, "no reply") from None
             except ConnectionResetError:
                 raise BackendClosed(Request.NONE, -1, "connection reset") from None
             finally:
                 sock.settimeout(self.timeout)
-            fds = _fds_from(anc)
             if not data:
                 for fd in fds:
                     os.close(fd)
@@ -650,11 +610,9 @@ class Frontend:
             if self._breq_stop in events:
                 return
             try:
-                data, anc, _f, _a = sock.recvmsg(_RECV_SIZE, socket.CMSG_SPACE(P.MAX_FDS * 4),
-                                                 getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+                data, fds = recv_with_fds(sock, _RECV_SIZE)
             except OSError:
                 return
-            fds = _fds_from(anc)
             if not data:
                 for fd in fds:
                     os.close(fd)
@@ -757,10 +715,10 @@ class Frontend:
         fd = os.memfd_create("shardvu-log", os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, size)
-            log = DirtyLog(fd, size)
         except BaseException:
             os.close(fd)
             raise
+        log = DirtyLog(fd, size, 0)   # owns fd from here
         try:
             self.request(Request.SET_LOG_BASE, LogArea(size, 0).pack(), [fd])
         except BaseException:
@@ -1012,12 +970,3 @@ class Frontend:
         except Exception:
             pass
 
-
-def _fds_from(anc) -> List[int]:
-    fds: List[int] = []
-    for level, typ, data in anc:
-        if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
-            arr = array("i")
-            arr.frombytes(data[:len(data) - len(data) % arr.itemsize])
-            fds.extend(arr)
-    return fds

@@ -10,14 +10,18 @@ from typing import List, Sequence, Tuple
 #: Room for more fds than any request may carry, so extras are seen (and
 #: closed) instead of silently truncated by the kernel.
 MAX_RECV_FDS = 32
+# PyPy's socket module lacks the constant; this is Linux's value.
+_MSG_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0x40000000)
 
 
 def recv_with_fds(sock: socket.socket, bufsize: int = 65536,
                   maxfds: int = MAX_RECV_FDS) -> Tuple[bytes, List[int]]:
-    """One ``recvmsg``: the bytes and any fds that came with them.  Returns
-    ``(b"", [])`` at end of stream.  The caller owns the returned fds."""
+    """One ``recvmsg``: the bytes and any fds that came with them (marked
+    close-on-exec).  Returns ``(b"", [])`` at end of stream.  The caller
+    owns the returned fds."""
     fds = array.array("i")
-    data, ancdata, _flags, _addr = sock.recvmsg(bufsize, socket.CMSG_SPACE(maxfds * fds.itemsize))
+    data, ancdata, _flags, _addr = sock.recvmsg(bufsize, socket.CMSG_SPACE(maxfds * fds.itemsize),
+                                                _MSG_CMSG_CLOEXEC)
     for level, kind, cdata in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(cdata[:len(cdata) - len(cdata) % fds.itemsize])

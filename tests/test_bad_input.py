@@ -14,14 +14,9 @@ from shardvu import protocol as P
 from shardvu.driver import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT
 from shardvu.frontend import Frontend, FrontendError
 from shardvu.protocol import Request as R
+from util import memfd, wait_for
 
 
-def wait_for(cond, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        time.sleep(0.005)
 
 
 def still_serves(fe: Frontend, pair: int = 0) -> None:
@@ -30,10 +25,6 @@ def still_serves(fe: Frontend, pair: int = 0) -> None:
     assert fe.receive(pair, timeout=5) == [b"ok" * 32]
 
 
-def memfd(size: int = 1 << 20) -> int:
-    fd = os.memfd_create("bad")
-    os.ftruncate(fd, size)
-    return fd
 
 
 def expect_nack(fe: Frontend, caplog, req, payload=b"", fds=(), reason: str = "") -> None:

@@ -13,18 +13,13 @@ from shardvu.frontend import DEFAULT_FEATURES, DEFAULT_PROTOCOL_FEATURES, Fronte
 from shardvu.net import NetIface
 from shardvu.protocol import ProtocolFeature as PF, Request as R, bit
 from shardvu.runner import Runner
+from util import wait_for
 
 
 def frames_for(pair: int, n: int, size: int = 60) -> list:
     return [bytes([pair, i % 256]) + bytes([(pair + i) % 256]) * (size - 2) for i in range(n)]
 
 
-def wait_for(cond, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        time.sleep(0.002)
 
 
 def test_negotiation(served):

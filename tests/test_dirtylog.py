@@ -9,22 +9,13 @@ from shardvu.dirtylog import DirtyLog
 from shardvu.protocol import VHOST_F_LOG_ALL, VHOST_VRING_F_LOG
 
 from ringutil import DriverRing, Harness, bit, make_memory
+from util import fd_is_open, memfd
 
 PAGE = 4096
 
 
-def memfd(size: int) -> int:
-    fd = os.memfd_create("log", os.MFD_CLOEXEC)
-    os.ftruncate(fd, size)
-    return fd
 
 
-def fd_is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-        return True
-    except OSError:
-        return False
 
 
 @pytest.fixture

@@ -10,14 +10,9 @@ from shardvu.protocol import InflightDesc
 from shardvu.virtqueue import VirtQueue
 
 from ringutil import DriverRing, Harness, make_memory
+from util import fd_is_open
 
 
-def fd_is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-        return True
-    except OSError:
-        return False
 
 
 def test_queue_region_size():

@@ -7,22 +7,11 @@ import pytest
 
 from shardvu.memory import GuestMemory, MemoryMapError
 from shardvu.protocol import MemoryRegion
+from util import fd_is_open as fd_open, memfd
 
 
-def memfd(size: int, fill: bytes = b"") -> int:
-    fd = os.memfd_create("t")
-    os.ftruncate(fd, size)
-    if fill:
-        os.pwrite(fd, fill, 0)
-    return fd
 
 
-def fd_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-        return True
-    except OSError:
-        return False
 
 
 def test_mmap_offset_is_honoured_and_translation_has_plen_semantics():
