@@ -264,7 +264,7 @@ class Device:
                 pass
             except OSError as exc:
                 log.error("queue %d: reading kick fd failed: %s", qidx, exc)
-        vq.kicks = getattr(vq, "kicks", 0) + 1
+        vq.kicks += 1
         self._run_handler(qidx)
 
     def set_queue_handler(self, qidx: int, handler: Optional[Callable[["Device", int], None]]) -> None:
@@ -415,13 +415,19 @@ class Device:
         for vq in self.vqs:
             vq.log = dlog
 
+    def _map_rings(self, vq: VirtQueue) -> None:
+        """``vq.map_rings()``, telling it first whether the device completes
+        that queue in order (then it may resume at the used index)."""
+        vq.processed_in_order = bool(self.iface.queue_is_processed_in_order(self, vq.index))
+        vq.map_rings()
+
     def _remap_rings(self) -> None:
         """Re-translate ring addresses after the memory table changed."""
         for vq in self.vqs:
             if vq.addr is None or not vq.num:
                 continue
             try:
-                vq.map_rings()
+                self._map_rings(vq)
             except RingError as exc:
                 log.warning("queue %d: rings not mapped after memory change: %s", vq.index, exc)
 
@@ -555,7 +561,7 @@ class Device:
             raise RequestError(f"queue {st.index}: size {st.num} is not a power of two in 1..{P.VIRTQUEUE_MAX_SIZE}")
         vq.num = st.num
         if vq.addr is not None and len(self.mem):
-            vq.map_rings()
+            self._map_rings(vq)
 
     def _on_set_vring_addr(self, msg, out):
         addr = P.VringAddr.unpack(msg.payload)
@@ -565,11 +571,11 @@ class Device:
         old = vq.addr
         vq.addr = addr
         try:
-            vq.map_rings()
+            self._map_rings(vq)
         except RingError as exc:
             vq.addr = old
             if old is not None:
-                vq.map_rings()          # keep serving on the previous, valid rings
+                self._map_rings(vq)     # keep serving on the previous, valid rings
             raise RequestError(f"ring addresses outside guest memory: {exc}") from None
 
     def _on_set_vring_base(self, msg, out):

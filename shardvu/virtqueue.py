@@ -207,6 +207,8 @@ class VirtQueue:
         self.processed_in_order = False
         self.calls_sent = 0
         self.notifications_suppressed = 0
+        #: kicks received (counted by the control code that reads the kick fd)
+        self.kicks = 0
         self._desc: Optional[memoryview] = None
         self._avail: Optional[memoryview] = None
         self._used: Optional[memoryview] = None

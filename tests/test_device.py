@@ -342,3 +342,60 @@ def test_inflight_resubmission_after_reconnect(tmp_path, fd_guard):
     finally:
         runner.stop()
         t.join(5)
+
+
+def test_log_fd_is_kicked_when_the_log_changes(served):
+    from shardvu.eventfd import drain, eventfd
+    b = served()
+    with Frontend(b.path) as fe:
+        fe.negotiate()
+        fe.post_rx(0, 8)
+        efd = eventfd()
+        try:
+            fe.request(R.SET_LOG_FD, b"", [efd])
+            fe.set_log_base()
+            fe.set_features(fe.features | bit(P.VHOST_F_LOG_ALL))
+            drain(efd)
+            fe.send(0, [b"l" * 80])
+            assert fe.receive(0, timeout=5) == [b"l" * 80]
+            assert drain(efd) >= 1
+        finally:
+            os.close(efd)
+
+
+def test_inband_error_notification(served):
+    from shardvu.driver import VRING_DESC_F_NEXT
+    b = served()
+    pf = (bit(PF.MQ) | bit(PF.REPLY_ACK) | bit(PF.BACKEND_REQ) | bit(PF.INBAND_NOTIFICATIONS))
+    with Frontend(b.path, protocol_features=pf) as fe:
+        fe.negotiate()
+        fe.request(R.SET_VRING_ERR, P.pack_u64(1 | P.VRING_NOFD_MASK))
+        q = fe.queues[1]
+        q.write_desc(0, fe.alloc(64), 64, VRING_DESC_F_NEXT, 0)
+        q.push_avail(0)
+        q.write_avail_idx(q.avail_idx)
+        fe.kick(1)
+        wait_for(lambda: fe.backend_request_count(P.BackendRequest.VRING_ERR) == 1)
+
+
+class _InOrder(NetIface):
+    def queue_is_processed_in_order(self, dev, qidx):
+        return True
+
+
+@pytest.mark.parametrize("in_order", [True, False])
+def test_processed_in_order_resumes_at_the_used_index(tmp_path, fd_guard, in_order):
+    path = str(tmp_path / "order.sock")
+    dev = Device(2, _InOrder(1) if in_order else NetIface(1))
+    runner = Runner(dev)
+    t = threading.Thread(target=runner.serve, args=(path,), daemon=True)
+    t.start()
+    wait_for(lambda: os.path.exists(path))
+    try:
+        with Frontend(path) as fe:
+            # a stale base (7) while the used ring says 0
+            fe.negotiate(vring_bases={0: 7, 1: 7})
+            assert dev.vqs[1].last_avail_idx == (0 if in_order else 7)
+    finally:
+        runner.stop()
+        t.join(5)
