@@ -462,10 +462,13 @@ def validate_size(msg: Message) -> None:
 class MessageReader:
     """Reassembles messages from a byte stream (sans-IO).
 
-    Feed it what ``recvmsg`` returned: the bytes and any fds that came with
-    them.  Fds are attached to the message whose header arrived in the same
-    chunk (the kernel never merges two SCM_RIGHTS payloads into one read, and
-    front-ends send a message's fds with its header).
+    Feed it what each ``recvmsg`` returned: the bytes and any fds that came
+    with them.  On a Unix stream socket the kernel ends a read right after
+    the data that carried fds, and front-ends send a message's fds with its
+    bytes in one ``sendmsg``; so the fds of a read belong to the message
+    whose bytes end that read (or that is still incomplete there).  The
+    reader attaches them to the message spanning that stream position,
+    even when one read holds several messages.
 
     Contract: :meth:`next_message` returns a complete :class:`Message`, or
     ``None`` when more bytes are needed.  A header whose ``size`` exceeds
@@ -476,11 +479,14 @@ class MessageReader:
 
     def __init__(self) -> None:
         self._buf = bytearray()
-        self._fds: List[int] = []
+        self._pos = 0          # stream offset of _buf[0]
+        # (stream offset where the read carrying them ended, fds), in order
+        self._marks: List[Tuple[int, List[int]]] = []
 
     def feed(self, data: bytes, fds: Sequence[int] = ()) -> None:
         self._buf += data
-        self._fds.extend(fds)
+        if fds:
+            self._marks.append((self._pos + len(self._buf), list(fds)))
 
     def next_message(self) -> Optional[Message]:
         if len(self._buf) < HEADER_SIZE:
@@ -495,7 +501,10 @@ class MessageReader:
             return None
         payload = bytes(self._buf[HEADER_SIZE:end])
         del self._buf[:end]
-        fds, self._fds = self._fds, []
+        self._pos += end
+        fds: List[int] = []
+        while self._marks and self._marks[0][0] <= self._pos:
+            fds.extend(self._marks.pop(0)[1])
         return Message(request, flags, payload, fds)
 
     @property
@@ -505,7 +514,8 @@ class MessageReader:
 
     def pending_fds(self) -> List[int]:
         """Take the fds received but not yet attached to a message."""
-        fds, self._fds = self._fds, []
+        fds = [fd for _, group in self._marks for fd in group]
+        self._marks = []
         return fds
 
 

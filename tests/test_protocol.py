@@ -86,6 +86,23 @@ def test_reader_reassembles_split_messages_and_attaches_fds():
     assert (m2.request, m2.u64(), m2.fds) == (R.SET_VRING_KICK, 1, [])
 
 
+def test_reader_gives_fds_to_the_message_that_ends_the_read():
+    # The kernel ends a read after the data that carried fds, so several
+    # fd-less messages may precede it in one read (DPDK's virtio-user does this).
+    a = P.encode(R.SET_PROTOCOL_FEATURES, P.pack_u64(1))
+    b = P.encode(R.SET_VRING_CALL, P.pack_u64(0))
+    r = MessageReader()
+    r.feed(a + b, [9])
+    m1, m2 = r.next_message(), r.next_message()
+    assert (m1.request, m1.fds) == (R.SET_PROTOCOL_FEATURES, [])
+    assert (m2.request, m2.fds) == (R.SET_VRING_CALL, [9])
+    # fds sent with the header only, payload in a later read
+    r.feed(b[:12], [4])
+    assert r.next_message() is None
+    r.feed(b[12:])
+    assert r.next_message().fds == [4]
+
+
 def test_reader_rejects_huge_size_and_bad_version():
     r = MessageReader()
     r.feed(P.HEADER.pack(R.SET_FEATURES, P.VERSION, 1 << 30))
