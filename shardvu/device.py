@@ -230,6 +230,8 @@ class Device:
         """Process one front-end message; return the events to carry out.
 
         Owns ``msg.fds`` from here on: each is kept or closed."""
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s payload=%s", msg, msg.payload.hex())
         try:
             events = self.iface.process_msg(self, msg)
         except Exception as exc:  # a buggy override must not kill the loop

@@ -12,7 +12,9 @@ byte.  That is safe against the front-end, which only ever *clears* bits
 set that the front-end had just harvested, i.e. over-report dirtiness, never
 lose a dirty page, because the bit is set again after the data was written.
 Two *back-end* processes setting bits in the same log byte could lose each
-other's bits; such a deployment must funnel marks through a single writer.
+other's bits; such a deployment sets :attr:`DirtyLog.lock` to a lock shared
+by those processes (the sharded runtime does, with one lock for all its
+workers), and every mark then runs under it.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ class DirtyLog:
     owned by the log: the caller sets it and closes it.
     """
 
-    __slots__ = ("fd", "size", "offset", "call_fd", "out_of_range", "marks", "_mm", "_view")
+    __slots__ = ("fd", "size", "offset", "call_fd", "out_of_range", "marks", "lock", "_mm", "_view")
 
     def __init__(self, fd: int, mmap_size: int, mmap_offset: int):
         try:
@@ -66,6 +68,9 @@ class DirtyLog:
         self.out_of_range = 0
         #: Calls of :meth:`mark` with a non-zero length, for stats.
         self.marks = 0
+        #: Optional inter-process lock (``acquire``/``release``) serialising
+        #: marks of several back-end processes sharing this log.
+        self.lock = None
         self._mm = mm
         self._view = memoryview(mm)[mmap_offset:mmap_offset + mmap_size]
 
@@ -83,6 +88,17 @@ class DirtyLog:
         """
         if length <= 0 or gpa < 0 or self.fd < 0:
             return
+        lock = self.lock
+        if lock is None:
+            self._mark(gpa, length)
+            return
+        lock.acquire()
+        try:
+            self._mark(gpa, length)
+        finally:
+            lock.release()
+
+    def _mark(self, gpa: int, length: int) -> None:
         self.marks += 1
         first = gpa >> _PAGE_SHIFT
         last = (gpa + length - 1) >> _PAGE_SHIFT

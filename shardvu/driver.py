@@ -48,10 +48,10 @@ DESC_SIZE = 16
 USED_ELEM_SIZE = 8
 MAX_QUEUE_SIZE = 32768
 
-_DESC = struct.Struct("<QIHH")
-_U16 = struct.Struct("<H")
-_U32 = struct.Struct("<I")
-_ELEM = struct.Struct("<II")
+_DESC = struct.Struct("QIHH")
+_U16 = struct.Struct("H")
+_U32 = struct.Struct("I")
+_ELEM = struct.Struct("II")
 _MASK16 = 0xFFFF
 
 Buffers = Sequence[Tuple[int, int]]

@@ -30,9 +30,9 @@ DESC_SIZE = 16
 #: Largest queue count accepted from SET_INFLIGHT_FD.
 MAX_QUEUES = 1024
 
-_U8 = struct.Struct("<B")
-_U16 = struct.Struct("<H")
-_U64 = struct.Struct("<Q")
+_U8 = struct.Struct("B")
+_U16 = struct.Struct("H")
+_U64 = struct.Struct("Q")
 _OFF_FEATURES, _OFF_VERSION, _OFF_DESC_NUM, _OFF_LAST_BATCH, _OFF_USED_IDX = 0, 8, 10, 12, 14
 _D_INFLIGHT, _D_NEXT, _D_COUNTER = 0, 6, 8
 

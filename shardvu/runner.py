@@ -32,9 +32,12 @@ log = logging.getLogger("shardvu.runner")
 class Runner:
     """Drives one :class:`Device` over a socket, single-threaded."""
 
-    def __init__(self, device: Device, poll_interval: float = 0.2):
+    def __init__(self, device: Device, poll_interval: float = 0.2, watch_kicks: bool = True):
         self.device = device
         self.poll_interval = poll_interval
+        #: False when the rings are served elsewhere (the sharded runtime's
+        #: workers): kick fds are then neither watched nor polled here.
+        self.watch_kicks = watch_kicks
         self._stop = threading.Event()
         self._watched: Dict[int, int] = {}     # kick fd -> queue index
         self.polling_queues: set = set()        # queues with no kick fd (NOFD)
@@ -74,6 +77,25 @@ class Runner:
                 except FileNotFoundError:
                     pass
 
+    def serve_client(self, path: str, retry_interval: float = 0.5) -> None:
+        """Client mode: connect to a front-end listening on ``path``, retrying
+        until it appears; after each disconnection connect again, until
+        :meth:`stop`."""
+        while not self._stop.is_set():
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                conn.connect(path)
+            except OSError:
+                conn.close()
+                self._stop.wait(retry_interval)
+                continue
+            log.info("connected to front-end at %s", path)
+            self.run_connection(conn)
+
+    def on_tick(self) -> None:
+        """Called on every turn of the connection loop (at least every
+        ``poll_interval``); a hook for subclasses."""
+
     # -- the loop ---------------------------------------------------------------
     def run_connection(self, conn: socket.socket) -> None:
         """Serve ``conn`` until it closes; then tear the device down."""
@@ -93,6 +115,7 @@ class Runner:
                         dev.kick(self._watched[fd])
                 for q in list(self.polling_queues):
                     dev.kick(q)
+                self.on_tick()
         finally:
             for fd in reader.pending_fds():
                 os.close(fd)
@@ -138,7 +161,7 @@ class Runner:
                         return False
                     finally:
                         conn.setblocking(False)
-                elif isinstance(event, Watch):
+                elif isinstance(event, Watch) and self.watch_kicks:
                     self._watched[event.fd] = event.qidx
                     poller.register(event.fd, select.POLLIN)
                     self.polling_queues.discard(event.qidx)
@@ -151,7 +174,7 @@ class Runner:
             # A started ring with no kick fd is polled (SET_VRING_KICK with NOFD).
             inband = self.device.has_protocol_feature(ProtocolFeature.INBAND_NOTIFICATIONS)
             for vq in self.device.vqs:
-                if vq.started and vq.kick_fd < 0 and not inband:
+                if vq.started and vq.kick_fd < 0 and not inband and self.watch_kicks:
                     self.polling_queues.add(vq.index)
                 else:
                     self.polling_queues.discard(vq.index)

@@ -22,9 +22,14 @@ separate ``struct`` call on a memoryview of a ``MAP_SHARED`` mapping, which
 CPython executes in program order (the GIL gives one thread at a time, and
 the interpreter does not reorder memory accesses across bytecodes).  On
 x86-64 (TSO) the hardware keeps load->load and store->store order, so
-program order gives the first two.  Index and flag fields are single
-16-bit accesses, never torn: on a little-endian host CPython's ``struct``
-serves ``"<H"`` with its native ``memcpy``-based routines.  The only reordering TSO allows -- a
+program order gives the first two.  Index and flag fields must be read and
+written in one access, never torn: the structs here use *native* formats
+("H", not "<H"), which CPython serves with a single ``memcpy`` of the field
+(one 16-bit load or store), while the standard-size "<H" codec goes byte by
+byte -- a torn ``avail->idx`` read looks like a jump of thousands of entries,
+a torn ``used->idx`` store shows the driver used entries that do not exist.
+Native order equals the ring's little-endian order on every host shardvu
+supports (checked at import).  The only reordering TSO allows -- a
 later load passing an earlier store -- is the notify case; :func:`_smp_mb`
 closes it with an uncontended lock acquire/release, which is a locked
 read-modify-write and therefore a full fence on x86-64.  On a weakly ordered
@@ -38,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import sys
 import threading
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -63,9 +69,10 @@ VRING_USED_F_NO_NOTIFY = 1
 DESC_SIZE = 16
 MAX_CHAIN_LEN = 0xFFFFFFFF
 
-_DESC = struct.Struct("<QIHH")
-_U16 = struct.Struct("<H")
-_USED_ELEM = struct.Struct("<II")
+assert sys.byteorder == "little", "rings are little-endian; native structs assume it"
+_DESC = struct.Struct("QIHH")
+_U16 = struct.Struct("H")
+_USED_ELEM = struct.Struct("II")
 
 
 _FENCE = threading.Lock()

@@ -1,0 +1,314 @@
+"""Control side of the stats channel: collect worker snapshots, answer queries.
+
+Workers publish JSON snapshots (``shardvu.workers.stats.StatsPublisher``) to
+a SUB socket the control process binds; ``shardvu stats`` asks a REP socket
+for the aggregate.  Both addresses derive from the vhost-user socket path
+(:func:`endpoints`), so every party agrees on them without configuration.
+
+Two ways to drive a :class:`StatsCollector` — pick one, never both:
+
+* from the control loop: call ``poll(0)`` periodically, or register
+  ``sockets()`` in a ``zmq.Poller`` (or watch their ``zmq.FD``, which is
+  edge-triggered: after it fires, ``poll(0)`` drains everything);
+* in a background thread: ``start()`` / ``stop()``.
+
+``set_workers``, ``mark_dead`` and ``snapshot`` may be called from any
+thread at any time (a lock guards the shared state; the zmq sockets are
+only touched by whoever polls).
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import psutil
+import zmq
+
+from shardvu.workers.stats import COUNTER_FIELDS
+
+_IPC = "ipc://"
+_SUN_PATH_MAX = 107          # sockaddr_un.sun_path holds 108 bytes incl. NUL
+
+
+def endpoints(socket_path: str) -> Tuple[str, str]:
+    """``(pub_endpoint, query_endpoint)`` for the vhost-user socket
+    ``socket_path``: ``ipc://<abs path>.pub`` and ``ipc://<abs path>.stats``.
+
+    The path is made absolute so workers, control and the CLI agree
+    whatever their working directory.  Raises ValueError if the result is
+    too long for a Unix socket address.
+    """
+    base = os.path.abspath(socket_path)
+    pub, query = base + ".pub", base + ".stats"
+    if len(query.encode()) > _SUN_PATH_MAX:
+        raise ValueError(f"stats endpoint path too long for a Unix socket "
+                         f"({len(query.encode())} > {_SUN_PATH_MAX} bytes): {query}")
+    return _IPC + pub, _IPC + query
+
+
+def direction_of(index: int) -> str:
+    """The guest's view of queue ``index``: even = "rx", odd = "tx"."""
+    return "rx" if index % 2 == 0 else "tx"
+
+
+class _Queue:
+    """What the collector knows about one queue."""
+
+    __slots__ = ("pid", "msg", "heard", "named", "exitcode")
+
+    def __init__(self, now: float) -> None:
+        self.pid: Optional[int] = None        # worker pid from set_workers / messages
+        self.msg: Optional[Dict[str, Any]] = None   # latest message from that pid
+        self.heard: Optional[float] = None    # monotonic receipt time of msg
+        self.named = now                      # monotonic time we started expecting it
+        self.exitcode: Optional[int] = None   # set by mark_dead
+
+
+class StatsCollector:
+    """Binds a SUB socket at ``pub_endpoint`` and a REP socket at
+    ``query_endpoint``; keeps the latest snapshot per queue index.
+
+    ``socket_path`` (optional) is echoed in :meth:`snapshot` as ``"socket"``.
+    ``context`` (optional) is a zmq Context to use; by default the collector
+    makes its own and terminates it on :meth:`close`.
+    """
+
+    def __init__(self, pub_endpoint: str, query_endpoint: str,
+                 socket_path: Optional[str] = None,
+                 context: Optional[zmq.Context] = None) -> None:
+        self.pub_endpoint = pub_endpoint
+        self.query_endpoint = query_endpoint
+        self.socket_path = socket_path or ""
+        self.bad_messages = 0                 # unparseable / malformed messages seen
+        self.queries = 0                      # REP requests answered
+        self._lock = threading.Lock()
+        self._queues: Dict[int, _Queue] = {}
+        self._procs: Dict[int, psutil.Process] = {}
+        self._thread: Optional[threading.Thread] = None
+        self._stopping = threading.Event()
+        self._own_ctx = context is None
+        self._ctx: Optional[zmq.Context] = context if context is not None else zmq.Context()
+        self._sub = self._ctx.socket(zmq.SUB)
+        self._rep = self._ctx.socket(zmq.REP)
+        try:
+            for s in (self._sub, self._rep):
+                s.setsockopt(zmq.LINGER, 0)
+            self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+            self._sub.bind(pub_endpoint)
+            self._rep.bind(query_endpoint)
+        except BaseException:
+            self._close_sockets()
+            raise
+        self._poller = zmq.Poller()
+        self._poller.register(self._sub, zmq.POLLIN)
+        self._poller.register(self._rep, zmq.POLLIN)
+
+    # -- driving -------------------------------------------------------------
+
+    def sockets(self) -> Tuple[zmq.Socket, zmq.Socket]:
+        """``(sub, rep)``, for registering in the caller's own poller."""
+        return self._sub, self._rep
+
+    def poll(self, timeout_ms: int = 0) -> int:
+        """Wait up to ``timeout_ms`` (0 = don't wait, None/-1 = forever) for
+        activity, then drain every pending SUB message and answer every
+        pending query.  Returns the number of messages + queries handled."""
+        if timeout_ms is not None and timeout_ms < 0:
+            timeout_ms = None
+        if not self._poller.poll(timeout_ms):
+            return 0
+        n = 0
+        while True:
+            try:
+                raw = self._sub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            self._ingest(raw)
+            n += 1
+        while True:
+            try:
+                self._rep.recv(zmq.NOBLOCK)   # content is ignored
+            except zmq.Again:
+                break
+            try:
+                self._rep.send(json.dumps(self.snapshot()).encode(), zmq.NOBLOCK)
+            except zmq.Again:   # requester vanished; REP state resets on its own
+                pass
+            self.queries += 1
+            n += 1
+        return n
+
+    def start(self) -> None:
+        """Run :meth:`poll` in a daemon thread until :meth:`stop`."""
+        if self._thread is not None:
+            raise RuntimeError("collector thread already running")
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name="shardvu-stats", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.poll(50)
+            except zmq.ZMQError:
+                if self._stopping.is_set():
+                    break
+                raise
+
+    def stop(self) -> None:
+        """Stop the background thread (no-op if none); sockets stay open."""
+        t, self._thread = self._thread, None
+        if t is not None:
+            self._stopping.set()
+            t.join()
+
+    def close(self) -> None:
+        """Stop, close the sockets, terminate our context, remove the ipc
+        files.  Idempotent."""
+        self.stop()
+        self._close_sockets()
+
+    def _close_sockets(self) -> None:
+        for s in (self._sub, self._rep):
+            if not s.closed:
+                s.close(linger=0)
+        if self._own_ctx and self._ctx is not None:
+            self._ctx.term()
+        self._ctx = None
+        for ep in (self.pub_endpoint, self.query_endpoint):
+            if ep.startswith(_IPC):
+                try:
+                    os.unlink(ep[len(_IPC):])
+                except OSError:
+                    pass
+
+    def __enter__(self) -> "StatsCollector":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- state ---------------------------------------------------------------
+
+    def _ingest(self, raw: bytes) -> None:
+        try:
+            msg = json.loads(raw)
+            index = int(msg["index"])
+            pid = int(msg["pid"])
+            if not isinstance(msg.get("counters"), dict):
+                raise ValueError("no counters")
+        except (ValueError, KeyError, TypeError):
+            self.bad_messages += 1
+            return
+        now = time.monotonic()
+        with self._lock:
+            q = self._queues.get(index)
+            if q is None:
+                q = self._queues[index] = _Queue(now)
+            if q.pid is None:
+                q.pid = pid
+            elif q.pid != pid:
+                return      # a late message from a replaced worker
+            q.msg = msg
+            q.heard = now
+
+    def set_workers(self, mapping: Dict[int, int]) -> None:
+        """Declare queue index -> worker pid.  Named queues appear in
+        :meth:`snapshot` at once (zeros, state "starting") until their
+        worker reports.  A queue whose pid changes (a restarted worker)
+        forgets the old worker's counters and dead mark.  Queues not in
+        ``mapping`` are kept (use a full mapping to keep them accurate)."""
+        now = time.monotonic()
+        with self._lock:
+            for index, pid in mapping.items():
+                q = self._queues.get(index)
+                if q is None:
+                    q = self._queues[index] = _Queue(now)
+                if q.pid != pid:
+                    q.pid, q.msg, q.heard, q.exitcode, q.named = pid, None, None, None, now
+
+    def mark_dead(self, index: int, exitcode: Optional[int]) -> None:
+        """Record that queue ``index``'s worker exited with ``exitcode``;
+        it shows as state "dead" (last counters kept) until ``set_workers``
+        names a new pid for it."""
+        with self._lock:
+            q = self._queues.get(index)
+            if q is None:
+                q = self._queues[index] = _Queue(time.monotonic())
+            q.exitcode = exitcode
+
+    def _proc_usage(self, pid: int) -> Tuple[float, int]:
+        """(cpu_percent since the previous snapshot, rss bytes) of ``pid``;
+        zeros if it is gone.  Process objects are cached so the cpu deltas
+        work."""
+        p = self._procs.get(pid)
+        try:
+            if p is None:
+                p = self._procs[pid] = psutil.Process(pid)
+            with p.oneshot():
+                return float(p.cpu_percent(None)), int(p.memory_info().rss)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            self._procs.pop(pid, None)
+            return 0.0, 0
+
+    def snapshot(self) -> Dict[str, Any]:
+        """The aggregate, as served on the query socket::
+
+            {"queues": [{"index", "direction", <COUNTER_FIELDS>, "state",
+                         "broken_reason", "exitcode", "worker_pid",
+                         "cpu_percent", "rss_bytes", "age_s"}, ...],
+             "totals": {<COUNTER_FIELDS>, "cpu_percent", "rss_bytes"},
+                        # cpu/rss summed over distinct live worker pids
+             "time": <unix time>, "socket": <vhost socket path or "">}
+
+        Queues are sorted by index.  ``state`` is the worker's own
+        ("idle"/"running"/"stopped"/"broken"), "starting" before its first
+        message, or "dead" after :meth:`mark_dead` (``exitcode`` is None
+        otherwise).  ``age_s`` is seconds since the last message was
+        received, or since the queue was named if none has been.
+        """
+        now = time.monotonic()
+        with self._lock:
+            rows: List[Dict[str, Any]] = []
+            usage: Dict[int, Tuple[float, int]] = {}   # live pid -> (cpu, rss), once each
+            for index in sorted(self._queues):
+                q = self._queues[index]
+                counters = q.msg["counters"] if q.msg is not None else {}
+                dead = q.exitcode is not None
+                if dead:
+                    state = "dead"
+                elif q.msg is not None:
+                    state = str(q.msg.get("state", "unknown"))
+                else:
+                    state = "starting"
+                if q.pid is None or dead:
+                    cpu, rss = 0.0, 0
+                else:
+                    if q.pid not in usage:
+                        usage[q.pid] = self._proc_usage(q.pid)
+                    cpu, rss = usage[q.pid]
+                row: Dict[str, Any] = {"index": index, "direction": direction_of(index)}
+                for f in COUNTER_FIELDS:
+                    v = counters.get(f, 0)
+                    row[f] = v if isinstance(v, int) else 0
+                row.update(
+                    state=state,
+                    broken_reason=q.msg.get("broken_reason") if q.msg is not None else None,
+                    exitcode=q.exitcode,
+                    worker_pid=q.pid,
+                    cpu_percent=cpu,
+                    rss_bytes=rss,
+                    age_s=round(now - (q.heard if q.heard is not None else q.named), 3),
+                )
+                rows.append(row)
+            for pid in [p for p in self._procs if p not in usage]:
+                del self._procs[pid]
+        totals: Dict[str, Any] = {f: sum(r[f] for r in rows) for f in COUNTER_FIELDS}
+        # Per process, not per row: queues sharing a pid are counted once.
+        totals["cpu_percent"] = round(sum(u[0] for u in usage.values()), 1)
+        totals["rss_bytes"] = sum(u[1] for u in usage.values())
+        return {"queues": rows, "totals": totals, "time": time.time(),
+                "socket": self.socket_path}

@@ -1,0 +1,442 @@
+"""A single-producer / single-consumer ring of frames in shared memory.
+
+Used by the "loopback" port: the TX worker of queue pair *i* pushes the
+frames the guest sent, the RX worker of pair *i* pops them and writes them
+into the guest's RX ring.  The control process makes the ring
+(:meth:`SpscRing.create`) and hands both fds (memory, doorbell) to the two
+workers, which each :meth:`SpscRing.attach`.
+
+Layout (all integers native-endian, i.e. little-endian on x86-64)::
+
+    0    header   magic "SHVUSPSC" (8), version u32, slots u32, slot_size u32
+    64   producer index  u64   (written by the producer only)
+    128  consumer index  u64   (written by the consumer only)
+    192  sleeping flag   u32   (consumer sets 1, producer clears)
+    256  slot[0] .. slot[slots-1], each slot_size bytes: length u32 + data
+
+The indices are free-running u64 counters (wrapping at 2**64); frame *k*
+lives in slot ``k & (slots - 1)``; ``pending = (prod - cons) mod 2**64``
+and is never above ``slots``.  Each index and the flag sit on a cache line
+of their own so that the two sides do not false-share.
+
+Memory ordering
+---------------
+No explicit barrier is used on the data path; program order is enough on
+x86-64 because:
+
+* x86-64 is TSO: stores become visible to other cores in program order,
+  loads are not reordered with other loads, and a load is not reordered
+  with a *later* store.  The only reordering allowed is a later load
+  passing an earlier store (the store buffer).
+* The producer writes the slot contents (length + data), then stores the
+  producer index, once per batch.  Store→store order means a consumer that
+  sees the new index also sees every slot it covers.
+* The consumer loads the producer index once, then loads the slots
+  (load→load order), then stores the consumer index (load→store order):
+  the producer cannot see a slot released before the consumer has read it.
+* The interpreter does not reorder these accesses: in CPython each access
+  is a separate opaque C call (``struct.pack_into``/``unpack_from``,
+  memoryview slice assignment = ``memcpy``); PyPy's JIT does not cache or
+  sink raw loads/stores to buffer memory across those operations (the
+  two-process tests also run under PyPy).
+* The indices are packed with the *native* ``Q`` format: CPython's
+  ``_struct`` packs it with one ``memcpy`` of 8 bytes (one aligned 8-byte
+  move, single-copy atomic on x86-64), unlike the standard ``<Q`` format
+  which writes byte by byte and could be read torn; PyPy's native fast
+  path is a single typed store too (``test_index_store_not_torn``).
+
+The doorbell is a Dekker-style handshake (consumer: store flag, load
+producer index; producer: store producer index, load flag), which is
+exactly the store→load pattern TSO does *not* order.  Both sides therefore
+execute a full fence between their store and their load: acquiring and
+releasing a private ``threading.Lock``, which on both interpreters is a
+``lock``-prefixed atomic read-modify-write in libc (``sem_trywait`` /
+``sem_post`` / pthread mutex) — a full barrier on x86-64.  It costs
+~50-80 ns, paid once per batch by the producer and once per sleep by the
+consumer.
+
+Other architectures (AArch64, POWER, RISC-V) are weakly ordered: the
+producer would need a release barrier (``dmb ish`` / ``stlr``) between the
+slot stores and the index store, and the consumer an acquire barrier
+(``ldar`` / ``dmb ishld``) between the index load and the slot loads, and a
+release barrier before storing the consumer index.  Pure Python cannot emit
+these; a port would use a tiny C helper (``__atomic_store_n`` with
+``__ATOMIC_RELEASE``, ``__atomic_load_n`` with ``__ATOMIC_ACQUIRE``) or,
+crudely, the same lock trick around each index access.  The module refuses
+nothing at run time, but only x86-64 is supported.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import select
+import stat
+import struct
+import sys
+import threading
+from typing import List, Optional, Sequence, Union
+
+from shardvu import eventfd as _efd
+
+__all__ = ["SpscRing", "MAGIC", "VERSION", "HEADER_SIZE"]
+
+MAGIC = b"SHVUSPSC"
+VERSION = 1
+HEADER_SIZE = 256
+_PROD_OFF = 64
+_CONS_OFF = 128
+_SLEEP_OFF = 192
+_MAX_SLOTS = 1 << 20
+_MAX_SLOT_SIZE = 1 << 20
+_MASK64 = (1 << 64) - 1
+
+_HDR = struct.Struct("=8sIII")        # magic, version, slots, slot_size
+_U64 = struct.Struct("Q")             # header images / tests only: not atomic on PyPy
+_C64 = ctypes.c_uint64                 # the shared indices: one 8-byte load/store
+_U32 = struct.Struct("I")
+
+# memfd sealing (fcntl's names are missing on PyPy 3.9).
+_F_ADD_SEALS = 1033
+_F_SEAL_SEAL, _F_SEAL_SHRINK, _F_SEAL_GROW = 1, 2, 4
+_MFD_CLOEXEC, _MFD_ALLOW_SEALING = 1, 2
+
+_PYPY = sys.implementation.name == "pypy"
+
+Frame = Union[bytes, bytearray, memoryview]
+
+
+class SpscRing:
+    """One end (or, in tests, both ends) of a shared-memory frame ring.
+
+    Exactly one process may call the producer methods (:meth:`push_batch`,
+    :meth:`free`, :meth:`producer_notify`) and exactly one the consumer
+    methods (:meth:`pop_batch`, :meth:`peek`, :meth:`release`,
+    :meth:`consumer_prepare_sleep`, :meth:`consumer_woke`, :meth:`wait`).
+    An object is not thread-safe.  Each side caches its own index; it is
+    (re)loaded from shared memory at attach, so a restarted worker resumes
+    where its predecessor stopped.
+
+    Attributes: ``fd`` (memfd), ``doorbell_fd`` (eventfd), ``slots``,
+    ``slot_size``, ``max_frame`` (= slot_size - 4), ``oversize`` (frames
+    dropped by :meth:`push_batch` for being longer than ``max_frame``).
+    """
+
+    def __init__(self, fd: int, doorbell_fd: int, mm: mmap.mmap, slots: int, slot_size: int):
+        # Private: use create() / attach().
+        self.fd = fd
+        self.doorbell_fd = doorbell_fd
+        self.slots = slots
+        self.slot_size = slot_size
+        self.max_frame = slot_size - 4
+        self.oversize = 0
+        self._mask = slots - 1
+        self._mm: Optional[mmap.mmap] = mm
+        self._buf: Optional[memoryview] = memoryview(mm)
+        # ctypes views of the two indices: .value is a single 8-byte access.
+        self._pi = _C64.from_buffer(mm, _PROD_OFF)
+        self._ci = _C64.from_buffer(mm, _CONS_OFF)
+        self._prod = self._pi.value
+        self._cons = self._ci.value
+        self._peeked = 0
+        self._fence_lock = threading.Lock()
+        self._closed = False
+
+    # -- construction -------------------------------------------------------
+
+    @classmethod
+    def create(cls, slots: int = 1024, slot_size: int = 2048, *, initial_index: int = 0) -> "SpscRing":
+        """Make a new ring: a sealed-size memfd (``.fd``) and an eventfd
+        doorbell (``.doorbell_fd``), both owned by the returned object and
+        close-on-exec (pass them on explicitly: fork inheritance, SCM_RIGHTS
+        or ``pass_fds``).  ``slots`` must be a power of two (1..2**20);
+        ``slot_size`` a multiple of 8 in 16..2**20.  ``initial_index`` starts
+        both counters elsewhere than 0 (tests of the u64 wrap-around)."""
+        _check_geometry(slots, slot_size)
+        if not 0 <= initial_index <= _MASK64:
+            raise ValueError("initial_index must be a u64")
+        size = HEADER_SIZE + slots * slot_size
+        fd = os.memfd_create("shardvu-spsc", _MFD_CLOEXEC | _MFD_ALLOW_SEALING)
+        bell = -1
+        try:
+            os.ftruncate(fd, size)
+            try:   # a worker must not be able to shrink it under the other (SIGBUS)
+                import fcntl
+                fcntl.fcntl(fd, _F_ADD_SEALS, _F_SEAL_SHRINK | _F_SEAL_GROW | _F_SEAL_SEAL)
+            except OSError:
+                pass
+            mm = mmap.mmap(fd, size)
+            _HDR.pack_into(mm, 0, MAGIC, VERSION, slots, slot_size)
+            _store64(mm, _PROD_OFF, initial_index)
+            _store64(mm, _CONS_OFF, initial_index)
+            bell = _efd.eventfd()
+        except BaseException:
+            os.close(fd)
+            if bell >= 0:
+                os.close(bell)
+            raise
+        return cls(fd, bell, mm, slots, slot_size)
+
+    @classmethod
+    def attach(cls, fd: int, doorbell_fd: int) -> "SpscRing":
+        """Map a ring made by :meth:`create` in another process.
+
+        On success the object owns ``fd`` and ``doorbell_fd`` and closes
+        them in :meth:`close`.  Anything that is not a valid ring — wrong
+        file type or size, bad magic/version/geometry, inconsistent indices,
+        an invalid doorbell fd — raises ValueError; then nothing has been
+        closed (ownership stays with the caller) and nothing is leaked."""
+        try:
+            st = os.fstat(fd)
+            os.fstat(doorbell_fd)
+        except OSError as exc:
+            raise ValueError(f"spsc: bad fd: {exc}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("spsc: fd is not a shared-memory file")
+        if st.st_size < HEADER_SIZE:
+            raise ValueError(f"spsc: file too small ({st.st_size} bytes)")
+        try:
+            mm = mmap.mmap(fd, st.st_size)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"spsc: cannot map: {exc}") from None
+        try:
+            magic, version, slots, slot_size = _HDR.unpack_from(mm, 0)
+            if magic != MAGIC:
+                raise ValueError(f"spsc: bad magic {magic!r}")
+            if version != VERSION:
+                raise ValueError(f"spsc: unsupported version {version}")
+            _check_geometry(slots, slot_size)
+            if st.st_size != HEADER_SIZE + slots * slot_size:
+                raise ValueError(f"spsc: size {st.st_size} does not match {slots}x{slot_size}")
+            prod = _load64(mm, _PROD_OFF)
+            cons = _load64(mm, _CONS_OFF)
+            if (prod - cons) & _MASK64 > slots:
+                raise ValueError(f"spsc: corrupt indices prod={prod} cons={cons}")
+        except BaseException:
+            mm.close()
+            raise
+        return cls(fd, doorbell_fd, mm, slots, slot_size)
+
+    def close(self) -> None:
+        """Unmap and close both fds (idempotent).  Views returned by
+        :meth:`peek` must have been dropped; if some are still alive the
+        mapping is left to the garbage collector but the fds are closed."""
+        if self._closed:
+            return
+        self._closed = True
+        buf, mm = self._buf, self._mm
+        self._buf = self._mm = self._pi = self._ci = None     # drop the ctypes exports first
+        if buf is not None:
+            buf.release()
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:
+                pass            # peeked views still exported: unmapped when they die
+        for fd in (self.fd, self.doorbell_fd):
+            try:
+                os.close(fd)
+            except OSError as exc:
+                if exc.errno != errno.EBADF:
+                    raise
+
+    def __enter__(self) -> "SpscRing":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<SpscRing slots={self.slots} slot_size={self.slot_size} fd={self.fd} bell={self.doorbell_fd}>"
+
+    # -- shared --------------------------------------------------------------
+
+    def pending(self) -> int:
+        """Frames published and not yet released (either side may ask;
+        exact for the consumer, a lower bound of the truth for the producer
+        is ``slots - free()``)."""
+        return (self._pi.value - self._ci.value) & _MASK64
+
+    def _fence(self) -> None:
+        # Full barrier: a locked RMW in libc (see module docstring).
+        lk = self._fence_lock
+        lk.acquire()
+        lk.release()
+
+    # -- producer ------------------------------------------------------------
+
+    def free(self) -> int:
+        """Slots the producer may fill now."""
+        return max(0, self.slots - ((self._prod - self._ci.value) & _MASK64))
+
+    def push_batch(self, frames: Sequence[Frame]) -> int:
+        """Copy frames from the front of ``frames`` into the ring, as many as
+        fit, and publish them with a single producer-index store.
+
+        Frames are bytes-like with 1-byte items.  A frame longer than
+        ``max_frame`` is dropped (counted in ``oversize``) and counts as
+        consumed.  Returns how many entries of ``frames`` were consumed
+        (copied or dropped); the caller keeps ``frames[n:]`` for later.
+        Call :meth:`producer_notify` afterwards."""
+        buf = self._buf
+        prod = self._prod
+        room = self.slots - ((prod - self._ci.value) & _MASK64)
+        if room < 0:
+            raise RuntimeError(f"spsc: corrupt consumer index (prod={prod})")
+        mask, ssize, hdr, maxf = self._mask, self.slot_size, HEADER_SIZE, self.max_frame
+        pack_len = _U32.pack_into
+        taken = 0
+        for fr in frames:
+            n = len(fr)
+            if n > maxf:
+                self.oversize += 1
+                taken += 1
+                continue
+            if room <= 0:
+                break
+            off = hdr + (prod & mask) * ssize
+            pack_len(buf, off, n)
+            buf[off + 4:off + 4 + n] = fr
+            prod += 1
+            room -= 1
+            taken += 1
+        if prod != self._prod:
+            prod &= _MASK64
+            self._prod = prod
+            self._pi.value = prod                      # publish: after every slot store
+        return taken
+
+    def producer_notify(self) -> bool:
+        """Ring the doorbell if the consumer is asleep (and clear its flag).
+        Call after a :meth:`push_batch` that published something; returns
+        True if it signalled."""
+        self._fence()                                  # index store before flag load
+        mm = self._mm
+        if _U32.unpack_from(mm, _SLEEP_OFF)[0]:
+            _U32.pack_into(mm, _SLEEP_OFF, 0)
+            _efd.signal(self.doorbell_fd)
+            return True
+        return False
+
+    # -- consumer ------------------------------------------------------------
+
+    def pop_batch(self, max_n: int) -> List[bytes]:
+        """Copy out up to ``max_n`` frames (oldest first) and release their
+        slots with a single consumer-index store.  Not to be mixed with an
+        outstanding :meth:`peek` (RuntimeError): release those first."""
+        if self._peeked:
+            raise RuntimeError("spsc: pop_batch with peeked frames outstanding")
+        mm = self._mm
+        cons = self._cons
+        avail = (self._pi.value - cons) & _MASK64       # one index load
+        if avail > self.slots:
+            raise RuntimeError(f"spsc: corrupt producer index (cons={cons})")
+        n = avail if avail < max_n else max_n
+        if n <= 0:
+            return []
+        mask, ssize, hdr = self._mask, self.slot_size, HEADER_SIZE
+        unpack_len = _U32.unpack_from
+        src = self._buf if _PYPY else mm       # faster slicing per interpreter
+        out = []
+        append = out.append
+        limit = self.max_frame
+        for _ in range(n):
+            off = hdr + (cons & mask) * ssize
+            ln = unpack_len(mm, off)[0]
+            if ln > limit:
+                raise RuntimeError(f"spsc: corrupt slot length {ln}")
+            append(bytes(src[off + 4:off + 4 + ln]))
+            cons += 1
+        cons &= _MASK64
+        self._cons = cons
+        self._ci.value = cons                           # after every slot load
+        return out
+
+    def peek(self, max_n: int) -> List[memoryview]:
+        """Zero-copy: views of up to ``max_n`` unreleased frames, oldest
+        first, continuing after frames already peeked.  The views stay valid
+        until the matching :meth:`release`; copy from them (e.g. slice
+        assignment into a guest buffer) and drop them before releasing."""
+        mm, buf = self._mm, self._buf
+        cons = (self._cons + self._peeked) & _MASK64
+        avail = (self._pi.value - cons) & _MASK64
+        if avail > self.slots:
+            raise RuntimeError(f"spsc: corrupt producer index (cons={cons})")
+        n = avail if avail < max_n else max_n
+        if n <= 0:
+            return []
+        mask, ssize, hdr = self._mask, self.slot_size, HEADER_SIZE
+        unpack_len = _U32.unpack_from
+        limit = self.max_frame
+        out = []
+        for _ in range(n):
+            off = hdr + (cons & mask) * ssize
+            ln = unpack_len(mm, off)[0]
+            if ln > limit:
+                raise RuntimeError(f"spsc: corrupt slot length {ln}")
+            out.append(buf[off + 4:off + 4 + ln])
+            cons += 1
+        self._peeked += n
+        return out
+
+    def release(self, n: int) -> None:
+        """Give the oldest ``n`` peeked frames' slots back to the producer
+        (one consumer-index store).  ``n`` may be less than peeked: the
+        rest stay peeked (their views stay valid)."""
+        if n < 0 or n > self._peeked:
+            raise ValueError(f"release({n}) with {self._peeked} peeked")
+        if n == 0:
+            return
+        self._cons = (self._cons + n) & _MASK64
+        self._peeked -= n
+        self._ci.value = self._cons
+
+    def consumer_prepare_sleep(self) -> bool:
+        """Announce that the consumer is about to sleep on ``doorbell_fd``.
+        Returns True if it is safe to sleep (the ring was empty after the
+        flag was set: any later publish will ring the doorbell); False if
+        frames are pending (the flag is withdrawn; do not sleep).  After a
+        True, wait for ``doorbell_fd`` to be readable, then call
+        :meth:`consumer_woke` (also when waking for another reason)."""
+        mm = self._mm
+        _U32.pack_into(mm, _SLEEP_OFF, 1)
+        self._fence()                                  # flag store before index load
+        if (self._pi.value - self._cons - self._peeked) & _MASK64:
+            _U32.pack_into(mm, _SLEEP_OFF, 0)
+            return False
+        return True
+
+    def consumer_woke(self) -> None:
+        """Drain the doorbell and withdraw the sleeping flag.  A spurious
+        doorbell left over from a race is harmless (one extra wake-up)."""
+        _U32.pack_into(self._mm, _SLEEP_OFF, 0)
+        _efd.drain(self.doorbell_fd)
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Convenience for a consumer with nothing else to wait on: sleep
+        until frames are pending or ``timeout`` seconds (None: forever)
+        pass.  Returns True if frames are pending."""
+        if self.consumer_prepare_sleep():
+            try:
+                select.select([self.doorbell_fd], [], [], timeout)
+            except InterruptedError:       # pragma: no cover (PEP 475 retries)
+                pass
+            self.consumer_woke()
+        return ((self._pi.value - self._cons - self._peeked) & _MASK64) > 0
+
+
+def _load64(mm: mmap.mmap, off: int) -> int:
+    """One 8-byte load (the temporary ctypes export dies at once on CPython)."""
+    return _C64.from_buffer(mm, off).value
+
+
+def _store64(mm: mmap.mmap, off: int, value: int) -> None:
+    _C64.from_buffer(mm, off).value = value
+
+
+def _check_geometry(slots: int, slot_size: int) -> None:
+    if not (1 <= slots <= _MAX_SLOTS) or slots & (slots - 1):
+        raise ValueError(f"spsc: slots must be a power of two in 1..{_MAX_SLOTS}, not {slots}")
+    if not (16 <= slot_size <= _MAX_SLOT_SIZE) or slot_size % 8:
+        raise ValueError(f"spsc: slot_size must be a multiple of 8 in 16..{_MAX_SLOT_SIZE}, not {slot_size}")

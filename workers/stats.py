@@ -1,0 +1,157 @@
+"""Worker side of the stats channel: hot-loop counters and a publisher.
+
+A worker owns one :class:`Counters` (plain attributes, incremented inline by
+the ring loop) and one :class:`StatsPublisher`, which sends a JSON snapshot
+over a zmq PUB socket *connected* to the control process's SUB endpoint
+(see ``shardvu.control.stats.endpoints``).
+
+Contracts:
+
+* Publishing never blocks and never raises on back-pressure: sends use
+  ``zmq.NOBLOCK`` with a tiny send high-water mark, and a message that
+  cannot be queued is dropped (and counted).  A stats message is only a
+  sample; the next one supersedes it.
+* :meth:`StatsPublisher.maybe_publish` is a single float comparison when no
+  snapshot is due, so the ring loop may call it once per batch.
+* The publisher creates its own zmq Context; construct it *in* the worker
+  process (after fork/spawn), never inherit one across a fork.
+
+Runs on CPython >= 3.9 and PyPy 3.9; imports nothing but the standard
+library and pyzmq (no psutil here).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Dict, Optional
+
+import zmq
+
+#: Counter attribute names, in display order; shared with the control side.
+COUNTER_FIELDS = ("packets", "bytes", "drops", "kicks", "calls", "suppressed",
+                  "batches", "ring_errors")
+
+#: Worker states a publisher usually reports ("exited": final message on a
+#: clean shutdown).  The collector passes any string through and adds
+#: "starting" (no message yet) and "dead" (exit noticed by the control side).
+STATES = ("idle", "running", "stopped", "broken", "exited")
+
+
+class Counters:
+    """Per-queue counters, cheap to bump from a hot loop (``c.packets += n``).
+
+    All counters are monotonically increasing ints for the life of the worker.
+    ``state`` is one of :data:`STATES`; ``broken_reason`` is a short text set
+    together with ``state = "broken"`` (else None).
+    """
+
+    __slots__ = COUNTER_FIELDS + ("state", "broken_reason")
+
+    def __init__(self) -> None:
+        self.packets = 0        # descriptor chains (frames) completed
+        self.bytes = 0          # payload bytes moved
+        self.drops = 0          # frames dropped (e.g. no RX buffers)
+        self.kicks = 0          # kick eventfd wake-ups consumed
+        self.calls = 0          # call eventfd writes (interrupts sent)
+        self.suppressed = 0     # interrupts skipped (EVENT_IDX / NO_INTERRUPT)
+        self.batches = 0        # ring-loop iterations that did work
+        self.ring_errors = 0    # malformed descriptors / ring violations
+        self.state = "idle"
+        self.broken_reason: Optional[str] = None
+
+    def as_dict(self) -> Dict[str, int]:
+        """The counters (not state) as a fresh dict."""
+        return {f: getattr(self, f) for f in COUNTER_FIELDS}
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{f}={getattr(self, f)}" for f in COUNTER_FIELDS)
+        return f"Counters({inner}, state={self.state!r})"
+
+
+class StatsPublisher:
+    """Publishes :class:`Counters` snapshots for queue ``queue_index``.
+
+    ``endpoint`` is the control process's SUB address (``ipc://...``), which
+    it binds; we connect, so start order does not matter (messages sent
+    before the control side is up are simply lost).  ``direction`` is
+    carried verbatim ("rx"/"tx").  ``interval`` is the minimum spacing, in
+    seconds of the caller's monotonic clock, between :meth:`maybe_publish`
+    sends.
+
+    Attributes: ``sent`` (messages handed to zmq) and ``dropped`` (messages
+    refused with ``zmq.Again``).  Note that a PUB socket normally discards
+    over-HWM messages itself without reporting it, so ``dropped`` is a
+    lower bound on loss, not an exact count.
+    """
+
+    def __init__(self, endpoint: str, queue_index: int, direction: str,
+                 interval: float = 0.5) -> None:
+        self.endpoint = endpoint
+        self.queue_index = queue_index
+        self.direction = direction
+        self.interval = interval
+        self.pid = os.getpid()
+        self.sent = 0
+        self.dropped = 0
+        self._due = float("-inf")       # first maybe_publish() sends at once
+        self._ctx: Optional[zmq.Context] = zmq.Context(io_threads=1)
+        self._sock: Optional[zmq.Socket] = self._ctx.socket(zmq.PUB)
+        self._sock.setsockopt(zmq.SNDHWM, 4)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(endpoint)
+
+    def maybe_publish(self, counters: Counters, now: float) -> bool:
+        """Publish if ``interval`` has passed since the last timed publish.
+
+        ``now`` is a monotonic timestamp the caller already has.  Returns
+        True if a send was attempted.  Costs one comparison when not due.
+        """
+        if now < self._due:
+            return False
+        self._due = now + self.interval
+        self.publish(counters)
+        return True
+
+    def publish(self, counters: Counters) -> bool:
+        """Send a snapshot now.  Never blocks; returns False if dropped
+        (or if the publisher is closed)."""
+        sock = self._sock
+        if sock is None:
+            return False
+        msg = json.dumps({
+            "index": self.queue_index,
+            "direction": self.direction,
+            "pid": self.pid,
+            "time": time.time(),
+            "counters": counters.as_dict(),
+            "state": counters.state,
+            "broken_reason": counters.broken_reason,
+        }).encode()
+        try:
+            sock.send(msg, zmq.NOBLOCK)
+        except zmq.Again:
+            self.dropped += 1
+            return False
+        self.sent += 1
+        return True
+
+    def close(self, flush_ms: int = 0) -> None:
+        """Close the socket and terminate the context.  Idempotent.
+
+        With the default ``flush_ms=0`` messages still queued are discarded
+        (a final "stopped" publish right before close may be lost); pass a
+        small ``flush_ms`` to give them that long to leave.
+        """
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close(linger=flush_ms)
+        ctx, self._ctx = self._ctx, None
+        if ctx is not None:
+            ctx.term()
+
+    def __enter__(self) -> "StatsPublisher":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,430 @@
+"""A worker process: owns one virtqueue's data path.
+
+The control process forwards, over the worker's command channel
+(:mod:`shardvu.workers.ctl`), everything the queue needs: the guest memory
+fds (mapped here), ring size, addresses and base, features, the kick, call
+and err eventfds, the dirty log and the inflight buffer.  The worker runs the
+ring loop; the control process never touches ring memory on the data path.
+
+Every command is answered once it has been applied (the barrier the control
+process waits for before replying to the front-end).  The worker exits when
+its channel closes, on an ``exit`` command, or when the control process dies
+(PR_SET_PDEATHSIG).
+
+Loop: adaptive polling.  While frames flow the worker keeps notifications
+off and polls the ring; when a pass finds nothing it re-enables
+notifications, re-checks the ring (so a buffer added in between is not
+missed), and only then sleeps in ``poll()`` on the kick fd, its command
+channel and (loopback RX) the pair's doorbell.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import select
+import signal
+import socket
+import time
+from typing import Any, Dict, List, Optional
+
+from shardvu import protocol as P
+from shardvu.dirtylog import DirtyLog
+from shardvu.eventfd import drain
+from shardvu.inflight import InflightBuffer
+from shardvu.memory import GuestMemory, MemoryMapError
+from shardvu.net import net_hdr_len
+from shardvu.virtqueue import RingError, VirtQueue
+
+from . import ctl
+from .ports import PortSpec, make_frame, resolve
+from .split_loop import rx_pass, tx_pass
+from .stats import Counters, StatsPublisher
+
+log = logging.getLogger("shardvu.worker")
+
+BATCH = 64
+IDLE_POLL_MS = 500
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+
+
+def _close_inherited(keep: set) -> None:
+    """A forked worker inherits every fd of the control process; keep only
+    what it needs, so that fds closed there are really closed."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class Worker:
+    """One virtqueue's data path, driven by commands from the control process."""
+
+    def __init__(self, index: int, chan: socket.socket, port: PortSpec, frame_size: int,
+                 stats_endpoint: Optional[str], log_lock=None, batch: int = BATCH):
+        self.index = index
+        self.chan = chan
+        self.port = port
+        self.is_tx = bool(index & 1)
+        self.batch = batch
+        self.mem = GuestMemory()
+        self.vq = VirtQueue(index, log)
+        self.vq.mem = self.mem
+        self.dlog: Optional[DirtyLog] = None
+        self.log_lock = log_lock
+        self.inflight: Optional[InflightBuffer] = None
+        self.spsc = None
+        self.counters = Counters()
+        self.frame = make_frame(frame_size)
+        self.stats = StatsPublisher(stats_endpoint, index, "tx" if self.is_tx else "rx") \
+            if stats_endpoint else None
+        self.hdr_len = 12
+        self.mergeable = False
+        self._poller = select.poll()
+        self._poller.register(chan.fileno(), select.POLLIN)
+        self._watched: set = set()
+        self._log_call_fd = -1       # SET_LOG_FD's eventfd (DirtyLog does not own it)
+        self.running = True
+
+    # -- commands -----------------------------------------------------------------
+    def handle(self, obj: Dict[str, Any], fds: List[int]) -> Dict[str, Any]:
+        cmd = obj.get("cmd", "")
+        fn = getattr(self, "_cmd_" + cmd, None)
+        try:
+            if fn is None:
+                raise ValueError(f"unknown command {cmd!r}")
+            reply = fn(obj, fds) or {}
+            fds.clear()
+            reply["ok"] = True
+            return reply
+        except (ValueError, OSError, MemoryMapError, RingError) as exc:
+            return {"ok": False, "error": f"{cmd}: {exc}"}
+        finally:
+            for fd in fds:          # whatever a command did not keep
+                os.close(fd)
+            self._update_watch()
+
+    def _remap(self) -> None:
+        vq = self.vq
+        if vq.num and vq.addr is not None and len(self.mem):
+            try:
+                vq.map_rings()
+            except RingError as exc:
+                log.warning("queue %d: %s", self.index, exc)
+
+    def _cmd_mem_clear(self, obj, fds):
+        self.vq.unmap_rings()
+        self.mem.clear()
+
+    def _cmd_mem_add(self, obj, fds):
+        regions = obj["regions"]
+        if len(regions) != len(fds):
+            raise ValueError(f"{len(regions)} regions with {len(fds)} fds")
+        self.vq.unmap_rings()
+        taken = list(fds)
+        fds.clear()
+        for i, (r, fd) in enumerate(zip(regions, taken)):
+            try:
+                self.mem.add(P.MemoryRegion(*r), fd)
+            except MemoryMapError:
+                for rest in taken[i + 1:]:
+                    os.close(rest)
+                raise
+        self._remap()
+
+    def _cmd_mem_rem(self, obj, fds):
+        self.vq.unmap_rings()
+        self.mem.remove(P.MemoryRegion(*obj["region"]))
+        self._remap()
+
+    def _cmd_ring(self, obj, fds):
+        vq = self.vq
+        vq.num = obj["num"]
+        vq.addr = P.VringAddr(*obj["addr"]) if obj.get("addr") else None
+        if obj.get("base") is not None:
+            vq.set_base(obj["base"])
+        self._set_features(obj["features"])
+        vq.enable = bool(obj["enable"])
+        vq.processed_in_order = bool(obj.get("in_order", False))
+        self._remap()
+
+    def _set_features(self, features: int) -> None:
+        self.vq.features = features
+        self.hdr_len = net_hdr_len(features)
+        self.mergeable = bool(features >> P.VIRTIO_NET_F_MRG_RXBUF & 1)
+
+    def _cmd_features(self, obj, fds):
+        self._set_features(obj["features"])
+        if obj.get("enable_all"):
+            self.vq.enable = True
+
+    def _cmd_enable(self, obj, fds):
+        self.vq.enable = bool(obj["on"])
+
+    def _cmd_fd(self, obj, fds):
+        kind = obj["kind"]
+        if kind not in ("kick", "call", "err"):
+            raise ValueError(f"bad fd kind {kind!r}")
+        if len(fds) > 1:
+            raise ValueError(f"{len(fds)} fds for one {kind} fd")
+        name = kind + "_fd"
+        old = getattr(self.vq, name)
+        if old >= 0:
+            os.close(old)
+        setattr(self.vq, name, fds[0] if fds else -1)
+        fds.clear()
+
+    def _cmd_start(self, obj, fds):
+        vq = self.vq
+        vq.started = True
+        if vq.inflight is not None and vq.ready():
+            vq.check_inflight()
+        self.counters.state = "running"
+
+    def _cmd_stop(self, obj, fds):
+        vq = self.vq
+        vq.started = False
+        for name in ("kick_fd", "call_fd"):
+            fd = getattr(vq, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(vq, name, -1)
+        self.counters.state = "stopped"
+        return {"base": vq.last_avail_idx}
+
+    def _cmd_log(self, obj, fds):
+        if self.dlog is not None:
+            self.dlog.close()
+            self.dlog = None
+        if fds:
+            (fd,) = fds
+            fds.clear()
+            self.dlog = DirtyLog(fd, obj["size"], obj["offset"])
+            self.dlog.lock = self.log_lock
+        self.vq.log = self.dlog
+        self._cmd_log_call(obj, [])
+
+    def _cmd_log_call(self, obj, fds):
+        if fds:
+            if self._log_call_fd >= 0:
+                os.close(self._log_call_fd)
+            self._log_call_fd = fds[0]
+            fds.clear()
+        if self.dlog is not None:
+            self.dlog.call_fd = self._log_call_fd
+
+    def _cmd_inflight(self, obj, fds):
+        if self.inflight is not None:
+            self.inflight.close()
+            self.inflight = None
+            self.vq.inflight = None
+        if fds:
+            (fd,) = fds
+            fds.clear()
+            self.inflight = InflightBuffer.map(fd, obj["size"], obj["offset"],
+                                               obj["num_queues"], obj["queue_size"])
+            if self.index < self.inflight.num_queues:
+                self.vq.inflight = self.inflight.queue(self.index)
+
+    def _cmd_spsc(self, obj, fds):
+        from .spsc import SpscRing
+        ring_fd, bell_fd = fds
+        fds.clear()
+        self.spsc = SpscRing.attach(ring_fd, bell_fd)
+
+    def _cmd_reset(self, obj, fds):
+        vq = self.vq
+        for name in ("kick_fd", "call_fd", "err_fd"):
+            fd = getattr(vq, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(vq, name, -1)
+        vq.reset()
+        vq.features = 0
+        self.mem.clear()
+        self._cmd_log({}, [])
+        if self._log_call_fd >= 0:
+            os.close(self._log_call_fd)
+            self._log_call_fd = -1
+        self._cmd_inflight({}, [])
+        self.counters.state = "idle"
+
+    def _cmd_stats(self, obj, fds):
+        return {"counters": self.counters.as_dict()}
+
+    def _cmd_exit(self, obj, fds):
+        self.running = False
+
+    # -- the loop --------------------------------------------------------------------
+    def _update_watch(self) -> None:
+        want = set()
+        if self.vq.kick_fd >= 0:
+            want.add(self.vq.kick_fd)
+        if self.spsc is not None and not self.is_tx:
+            want.add(self.spsc.doorbell_fd)
+        for fd in self._watched - want:
+            try:
+                self._poller.unregister(fd)
+            except KeyError:
+                pass
+        for fd in want - self._watched:
+            self._poller.register(fd, select.POLLIN)
+        self._watched = want
+
+    def active(self) -> bool:
+        vq = self.vq
+        return vq.started and vq.ready()
+
+    def pass_once(self) -> int:
+        """One batch; returns how many frames it moved (or dropped)."""
+        vq = self.vq
+        c = self.counters
+        if self.is_tx:
+            forward = self.port.tx_fn is not None and vq.enabled
+            n, nbytes, frames = tx_pass(vq, self.hdr_len, self.batch, forward)
+            if not n:
+                return 0
+            c.batches += 1
+            if not vq.enabled:
+                c.drops += n          # a disabled TX ring is drained and dropped
+                return n
+            c.packets += n
+            c.bytes += nbytes
+            if frames is not None:
+                try:
+                    out = self.port.tx_fn(frames)
+                except Exception as exc:   # a user's port must not kill the queue
+                    log.exception("queue %d: port function failed", self.index)
+                    vq.mark_broken(f"port function raised {type(exc).__name__}: {exc}")
+                    return n
+                if out and self.spsc is not None:
+                    pushed = self.spsc.push_batch(out)
+                    c.drops += len(out) - pushed
+                    if pushed:
+                        self.spsc.producer_notify()
+            return n
+        mode = self.port.rx_mode
+        if mode == "generator":
+            if not vq.enabled:
+                return 0
+            n, nbytes = rx_pass(vq, [self.frame] * self.batch, self.hdr_len, self.mergeable)
+        elif mode == "spsc" and self.spsc is not None:
+            views = self.spsc.peek(self.batch)
+            if not views:
+                return 0
+            if not vq.enabled:
+                self.spsc.release(len(views))   # must not supply RX frames: drop
+                c.drops += len(views)
+                return len(views)
+            n, nbytes = rx_pass(vq, views, self.hdr_len, self.mergeable)
+            del views
+            self.spsc.release(n)
+        else:
+            return 0
+        if n:
+            c.batches += 1
+            c.packets += n
+            c.bytes += nbytes
+        return n
+
+    def has_work(self) -> bool:
+        """Checked after re-enabling notifications, before sleeping."""
+        vq = self.vq
+        if self.is_tx:
+            return not vq.empty()
+        mode = self.port.rx_mode
+        if mode == "generator":
+            return vq.enabled and not vq.empty()
+        if mode == "spsc" and self.spsc is not None:
+            if not self.spsc.consumer_prepare_sleep():
+                return not vq.empty() or not vq.enabled
+            return False
+        return False
+
+    def _drain_kick(self) -> None:
+        try:
+            os.read(self.vq.kick_fd, 8)
+            self.counters.kicks += 1
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def _sync_counters(self) -> None:
+        c, vq = self.counters, self.vq
+        c.calls = vq.calls_sent
+        c.suppressed = vq.notifications_suppressed
+        if vq.broken:
+            c.ring_errors = 1
+            c.state = "broken"
+            c.broken_reason = vq.broken_reason
+
+    def run(self) -> None:
+        chan_fd = self.chan.fileno()
+        poll = self._poller.poll
+        busy = False
+        while self.running:
+            moved = self.pass_once() if self.active() else 0
+            if moved:
+                if not busy:
+                    busy = True
+                    self.vq.set_notification(False)
+                events = poll(0)
+            else:
+                if busy:
+                    busy = False
+                    self.vq.set_notification(True)
+                    if self.active() and self.has_work():
+                        continue
+                elif self.active() and self.has_work():
+                    continue
+                events = poll(IDLE_POLL_MS)
+                if self.spsc is not None and not self.is_tx:
+                    self.spsc.consumer_woke()
+            for fd, ev in events:
+                if fd == chan_fd:
+                    try:
+                        obj, fds = ctl.recv(self.chan)
+                    except ctl.ChannelClosed:
+                        self.running = False
+                        break
+                    ctl.send(self.chan, self.handle(obj, fds))
+                elif fd == self.vq.kick_fd:
+                    self._drain_kick()
+                elif self.spsc is not None and fd == self.spsc.doorbell_fd:
+                    drain(fd)
+            if self.stats is not None:
+                self._sync_counters()
+                self.stats.maybe_publish(self.counters, time.monotonic())
+        if self.stats is not None:
+            self._sync_counters()
+            self.counters.state = "exited"
+            self.stats.publish(self.counters)
+
+
+def worker_main(index: int, chan_fd: int, port_name: str, frame_size: int,
+                stats_endpoint: Optional[str], log_lock=None, log_level: str = "WARNING",
+                keep_fds: tuple = ()) -> None:
+    """Entry point of a worker process (the ``multiprocess`` target)."""
+    _die_with_parent()
+    _close_inherited({chan_fd, *keep_fds})
+    signal.signal(signal.SIGINT, signal.SIG_IGN)       # the control process decides
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    logging.basicConfig(level=log_level.upper(),
+                        format=f"%(asctime)s worker{index} %(levelname)s %(message)s")
+    chan = socket.socket(fileno=chan_fd)
+    worker = Worker(index, chan, resolve(port_name), frame_size, stats_endpoint, log_lock)
+    try:
+        worker.run()
+    finally:
+        if worker.stats is not None:
+            worker.stats.close(flush_ms=200)
