@@ -67,6 +67,7 @@ class Runner:
                 try:
                     conn, _ = listener.accept()
                 except socket.timeout:
+                    self.on_tick()
                     continue
                 self.run_connection(conn)
         finally:
@@ -87,14 +88,15 @@ class Runner:
                 conn.connect(path)
             except OSError:
                 conn.close()
+                self.on_tick()
                 self._stop.wait(retry_interval)
                 continue
             log.info("connected to front-end at %s", path)
             self.run_connection(conn)
 
     def on_tick(self) -> None:
-        """Called on every turn of the connection loop (at least every
-        ``poll_interval``); a hook for subclasses."""
+        """Called at least every ``poll_interval`` (between connections too);
+        a hook for subclasses."""
 
     # -- the loop ---------------------------------------------------------------
     def run_connection(self, conn: socket.socket) -> None:

@@ -249,7 +249,6 @@ def _two_process(producer_exe, consumer_exe, count, mode, slots=256):
         assert outs[0].startswith("ok produced"), outs
         assert outs[1].startswith("ok consumed"), outs
         assert r.pending() == 0
-    print(outs)
     return outs
 
 

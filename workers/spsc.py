@@ -39,11 +39,16 @@ x86-64 because:
   memoryview slice assignment = ``memcpy``); PyPy's JIT does not cache or
   sink raw loads/stores to buffer memory across those operations (the
   two-process tests also run under PyPy).
-* The indices are packed with the *native* ``Q`` format: CPython's
-  ``_struct`` packs it with one ``memcpy`` of 8 bytes (one aligned 8-byte
-  move, single-copy atomic on x86-64), unlike the standard ``<Q`` format
-  which writes byte by byte and could be read torn; PyPy's native fast
-  path is a single typed store too (``test_index_store_not_torn``).
+* Each index is loaded and stored with a single aligned 8-byte move
+  (single-copy atomic on x86-64), through a ``ctypes.c_uint64`` view of the
+  mapping: CPython's ctypes copies the field with an 8-byte ``memcpy``
+  (one ``mov``), PyPy's ``_rawffi`` does one typed raw load/store.  *Not*
+  ``struct``: under PyPy a consumer using ``struct.unpack_from`` on the
+  indices intermittently used an index ahead of the producer's and read
+  slots one lap old (about one run in two of tests/test_spsc.py's
+  200k-frame CPython→PyPy test); with ctypes, none in 60 such runs.  The
+  slot contents themselves are never read while being written, so any
+  access width is fine for them.
 
 The doorbell is a Dekker-style handshake (consumer: store flag, load
 producer index; producer: store producer index, load flag), which is

@@ -1,0 +1,99 @@
+"""Starting and stopping a real ``shardvu run`` for tests (and bench/)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+import psutil
+
+from shardvu.control.stats import endpoints
+from shardvu.statscli import query
+
+
+class Runtime:
+    """``shardvu run`` in a subprocess.  :meth:`stop` sends SIGTERM and
+    checks that the control process and every worker are gone."""
+
+    def __init__(self, sock: str, queues: int = 1, port: str = "sink", *extra: str,
+                 log_path: Optional[str] = None, wait: bool = True, pass_fds=()):
+        self.sock = sock
+        cmd = [sys.executable, "-m", "shardvu.cli", "run", "--queues", str(queues),
+               "--port", port, "--log-level", "INFO", *extra]
+        if "--fd" not in extra:
+            cmd += ["--socket", sock]
+        self.log_path = log_path or sock + ".log"
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     pass_fds=pass_fds)
+        self.ps = psutil.Process(self.proc.pid)
+        self.num_workers = 2 * queues
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"shardvu run exited {self.proc.returncode}:\n{self.log()}")
+            if len(self.workers()) == self.num_workers and self.stats_ready():
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"shardvu run not ready:\n{self.log()}")
+            time.sleep(0.05)
+
+    def stats_ready(self) -> bool:
+        try:
+            self.stats(timeout=0.5)
+            return True
+        except Exception:
+            return False
+
+    def workers(self) -> List[psutil.Process]:
+        try:
+            return self.ps.children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def fds(self, settle: float = 0.3, timeout: float = 5.0) -> int:
+        """The control process's open fds, once the count has held still for
+        ``settle`` seconds (a stats query leaves a ZeroMQ connection open a
+        moment)."""
+        deadline = time.monotonic() + timeout
+        last = -1
+        while True:
+            n = len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+            if n == last or time.monotonic() > deadline:
+                return n
+            last = n
+            time.sleep(settle)
+
+    def stats(self, timeout: float = 2.0) -> Dict:
+        return query(endpoints(self.sock)[1], timeout)
+
+    def queue_stats(self) -> Dict[int, Dict]:
+        return {q["index"]: q for q in self.stats()["queues"]}
+
+    def log(self) -> str:
+        self._log.flush()
+        with open(self.log_path) as f:
+            return f.read()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        """Signal the control process; returns its exit code.  Raises if it or
+        any worker outlives ``timeout``."""
+        children = self.workers()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout)
+        finally:
+            self._log.close()
+        gone, alive = psutil.wait_procs(children, timeout=5)
+        for p in alive:
+            p.kill()
+        assert not alive, f"workers left behind: {[p.pid for p in alive]}"
+        return rc
