@@ -1,112 +1,111 @@
-"""``shardvu bench``: a self-contained traffic run, nothing needed but Python.
+"""``shardvu bench``: a self-contained traffic run, needing nothing but Python.
 
-A back-end process (the echo example on the single-process runner) serves
-a socket; this process plays the front-end with :class:`shardvu.frontend.
-Frontend`, pushes 64-byte (``--frame-size``) frames on every queue pair's
-TX ring and takes them back from RX, for ``--seconds``.  It prints progress
-each second, then per-queue and total rates.
+It starts the sharded runtime (``shardvu run``: a control process and one
+worker process per virtqueue) and drives it with shardvu's own Python
+front-end on ``--queues`` queue pairs for ``--seconds``:
 
-The rates measure the whole loop — a Python front-end included — on this
-machine at this minute; they are for spotting regressions and sanity, not
-for comparison with other back-ends (bench/ does that, against DPDK).
+- ``--port sink``: the front-end sends frames on every TX ring;
+- ``--port loopback``: it sends and takes every frame back from RX;
+- ``--port generator``: it only posts RX buffers and takes frames.
+
+Progress is printed each second; then per-queue and total rates, counted
+by the workers and read from the runtime's stats.  The Python front-end in
+one process is usually the bottleneck here: these figures are a smoke test
+and a regression signal, not a comparison with other back-ends (bench/
+compares against DPDK's vhost, driven by DPDK's virtio-user).
 """
 from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from .frontend import Frontend
 
 
-def _wait_socket(path: str, proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if proc.poll() is not None:
-            raise RuntimeError(f"back-end exited with {proc.returncode}")
-        if time.monotonic() > deadline:
-            raise RuntimeError("back-end did not create its socket")
-        time.sleep(0.02)
+def run(queues: int = 2, seconds: float = 5.0, port: str = "loopback", frame_size: int = 64,
+        batch: int = 32, out=sys.stdout) -> Dict:
+    """Run the benchmark and print a report to ``out``.  Returns ``{"port",
+    "queues": [{"index", "direction", "packets", "pps"}...], "seconds",
+    "total_pps", "frontend": {"sent", "received"}}``."""
+    from .control.launcher import Runtime
 
-
-def run(queues: int = 2, seconds: float = 5.0, frame_size: int = 64, batch: int = 32,
-        out=sys.stdout) -> dict:
-    """Run the benchmark; returns ``{"queues": [{"pair", "tx", "rx"}...],
-    "seconds", "tx_pps", "rx_pps"}`` and prints a report to ``out``."""
     tmp = tempfile.mkdtemp(prefix="shardvu-bench-")
-    path = os.path.join(tmp, "vhost.sock")
-    cmd = [sys.executable, "-m", "shardvu.echo", "--socket", path,
-           "--queue-pairs", str(queues), "--log-level", "WARNING"]
-    proc = subprocess.Popen(cmd)
-    tx = [0] * queues
-    rx = [0] * queues
+    sock = os.path.join(tmp, "vhost.sock")
+    rt = Runtime(sock, queues, port, "--frame-size", str(frame_size), "--log-level", "WARNING",
+                 log_path=os.path.join(tmp, "shardvu.log"))
+    sent = received = 0
     try:
-        _wait_socket(path, proc)
-        frame = bytes(range(256)) * (frame_size // 256 + 1)
-        frames = [frame[:frame_size]] * batch
-        with Frontend(path, queue_pairs=queues, queue_size=256,
-                      mem_size=max(64, 16 * queues) << 20) as fe:
+        frame = (bytes(range(256)) * (frame_size // 256 + 1))[:frame_size]
+        frames = [frame] * batch
+        with Frontend(sock, queue_pairs=queues, mem_size=max(64, 16 * queues) << 20) as fe:
             fe.negotiate()
-            for p in range(queues):
-                fe.post_rx(p, 256)
-            print(f"shardvu bench: {queues} queue pair(s), {frame_size}-byte frames, "
-                  f"{seconds:g} s, echo back-end (pid {proc.pid})", file=out, flush=True)
+            if port != "sink":
+                for p in range(queues):
+                    fe.post_rx(p, 256)
+            base = _packets(rt)
+            print(f"shardvu bench: {queues} queue pair(s), port {port}, {frame_size}-byte frames, "
+                  f"{seconds:g} s; {2 * queues} workers (control pid {rt.proc.pid})",
+                  file=out, flush=True)
             start = last = time.monotonic()
-            end = start + seconds
-            last_rx = 0
+            last_total = 0
             while True:
                 now = time.monotonic()
-                if now >= end:
+                if now - start >= seconds:
                     break
                 for p in range(queues):
-                    tx[p] += fe.send(p, frames)
-                    rx[p] += len(fe.receive(p, timeout=0, min_frames=0))
+                    if port != "generator":
+                        sent += fe.send(p, frames)
+                    if port != "sink":
+                        received += len(fe.receive(p, timeout=0, min_frames=0))
                 if now - last >= 1.0:
-                    total = sum(rx)
-                    print(f"  {now - start:5.1f} s  {(total - last_rx) / (now - last) / 1e3:8.1f} kpps",
-                          file=out, flush=True)
-                    last, last_rx = now, total
-            # drain what is still in flight
-            drain_end = time.monotonic() + 1.0
-            while sum(rx) < sum(tx) and time.monotonic() < drain_end:
-                for p in range(queues):
-                    rx[p] += len(fe.receive(p, timeout=0.01, min_frames=0))
+                    total = sum(_packets(rt).values()) - sum(base.values())
+                    print(f"  {now - start:4.1f} s  {(total - last_total) / (now - last) / 1e3:9.1f} kpps"
+                          f"  (all workers)", file=out, flush=True)
+                    last, last_total = now, total
             elapsed = time.monotonic() - start
+            time.sleep(0.6)                       # one more stats period
+            final = _packets(rt)
     finally:
-        proc.terminate()
-        proc.wait(5)
-        try:
-            os.rmdir(tmp)
-        except OSError:
-            pass
-    result = {
-        "queues": [{"pair": p, "tx": tx[p], "rx": rx[p]} for p in range(queues)],
-        "seconds": elapsed, "tx_pps": sum(tx) / elapsed, "rx_pps": sum(rx) / elapsed,
-    }
-    print(f"\n{'pair':>4} {'tx frames':>10} {'rx frames':>10} {'rx kpps':>9}", file=out)
-    for q in result["queues"]:
-        print(f"{q['pair']:>4} {q['tx']:>10} {q['rx']:>10} {q['rx'] / elapsed / 1e3:>9.1f}", file=out)
-    print(f"{'all':>4} {sum(tx):>10} {sum(rx):>10} {result['rx_pps'] / 1e3:>9.1f}", file=out)
-    return result
+        rt.stop()
+        for name in os.listdir(tmp):
+            os.unlink(os.path.join(tmp, name))
+        os.rmdir(tmp)
+    rows = []
+    for q in sorted(final):
+        n = final[q] - base.get(q, 0)
+        rows.append({"index": q, "direction": "rx" if q % 2 == 0 else "tx", "packets": n,
+                     "pps": n / elapsed})
+    total = sum(r["pps"] for r in rows)
+    print(f"\n{'queue':>5} {'dir':>3} {'packets':>10} {'kpps':>9}", file=out)
+    for r in rows:
+        print(f"{r['index']:>5} {r['direction']:>3} {r['packets']:>10} {r['pps'] / 1e3:>9.1f}", file=out)
+    print(f"{'all':>5} {'':>3} {sum(r['packets'] for r in rows):>10} {total / 1e3:>9.1f}", file=out)
+    print(f"front-end: sent {sent}, received {received}", file=out)
+    return {"port": port, "queues": rows, "seconds": elapsed, "total_pps": total,
+            "frontend": {"sent": sent, "received": received}}
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="shardvu bench", description=__doc__.splitlines()[0])
-    add_arguments(ap)
-    args = ap.parse_args(argv)
-    return command(args)
+def _packets(rt) -> Dict[int, int]:
+    return {q["index"]: q["packets"] for q in rt.stats()["queues"]}
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--queues", type=int, default=2, help="queue pairs (default 2)")
     ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--port", default="loopback", choices=["sink", "loopback", "generator"])
     ap.add_argument("--frame-size", type=int, default=64)
 
 
 def command(args) -> int:
-    result = run(args.queues, args.seconds, args.frame_size)
-    return 0 if result["queues"] and all(q["rx"] for q in result["queues"]) else 1
+    result = run(args.queues, args.seconds, args.port, args.frame_size)
+    return 0 if result["total_pps"] > 0 else 1
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="shardvu bench", description=__doc__.splitlines()[0])
+    add_arguments(ap)
+    return command(ap.parse_args(argv))

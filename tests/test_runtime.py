@@ -18,7 +18,7 @@ from shardvu.driver import VRING_DESC_F_NEXT
 from shardvu.frontend import Frontend, FrontendError
 from shardvu.protocol import Request as R
 
-from runtime import Runtime
+from shardvu.control.launcher import Runtime
 from util import wait_for
 
 

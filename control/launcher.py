@@ -1,4 +1,5 @@
-"""Starting and stopping a real ``shardvu run`` for tests (and bench/)."""
+"""Start and stop a real ``shardvu run`` as a subprocess: used by
+``shardvu bench``, bench/ and the tests."""
 from __future__ import annotations
 
 import os
@@ -10,13 +11,17 @@ from typing import Dict, List, Optional
 
 import psutil
 
-from shardvu.control.stats import endpoints
 from shardvu.statscli import query
+
+from .stats import endpoints
 
 
 class Runtime:
-    """``shardvu run`` in a subprocess.  :meth:`stop` sends SIGTERM and
-    checks that the control process and every worker are gone."""
+    """``shardvu run --socket SOCK --queues N --port PORT EXTRA...`` in a
+    subprocess, its output in ``log_path``.  With ``wait`` the constructor
+    returns once every worker runs and stats answer.  :meth:`stop` sends
+    SIGTERM and raises RuntimeError if a worker outlives the control
+    process."""
 
     def __init__(self, sock: str, queues: int = 1, port: str = "sink", *extra: str,
                  log_path: Optional[str] = None, wait: bool = True, pass_fds=()):
@@ -95,5 +100,6 @@ class Runtime:
         gone, alive = psutil.wait_procs(children, timeout=5)
         for p in alive:
             p.kill()
-        assert not alive, f"workers left behind: {[p.pid for p in alive]}"
+        if alive:
+            raise RuntimeError(f"workers left behind: {[p.pid for p in alive]}")
         return rc
