@@ -15,4 +15,4 @@ def test_shardvu_bench_runs(port):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "shardvu bench: 1 queue pair(s)" in out.stdout
     total = [line for line in out.stdout.splitlines() if line.strip().startswith("all")]
-    assert total and int(total[0].split()[1]) > 0
+    assert total and int(total[0].split()[1]) > 0, out.stdout + out.stderr
