@@ -146,6 +146,10 @@ class DriverQueue:
         region, off = found
         self._view: Optional[memoryview] = region.view[off:off + self.layout.total]
         self._view[:] = bytes(self.layout.total)
+        # 16-bit fields (indices, flags, events) are stored through this cast:
+        # one 2-byte store each.  struct.pack_into would zero the field
+        # first, and a device polling avail->idx could see that 0.
+        self._view16: Optional[memoryview] = self._view.cast("H")
         self._free: Deque[int] = deque(range(size))
         self._chains: Dict[int, _Chain] = {}
         self._raw_heads: Dict[int, int] = {}
@@ -169,7 +173,9 @@ class DriverQueue:
         return _U16.unpack_from(self.view, off)[0]
 
     def _w16(self, off: int, value: int) -> None:
-        _U16.pack_into(self.view, off, value & _MASK16)
+        if self._view16 is None:
+            raise ValueError("queue is closed")
+        self._view16[off >> 1] = value & _MASK16
 
     def write_desc(self, i: int, addr: int, length: int, flags: int, next: int) -> None:
         """Raw: write descriptor ``i`` of the table (no bookkeeping)."""
@@ -390,6 +396,9 @@ class DriverQueue:
 
     def close(self) -> None:
         """Release the view on guest memory (so the mapping can be closed)."""
+        if self._view16 is not None:
+            self._view16.release()
+            self._view16 = None
         if self._view is not None:
             self._view.release()
             self._view = None

@@ -56,20 +56,26 @@ class InflightQueue:
     """One queue's region.  ``capacity`` (the layout's queue size) bounds
     every descriptor index; an out-of-range index raises IndexError."""
 
-    __slots__ = ("view", "capacity")
+    __slots__ = ("view", "capacity", "_v16", "_v64")
 
     def __init__(self, view: memoryview, capacity: int):
         if len(view) < HEADER_SIZE + DESC_SIZE * capacity:
             raise ValueError("inflight queue region too small")
         self.view = view
         self.capacity = capacity
+        # Stores go through casts: one 2- or 8-byte store per field.
+        # struct.pack_into zeroes a field before writing it, and a crash in
+        # between would leave that zero for the next back-end to trust.
+        n = len(view) & ~7
+        self._v16 = view[:n].cast("H")
+        self._v64 = view[:n].cast("Q")
 
     # -- header -----------------------------------------------------------
     def _get16(self, off: int) -> int:
         return _U16.unpack_from(self.view, off)[0]
 
     def _set16(self, off: int, value: int) -> None:
-        _U16.pack_into(self.view, off, value & 0xFFFF)
+        self._v16[off >> 1] = value & 0xFFFF
 
     @property
     def features(self) -> int:
@@ -77,7 +83,7 @@ class InflightQueue:
 
     @features.setter
     def features(self, value: int) -> None:
-        _U64.pack_into(self.view, _OFF_FEATURES, value)
+        self._v64[_OFF_FEATURES >> 3] = value
 
     @property
     def version(self) -> int:
@@ -127,13 +133,13 @@ class InflightQueue:
         return _U16.unpack_from(self.view, self._desc_off(i) + _D_NEXT)[0]
 
     def set_next(self, i: int, value: int) -> None:
-        _U16.pack_into(self.view, self._desc_off(i) + _D_NEXT, value & 0xFFFF)
+        self._set16(self._desc_off(i) + _D_NEXT, value)
 
     def get_counter(self, i: int) -> int:
         return _U64.unpack_from(self.view, self._desc_off(i) + _D_COUNTER)[0]
 
     def set_counter(self, i: int, value: int) -> None:
-        _U64.pack_into(self.view, self._desc_off(i) + _D_COUNTER, value & 0xFFFFFFFFFFFFFFFF)
+        self._v64[(self._desc_off(i) + _D_COUNTER) >> 3] = value & 0xFFFFFFFFFFFFFFFF
 
     def initialize(self, desc_num: int) -> None:
         """Zero the region and write version 1 and ``desc_num`` (a fresh or

@@ -23,16 +23,25 @@ CPython executes in program order (the GIL gives one thread at a time, and
 the interpreter does not reorder memory accesses across bytecodes).  On
 x86-64 (TSO) the hardware keeps load->load and store->store order, so
 program order gives the first two.  Index and flag fields must be read and
-written in one access, never torn: the structs here use *native* formats
+written in one access, never torn: reads use *native* struct formats
 ("H", not "<H"), which CPython serves with a single ``memcpy`` of the field
-(one 16-bit load or store), while the standard-size "<H" codec goes byte by
-byte -- a torn ``avail->idx`` read looks like a jump of thousands of entries,
-a torn ``used->idx`` store shows the driver used entries that do not exist.
-Native order equals the ring's little-endian order on every host shardvu
-supports (checked at import).  The only reordering TSO allows -- a
-later load passing an earlier store -- is the notify case; :func:`_smp_mb`
-closes it with an uncontended lock acquire/release, which is a locked
-read-modify-write and therefore a full fence on x86-64.  On a weakly ordered
+(one 16-bit load), while the standard-size "<H" codec goes byte by byte --
+a torn ``avail->idx`` read looks like a jump of thousands of entries.
+Stores to the fields the driver reads (``used->idx``, ``used->flags``,
+``avail_event``) must not use ``struct.pack_into`` at all, in any format:
+CPython's ``s_pack_internal`` first ``memset``s the target to zero and then
+writes the value, so the driver can observe a transient 0 -- a ``used->idx``
+of 0 makes it consume tens of thousands of "used" entries that do not exist
+(DPDK virtio-user then corrupts its descriptor free list and crashes, or
+refills its RX ring past the queue size).  They are stored through a
+``memoryview.cast("H")`` of the used ring instead, whose item assignment is
+a single 2-byte ``memcpy`` (one 16-bit store).  (Used *elements* may still
+be packed with struct: the driver does not read them before the idx store
+that publishes them.)  Native order equals the ring's little-endian order
+on every host shardvu supports (checked at import).  The only reordering
+TSO allows -- a later load passing an earlier store -- is the notify case;
+:func:`_smp_mb` closes it with an uncontended lock acquire/release, which is
+a locked read-modify-write and therefore a full fence on x86-64.  On a weakly ordered
 CPU (aarch64, POWER) this is not enough: the code would need a load-acquire
 (``dmb ishld``) after reading ``avail->idx``, a store-release (``dmb
 ishst``) before writing ``used->idx`` and a full ``dmb ish`` before the
@@ -219,6 +228,8 @@ class VirtQueue:
         self._desc: Optional[memoryview] = None
         self._avail: Optional[memoryview] = None
         self._used: Optional[memoryview] = None
+        #: ``_used`` cast to u16 items: single-store writes of driver-visible fields
+        self._used16: Optional[memoryview] = None
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -303,6 +314,7 @@ class VirtQueue:
         avail = self._map_part("avail ring", self.addr.avail, avail_ring_size(num))
         used = self._map_part("used ring", self.addr.used, used_ring_size(num))
         self._desc, self._avail, self._used = desc, avail, used
+        self._used16 = used.cast("H")
         self.used_idx = _U16.unpack_from(used, 2)[0]
         if self.last_avail_idx != self.used_idx:
             resume = self.processed_in_order and self.inuse == 0 and not self._resubmit
@@ -313,10 +325,10 @@ class VirtQueue:
 
     def unmap_rings(self) -> None:
         """Drop every view of the rings (so the regions can be unmapped)."""
-        for view in (self._desc, self._avail, self._used):
+        for view in (self._used16, self._desc, self._avail, self._used):
             if view is not None:
                 view.release()
-        self._desc = self._avail = self._used = None
+        self._desc = self._avail = self._used = self._used16 = None
 
     @property
     def mapped(self) -> bool:
@@ -374,7 +386,8 @@ class VirtQueue:
         return False
 
     def _write_used16(self, offset: int, value: int) -> None:
-        _U16.pack_into(self._used, offset, value & 0xFFFF)
+        # One 16-bit store; struct.pack_into would zero the field first.
+        self._used16[offset >> 1] = value & 0xFFFF  # type: ignore[index]
         if self._log_used(offset, 2):
             self.log.kick()  # type: ignore[union-attr]
 

@@ -2,7 +2,7 @@
 vhost-user front-end (virtio-user) or back-end (net_vhost), without
 hugepages.  No pytest in here: tests/ and bench/ both use it.
 
-    from tests.dpdk import TestPmd, run_testpmd, have_testpmd
+    from dpdk import TestPmd, run_testpmd, have_testpmd   # tests/ on sys.path
     stats = run_testpmd(sock, queues=2, mode="io", seconds=5, tx_first=True)
     stats["rx_packets"], stats["tx_packets"], stats["ports"][0]["rx_packets"]
 
@@ -20,32 +20,57 @@ back to SIGKILL of the whole process group: nothing is left behind.
 
 What virtio-user (DPDK 22.11) does on a vhost-user socket
 =========================================================
-Observed against ``shardvu echo --log-level DEBUG`` (front-end is the
-client; ``queues=N`` devarg):
+Observed against ``shardvu echo --log-level DEBUG`` (and the same back-end
+with extra feature bits offered); virtio-user is the socket client:
 
 1. ``SET_OWNER``, ``GET_FEATURES``, ``GET_PROTOCOL_FEATURES``,
-   ``SET_PROTOCOL_FEATURES`` (only bits it knows: MQ, REPLY_ACK, STATUS
-   (0x10009 against shardvu) — it does not ask for INFLIGHT, CONFIG, ...),
-   ``GET_QUEUE_NUM`` only if it asks for more than one pair;
-2. ``SET_VRING_CALL`` for **every** vring of the N pairs (call fds made at
-   probe time), before ``SET_FEATURES``;
-3. ``SET_FEATURES`` = offered & what virtio-user supports & what the devargs
-   allow; unknown offered bits are silently masked off (not an error);
-   then ``SET_STATUS`` (FEATURES_OK, with NEED_REPLY) and ``GET_STATUS``
-   (twice), only if the STATUS protocol feature was negotiated;
-4. at port start: ``SET_MEM_TABLE`` (one region per memfd segment; NEED_REPLY
-   when REPLY_ACK), then per vring, in order 0,1,...: ``SET_VRING_NUM``
-   (256), ``SET_VRING_BASE`` (0), ``SET_VRING_ADDR``, ``SET_VRING_KICK``;
-5. ``SET_VRING_ENABLE`` 1 for the vrings of the **queue pairs testpmd
-   uses** (``--rxq/--txq``), then ``SET_STATUS`` DRIVER_OK;
-6. at stop: ``SET_VRING_ENABLE`` 0 for each enabled vring, then
-   ``GET_VRING_BASE`` for every vring (this is where a back-end stops the
-   ring), and the connection is closed on exit (``--socket`` server sees a
-   disconnect; nothing like RESET_OWNER is sent).
+   ``SET_PROTOCOL_FEATURES`` = 0x10009 (MQ | REPLY_ACK | STATUS: only bits
+   it knows; shardvu's NET_MTU etc. are dropped).  **No GET_QUEUE_NUM**,
+   even with ``queues=4`` against a 2-pair back-end: it then simply sends
+   vring indices 4..7, which the back-end must reject (shardvu logs an
+   error per message and carries on; testpmd still starts and forwards on
+   the pairs that exist).
+2. ``SET_VRING_CALL`` for every vring of the N pairs, **before**
+   SET_FEATURES, in virtio-user's queue order: all RX vrings then all TX
+   vrings (0, 2, .., 2N-2, 1, 3, .., 2N-1).
+3. ``SET_FEATURES`` = offered & supported & devargs.  Unknown offered bits
+   (tried 41, 55, 63) and ones it does not do (EVENT_IDX, 29) are silently
+   masked off — no error.  It never acks ``CTRL_VQ`` (17) to the back-end,
+   even when offered: the control queue is emulated inside virtio-user and
+   **never sent** (no vring 2N ever appears).  Acked with shardvu's offer:
+   MRG_RXBUF (if ``mrg_rxbuf`` != 0), MQ (N > 1), INDIRECT_DESC,
+   PROTOCOL_FEATURES, VERSION_1, and IN_ORDER (35) when offered (unless
+   ``in_order=0``).
+   Then ``SET_STATUS`` FEATURES_OK (NEED_REPLY) and ``GET_STATUS`` x2.
+4. at port start: ``SET_MEM_TABLE`` (one memfd region, NEED_REPLY), then
+   per vring in the same RX-first order: ``SET_VRING_NUM`` (256),
+   ``SET_VRING_BASE`` (0), ``SET_VRING_ADDR``, ``SET_VRING_KICK``.  Vrings
+   of all N pairs are set up, whatever ``--rxq/--txq``.
+5. ``SET_VRING_ENABLE`` 1 for vrings 0 and 1 only, ``SET_STATUS``
+   DRIVER_OK, and **after** DRIVER_OK ``SET_VRING_ENABLE`` 1 for vrings
+   2..2P-1, where P = the pairs testpmd uses (``--rxq``): the emulated
+   VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET becomes SET_VRING_ENABLE.  With
+   ``queues=2 --rxq=1`` vrings 2 and 3 are set up but never enabled.  A
+   back-end must accept rings that are started but disabled, and enables
+   arriving after DRIVER_OK.
+6. at SIGINT: ``SET_VRING_ENABLE`` 0 for each enabled vring, then
+   ``GET_VRING_BASE`` for every set-up vring (RX first), then close on exit
+   (no RESET_OWNER / SET_STATUS 0).  testpmd exits 0.
 
-See ``probe_virtio_user`` (used by tests/test_dpdk_echo.py) to re-check
-all of this on another DPDK; the remaining findings are filled in below
-by that investigation.
+``packed_vq=1``: if the back-end does not offer VIRTIO_F_RING_PACKED (34)
+virtio-user silently falls back to the split ring (SET_FEATURES without
+bit 34; same message sequence; traffic flows, exits 0).  If the back-end
+*does* offer bit 34, virtio-user acks it and lays out packed rings — a
+back-end that offers it must really implement them (an echo patched to
+offer it marked queue 1 broken: "avail idx moved by 32769").
+
+With ``mrg_rxbuf``/``in_order``/``packed_vq`` unset, DPDK's defaults
+apply: mrg_rxbuf=1, in_order=1, packed_vq=0.
+
+Seen with this harness (not a virtio-user issue): ``shardvu echo`` with one
+pair under io --tx-first intermittently logs "queue 0 broken: avail idx
+moved by N > queue size 256" on the RX vring after a few seconds
+(tests/test_dpdk_echo.py::test_echo_rx_queue_not_broken, xfail).
 """
 from __future__ import annotations
 
@@ -152,10 +177,14 @@ class TestPmd:
             app += ["--stats-period", str(stats_period)]
         if auto_start:
             app.append("-a")
-        self.argv = [self.exe, *eal, *extra_eal, "--", *app, *extra_app]
+        # Line-buffered stdout (else the log lags in a file until testpmd's
+        # periodic stats flush it, and never comes with stats_period=0).
+        stdbuf = shutil.which("stdbuf")
+        self.argv = ([stdbuf, "-oL", "-eL"] if stdbuf else []) + [self.exe, *eal, *extra_eal, "--", *app, *extra_app]
         self.proc: Optional[subprocess.Popen] = None
         self.stats: Optional[Dict] = None
         self.returncode: Optional[int] = None
+        self._stopped = False
 
     # -- convenience constructors -------------------------------------------
 
@@ -171,7 +200,10 @@ class TestPmd:
     @classmethod
     def vhost(cls, sock: str, queues: int = 1, *, client: bool = False, **kw) -> "TestPmd":
         """testpmd as a vhost-user back-end (DPDK's net_vhost) listening on
-        ``sock`` (or connecting, ``client=True``)."""
+        ``sock`` (or connecting, ``client=True``).  ``--disable-link-check``
+        is added so that it starts forwarding before a front-end connects
+        (else it sits in "Checking link statuses..." for ~9 s)."""
+        kw["extra_app"] = ["--disable-link-check", *kw.get("extra_app", ())]
         return cls(vhost_vdev(sock, queues, client=client), queues=queues, **kw)
 
     # -- life cycle ----------------------------------------------------------
@@ -249,6 +281,8 @@ class TestPmd:
                 except subprocess.TimeoutExpired:
                     pass
             self._reap()
+        if not self._stopped:
+            self._stopped = True
             text = self.log()
             self.stats = parse_stats(text) if "Accumulated forward statistics" in text else None
             shutil.rmtree(os.path.join(RUNTIME_DIR, self.file_prefix), ignore_errors=True)

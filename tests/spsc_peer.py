@@ -118,7 +118,9 @@ def pingpong(rx: SpscRing, tx: SpscRing, count: int) -> str:
 
 def torn(fd: int, seconds: float) -> str:
     """Alternate two index values whose every byte differs, as the ring
-    stores its indices; 1 at the end tells the reader to stop."""
+    stores its indices; 1 at the end tells the reader to stop.  (A
+    ``struct.pack_into`` writer fails this: CPython zero-fills the target
+    before writing the value, so readers see transient zeroes.)"""
     import mmap
     mm = mmap.mmap(fd, 4096)
     idx = spsc_mod._C64.from_buffer(mm, 64)
@@ -141,7 +143,7 @@ def tornread(fd: int) -> str:
     import mmap
     mm = mmap.mmap(fd, 4096)
     idx = spsc_mod._C64.from_buffer(mm, 64)
-    allowed = {0, 1, 0x00FF00FF00FF00FF, 0xFF00FF00FF00FF00}
+    allowed = {1, 0x00FF00FF00FF00FF, 0xFF00FF00FF00FF00}     # the test starts it at a: no 0
     seen = set()
     end = time.monotonic() + 30
     reads = 0
@@ -154,7 +156,7 @@ def tornread(fd: int) -> str:
     bad = seen - allowed
     if bad:
         return "TORN " + " ".join(hex(x) for x in sorted(bad)[:5])
-    if len(seen) < 3:
+    if len(seen) < 2:
         return f"NOOVERLAP {sorted(seen)}"
     return f"ok read {reads}"
 

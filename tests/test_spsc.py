@@ -298,11 +298,12 @@ def test_doorbell_no_lost_wakeup():
 
 def _torn(writer, reader):
     """The shared indices are loaded and stored with single 8-byte moves:
-    a reader never sees a mix of two values' bytes.  (PyPy's struct packs
-    and unpacks byte by byte and did tear, which is why the ring uses
-    ctypes for them.)"""
+    a reader never sees a mix of two values' bytes, nor a transient value
+    (CPython's struct.pack_into zero-fills before writing, which is why the
+    ring uses ctypes for them)."""
     fd = os.memfd_create("torn")
     os.ftruncate(fd, 4096)
+    os.pwrite(fd, (0x00FF00FF00FF00FF).to_bytes(8, "little"), 64)
     try:
         r = _spawn(reader, "tornread", fd, fds_=(fd,))
         w = _spawn(writer, "torn", fd, 0.5, fds_=(fd,))

@@ -43,12 +43,16 @@ x86-64 because:
   (single-copy atomic on x86-64), through a ``ctypes.c_uint64`` view of the
   mapping: CPython's ctypes copies the field with an 8-byte ``memcpy``
   (one ``mov``), PyPy's ``_rawffi`` does one typed raw load/store.  *Not*
-  ``struct``: under PyPy a consumer using ``struct.unpack_from`` on the
-  indices intermittently used an index ahead of the producer's and read
-  slots one lap old (about one run in two of tests/test_spsc.py's
-  200k-frame CPython→PyPy test); with ctypes, none in 60 such runs.  The
-  slot contents themselves are never read while being written, so any
-  access width is fine for them.
+  ``struct.pack_into``, in any format: CPython's ``s_pack_internal``
+  zero-fills the target before writing the value, so the other side can
+  load a transient 0 — a producer index of 0 reads as ~2**64 frames
+  pending (seen: a PyPy consumer, fast enough to hit the window, popped
+  slots one lap old about one run in two of the 200k-frame test; with
+  ctypes, none in 60 runs; ``test_index_store_not_torn`` now catches it).
+  Slot lengths may use ``pack_into``: they are written before the index
+  that publishes them.  The sleeping flag uses it too; a transient 0 there
+  is harmless (it only ever looks like "not sleeping" before the store of
+  1 completes, and the fences below order that store against the index).
 
 The doorbell is a Dekker-style handshake (consumer: store flag, load
 producer index; producer: store producer index, load flag), which is
