@@ -55,7 +55,8 @@ class ControlServer:
         stats_key = socket_path or f"/tmp/shardvu-fd{listen_fd}-{os.getpid()}"
         self.pub_endpoint, self.query_endpoint = endpoints(stats_key)
         self.pool = WorkerPool(2 * queue_pairs, port, frame_size, self.pub_endpoint, log_level, cpus)
-        self.iface = NetIface(queue_pairs, mac, mtu)
+        # Workers complete every buffer in the order they popped it.
+        self.iface = NetIface(queue_pairs, mac, mtu, in_order=True)
         self.device: Optional[ShardedDevice] = None
         self.collector: Optional[StatsCollector] = None
         self.runner: Optional[ControlRunner] = None

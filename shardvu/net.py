@@ -41,8 +41,12 @@ class NetIface(DeviceIface):
     """A virtio-net device's callbacks: features, and a config space holding
     the MAC address, link status, queue-pair count and MTU."""
 
-    def __init__(self, queue_pairs: int, mac: Optional[bytes] = None, mtu: int = 0):
+    def __init__(self, queue_pairs: int, mac: Optional[bytes] = None, mtu: int = 0,
+                 in_order: bool = False):
         self.queue_pairs = queue_pairs
+        #: offer VIRTIO_F_IN_ORDER: only for a data path that completes every
+        #: queue's buffers in the order it popped them
+        self.in_order = in_order
         self.mac = mac or b"\x52\x54\x00\x00\x00\x01"
         self.mtu = mtu
         self.status = VIRTIO_NET_S_LINK_UP
@@ -52,7 +56,12 @@ class NetIface(DeviceIface):
              | P.bit(P.VIRTIO_NET_F_STATUS) | P.bit(P.VIRTIO_NET_F_MQ))
         if self.mtu:
             f |= P.bit(P.VIRTIO_NET_F_MTU)
+        if self.in_order:
+            f |= P.bit(P.VIRTIO_F_IN_ORDER)
         return f
+
+    def queue_is_processed_in_order(self, dev: Device, qidx: int) -> bool:
+        return self.in_order
 
     def get_protocol_features(self, dev: Device) -> int:
         return P.bit(PF.NET_MTU)

@@ -170,7 +170,19 @@ class Worker:
             self.vq.enable = True
 
     def _cmd_enable(self, obj, fds):
-        self.vq.enable = bool(obj["on"])
+        on = bool(obj["on"])
+        if not on:
+            self._drain_tx()       # frames queued while enabled are still traffic
+        self.vq.enable = on
+
+    def _drain_tx(self) -> None:
+        """Before a TX ring is disabled or stopped, consume what the guest
+        already queued (bounded by the ring size), so nothing it counted as
+        sent is silently left behind."""
+        if self.is_tx and self.active():
+            for _ in range(self.vq.num // self.batch + 2):
+                if not self.pass_once():
+                    break
 
     def _cmd_fd(self, obj, fds):
         kind = obj["kind"]
@@ -194,6 +206,7 @@ class Worker:
 
     def _cmd_stop(self, obj, fds):
         vq = self.vq
+        self._drain_tx()
         vq.started = False
         for name in ("kick_fd", "call_fd"):
             fd = getattr(vq, name)
