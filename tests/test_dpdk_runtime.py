@@ -6,7 +6,7 @@ import pytest
 
 from shardvu.control.launcher import Runtime
 
-from dpdk import have_testpmd, leftover_testpmds, run_testpmd
+from shardvu.testpmd import have_testpmd, leftover_testpmds, run_testpmd
 
 pytestmark = pytest.mark.skipif(not have_testpmd(),
                                 reason="dpdk-testpmd not installed (apt-get install dpdk-dev)")

@@ -1,8 +1,8 @@
 """A harness for DPDK's testpmd (Debian ``dpdk``/``dpdk-dev`` 22.11), as a
 vhost-user front-end (virtio-user) or back-end (net_vhost), without
-hugepages.  No pytest in here: tests/ and bench/ both use it.
+hugepages.  No pytest in here: tests/, bench/ and users all use it.
 
-    from dpdk import TestPmd, run_testpmd, have_testpmd   # tests/ on sys.path
+    from shardvu.testpmd import TestPmd, run_testpmd, have_testpmd
     stats = run_testpmd(sock, queues=2, mode="io", seconds=5, tx_first=True)
     stats["rx_packets"], stats["tx_packets"], stats["ports"][0]["rx_packets"]
 
