@@ -188,6 +188,34 @@ class VirtqElement:
         return f"VirtqElement(index={self.index}, out={self.out_addr}, in={self.in_addr})"
 
 
+class SplitRings:
+    """Typed views of a mapped split ring, for data-path loops that index
+    the ring directly (``workers/split_fast.py``).  Each item access is one
+    load or store of the field's width (never torn, never pre-zeroed).
+
+    ``desc64[2*i]`` is descriptor *i*'s addr, ``desc32[4*i+2]`` its len,
+    ``desc16[8*i+6]`` its flags and ``desc16[8*i+7]`` its next;
+    ``avail16[1]`` is avail->idx, ``avail16[2+k]`` ring[k],
+    ``avail16[2+num]`` used_event; ``used16[1]`` is used->idx,
+    ``used32[1+2*k]``/``used32[2+2*k]`` ring[k].id/len, ``used16[2+4*num]``
+    avail_event.  Valid until the queue's rings are unmapped."""
+
+    __slots__ = ("num", "desc64", "desc32", "desc16", "avail16", "used16", "used32")
+
+    def __init__(self, num: int, desc: memoryview, avail: memoryview, used: memoryview):
+        self.num = num
+        self.desc64 = desc.cast("Q")
+        self.desc32 = desc.cast("I")
+        self.desc16 = desc.cast("H")
+        self.avail16 = avail.cast("H")
+        self.used16 = used.cast("H")
+        self.used32 = used[:4 + 8 * num].cast("I")
+
+    def release(self) -> None:
+        for name in self.__slots__[1:]:
+            getattr(self, name).release()
+
+
 class VirtQueue:
     """One split virtqueue (``VuVirtq``).
 
@@ -225,6 +253,7 @@ class VirtQueue:
         self.notifications_suppressed = 0
         #: kicks received (counted by the control code that reads the kick fd)
         self.kicks = 0
+        self.rings: Optional[SplitRings] = None
         self._desc: Optional[memoryview] = None
         self._avail: Optional[memoryview] = None
         self._used: Optional[memoryview] = None
@@ -315,6 +344,7 @@ class VirtQueue:
         used = self._map_part("used ring", self.addr.used, used_ring_size(num))
         self._desc, self._avail, self._used = desc, avail, used
         self._used16 = used.cast("H")
+        self.rings = SplitRings(num, desc, avail, used)
         self.used_idx = _U16.unpack_from(used, 2)[0]
         if self.last_avail_idx != self.used_idx:
             resume = self.processed_in_order and self.inuse == 0 and not self._resubmit
@@ -325,6 +355,9 @@ class VirtQueue:
 
     def unmap_rings(self) -> None:
         """Drop every view of the rings (so the regions can be unmapped)."""
+        if getattr(self, "rings", None) is not None:
+            self.rings.release()
+        self.rings = None
         for view in (self._used16, self._desc, self._avail, self._used):
             if view is not None:
                 view.release()

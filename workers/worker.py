@@ -38,7 +38,7 @@ from shardvu.virtqueue import RingError, VirtQueue
 
 from . import ctl
 from .ports import PortSpec, make_frame, resolve
-from .split_loop import rx_pass, tx_pass
+from . import split_fast, split_loop
 from .stats import Counters, StatsPublisher
 
 log = logging.getLogger("shardvu.worker")
@@ -87,10 +87,13 @@ class Worker:
         self.spsc = None
         self.counters = Counters()
         self.frame = make_frame(frame_size)
+        self.frames = [self.frame] * batch
         self.stats = StatsPublisher(stats_endpoint, index, "tx" if self.is_tx else "rx") \
             if stats_endpoint else None
         self.hdr_len = 12
+        self.rx_hdr = split_fast.rx_header(12)
         self.mergeable = False
+        self.cache = split_fast.RegionCache(self.mem)
         self._poller = select.poll()
         self._poller.register(chan.fileno(), select.POLLIN)
         self._watched: set = set()
@@ -124,10 +127,12 @@ class Worker:
                 log.warning("queue %d: %s", self.index, exc)
 
     def _cmd_mem_clear(self, obj, fds):
+        self.cache = split_fast.RegionCache(self.mem)     # drop views of old regions
         self.vq.unmap_rings()
         self.mem.clear()
 
     def _cmd_mem_add(self, obj, fds):
+        self.cache = split_fast.RegionCache(self.mem)     # drop views of old regions
         regions = obj["regions"]
         if len(regions) != len(fds):
             raise ValueError(f"{len(regions)} regions with {len(fds)} fds")
@@ -144,6 +149,7 @@ class Worker:
         self._remap()
 
     def _cmd_mem_rem(self, obj, fds):
+        self.cache = split_fast.RegionCache(self.mem)     # drop views of old regions
         self.vq.unmap_rings()
         self.mem.remove(P.MemoryRegion(*obj["region"]))
         self._remap()
@@ -162,6 +168,7 @@ class Worker:
     def _set_features(self, features: int) -> None:
         self.vq.features = features
         self.hdr_len = net_hdr_len(features)
+        self.rx_hdr = split_fast.rx_header(self.hdr_len)
         self.mergeable = bool(features >> P.VIRTIO_NET_F_MRG_RXBUF & 1)
 
     def _cmd_features(self, obj, fds):
@@ -265,6 +272,7 @@ class Worker:
                 setattr(vq, name, -1)
         vq.reset()
         vq.features = 0
+        self.cache = split_fast.RegionCache(self.mem)
         self.mem.clear()
         self._cmd_log({}, [])
         if self._log_call_fd >= 0:
@@ -299,13 +307,38 @@ class Worker:
         vq = self.vq
         return vq.started and vq.ready()
 
+    def _tx_batch(self, copy: bool):
+        """Fast loop first; a buffer it does not take ends its part of the
+        batch and the general path finishes the batch."""
+        vq = self.vq
+        if split_fast.eligible(vq):
+            n, nbytes, frames, more = split_fast.tx_pass(vq, self.hdr_len, self.batch, copy, self.cache)
+            if not more:
+                return n, nbytes, frames
+            n2, b2, f2 = split_loop.tx_pass(vq, self.hdr_len, self.batch - n, copy)
+            if frames is not None and f2:
+                frames.extend(f2)
+            return n + n2, nbytes + b2, frames
+        return split_loop.tx_pass(vq, self.hdr_len, self.batch, copy)
+
+    def _rx_batch(self, frames) -> tuple:
+        vq = self.vq
+        n = nbytes = 0
+        if split_fast.eligible(vq):
+            n, nbytes, more = split_fast.rx_pass(vq, frames, self.rx_hdr, self.cache)
+            if not more:
+                return n, nbytes
+            frames = frames[n:]
+        n2, b2 = split_loop.rx_pass(vq, frames, self.hdr_len, self.mergeable)
+        return n + n2, nbytes + b2
+
     def pass_once(self) -> int:
         """One batch; returns how many frames it moved (or dropped)."""
         vq = self.vq
         c = self.counters
         if self.is_tx:
             forward = self.port.tx_fn is not None and vq.enabled
-            n, nbytes, frames = tx_pass(vq, self.hdr_len, self.batch, forward)
+            n, nbytes, frames = self._tx_batch(forward)
             if not n:
                 return 0
             c.batches += 1
@@ -314,7 +347,7 @@ class Worker:
                 return n
             c.packets += n
             c.bytes += nbytes
-            if frames is not None:
+            if frames:
                 try:
                     out = self.port.tx_fn(frames)
                 except Exception as exc:   # a user's port must not kill the queue
@@ -331,7 +364,7 @@ class Worker:
         if mode == "generator":
             if not vq.enabled:
                 return 0
-            n, nbytes = rx_pass(vq, [self.frame] * self.batch, self.hdr_len, self.mergeable)
+            n, nbytes = self._rx_batch(self.frames)
         elif mode == "spsc" and self.spsc is not None:
             views = self.spsc.peek(self.batch)
             if not views:
@@ -340,7 +373,7 @@ class Worker:
                 self.spsc.release(len(views))   # must not supply RX frames: drop
                 c.drops += len(views)
                 return len(views)
-            n, nbytes = rx_pass(vq, views, self.hdr_len, self.mergeable)
+            n, nbytes = self._rx_batch(views)
             del views
             self.spsc.release(n)
         else:
