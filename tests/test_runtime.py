@@ -284,3 +284,35 @@ def test_hostile_ring_breaks_only_its_queue(runtime):
         fe.send(1, frames(1, 3))
         assert len(fe.receive(1, timeout=5, min_frames=3)) == 3
     assert "queue 1 broken: descriptor loop" in rt.log()
+
+
+def test_workers_exit_when_the_control_process_dies(runtime):
+    rt = runtime(2)
+    workers = rt.workers()
+    os.kill(rt.proc.pid, signal.SIGKILL)
+    rt.proc.wait(5)
+    gone, alive = psutil.wait_procs(workers, timeout=5)
+    assert not alive, "workers outlived the control process"
+    os.unlink(rt.sock)            # a SIGKILLed control process cannot clean up
+    rt.stop()
+
+
+def test_dirty_log_through_the_workers(runtime):
+    rt = runtime(1, "loopback")
+    with Frontend(rt.sock) as fe:
+        fe.negotiate()
+        fe.post_rx(0, 8)
+        dlog = fe.set_log_base()
+        fe.set_features(fe.features | P.bit(P.VHOST_F_LOG_ALL))
+        fe.set_vring_addr(0, log=True)
+        fe.set_vring_addr(1, log=True)
+        dlog.clear()
+        fe.send(0, [b"\x5a" * 100])
+        rxq = fe.queues[0]
+        wait_for(lambda: rxq.used_idx == 1)
+        head, length = rxq.used_elem(0)
+        gpa = fe._rx_bufs[(0, head)][0]
+        wait_for(lambda: fe.queues[1].used_idx == 1)
+        expected = {p for p in range(gpa // 4096, (gpa + length - 1) // 4096 + 1)}
+        expected |= {fe.queues[0].used_gpa // 4096, fe.queues[1].used_gpa // 4096}
+        assert set(dlog.dirty_pages()) == expected
