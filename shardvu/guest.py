@@ -86,7 +86,7 @@ fail() { say error "reason=$*"; finish; }
 
 P_mode=up; P_count=1000; P_rounds=1; P_settle=1.0; P_size=60; P_delay=0
 P_dstmac=ff:ff:ff:ff:ff:ff; P_time=5; P_until=time; P_timeout=120
-P_ip=10.0.0.1/24; P_peer=10.0.0.2; P_peermac=; P_queues=0
+P_ip=10.0.0.1/24; P_peer=10.0.0.2; P_peermac=; P_queues=0; P_sizestep=0
 for a in $(cat /proc/cmdline); do
     case "$a" in
         shardvu.*=*)
@@ -159,7 +159,7 @@ pktgen_setup() {
         pg $D "count $P_count"
         pg $D "clone_skb 0"
         pg $D "burst 1"
-        pg $D "pkt_size $P_size"
+        pg $D "pkt_size $((P_size + c * P_sizestep))"
         pg $D "delay $P_delay"
         pg $D "dst 10.255.255.254"
         pg $D "dst_mac $P_dstmac"

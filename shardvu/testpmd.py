@@ -383,9 +383,12 @@ def run_testpmd(sock: str, queues: int = 1, mode: str = "io", seconds: float = 5
     return stats
 
 
-def leftover_testpmds(prefix: str = "shvu") -> List[int]:
+def leftover_testpmds(prefix: Optional[str] = None) -> List[int]:
     """PIDs of testpmd processes whose ``--file-prefix`` starts with
-    ``prefix`` (by default: any this harness started, in any process)."""
+    ``prefix`` (by default: any this harness started from this process;
+    ``"shvu"``: from any process)."""
+    if prefix is None:
+        prefix = f"shvu{os.getpid()}n"
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():

@@ -337,3 +337,18 @@ def test_doorbell_no_lost_wakeup_pypy():
 def test_index_store_not_torn_pypy(writer, reader):
     exe = {"pypy": PYPY, "cpython": sys.executable}
     _torn(exe[writer], exe[reader])
+
+
+def test_unpeek_returns_undelivered_frames_again():
+    ring = SpscRing.create(slots=8, slot_size=64)
+    try:
+        ring.push_batch([b"a", b"b", b"c"])
+        views = ring.peek(3)
+        assert [bytes(v) for v in views] == [b"a", b"b", b"c"]
+        del views
+        ring.release(1)            # only "a" was delivered
+        ring.unpeek()
+        assert [bytes(v) for v in ring.peek(8)] == [b"b", b"c"]
+    finally:
+        ring.release(0)
+        ring.close()

@@ -47,12 +47,16 @@ class PortSpec:
     ``rx_mode``: "idle", "spsc" (deliver what the TX worker forwards) or
     "generator" (fill RX buffers with generated frames)."""
 
-    def __init__(self, name: str, tx_fn: Optional[PacketFn], rx_mode: str):
+    def __init__(self, name: str, tx_fn: Optional[PacketFn], rx_mode: str,
+                 identity: bool = False):
         if rx_mode not in ("idle", "spsc", "generator"):
             raise ValueError(f"bad rx_mode {rx_mode!r}")
         self.name = name
         self.tx_fn = tx_fn
         self.rx_mode = rx_mode
+        #: the function returns its input: frames go straight from guest
+        #: memory into the pair's ring, with no intermediate copy
+        self.identity = identity
 
     @property
     def needs_spsc(self) -> bool:
@@ -65,7 +69,7 @@ def _loopback(frames: List[bytes]) -> List[bytes]:
 
 BUILTIN: Dict[str, PortSpec] = {
     "sink": PortSpec("sink", None, "idle"),
-    "loopback": PortSpec("loopback", _loopback, "spsc"),
+    "loopback": PortSpec("loopback", _loopback, "spsc", identity=True),
     "generator": PortSpec("generator", None, "generator"),
 }
 _registered: Dict[str, PortSpec] = {}

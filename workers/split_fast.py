@@ -19,7 +19,7 @@ is a single load/store of the field's width; ``struct`` costs 50–95 ns and
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from shardvu.protocol import VIRTIO_RING_F_EVENT_IDX
 from shardvu.virtqueue import VirtQueue
@@ -67,12 +67,14 @@ def _publish(vq: VirtQueue, rings, old: int, count: int, last_avail: int) -> Non
     vq.notify()
 
 
-def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, copy: bool,
-            cache: RegionCache) -> Tuple[int, int, Optional[List[bytes]], bool]:
+def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
+            on_frames: Optional[Callable[[List[memoryview]], None]] = None) -> Tuple[int, int, bool]:
     """Consume up to ``budget`` single-descriptor frames from the guest's TX
-    ring.  Returns ``(frames, payload bytes, copies or None, more)``; ``more``
-    means the batch stopped at a buffer this loop does not take (the caller
-    runs the general path for it)."""
+    ring.  With ``on_frames``, it is called once with views of the frames
+    (without the virtio-net header) in guest memory, before the buffers go
+    back to the guest: the views are valid only during that call.  Returns
+    ``(frames, payload bytes, more)``; ``more`` means the batch stopped at a
+    buffer this loop does not take (the caller runs the general path)."""
     rings = vq.rings
     num = rings.num
     mask = num - 1
@@ -82,15 +84,15 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, copy: bool,
     vq.shadow_avail_idx = avail_idx
     navail = (avail_idx - last) & 0xFFFF
     if not navail:
-        return 0, 0, None, False
+        return 0, 0, False
     if navail > num:
         vq.mark_broken(f"avail idx moved by {navail} > queue size {num}")
-        return 0, 0, None, False
+        return 0, 0, False
     if navail > budget:
         navail = budget
     desc64, desc32, desc16, used32 = rings.desc64, rings.desc32, rings.desc16, rings.used32
     used_idx = vq.used_idx
-    out: Optional[List[bytes]] = [] if copy else None
+    out: Optional[List[memoryview]] = [] if on_frames is not None else None
     lo, hi, view = cache.lo, cache.hi, cache.view
     nbytes = 0
     n = 0
@@ -114,15 +116,18 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, copy: bool,
                     break
                 lo, hi = cache.lo, cache.hi
             off = addr - lo
-            out.append(bytes(view[off + hdr_len:off + length]))
+            out.append(view[off + hdr_len:off + length])
         nbytes += length - hdr_len
         slot = ((used_idx + n) & mask) << 1
         used32[slot + 1] = head
         used32[slot + 2] = 0
         n += 1
     if n:
+        if out:
+            on_frames(out)
+            out = None
         _publish(vq, rings, used_idx, n, (last + n) & 0xFFFF)
-    return n, nbytes, out, more
+    return n, nbytes, more
 
 
 def rx_pass(vq: VirtQueue, frames: Sequence, hdr: bytes,

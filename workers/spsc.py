@@ -401,6 +401,11 @@ class SpscRing:
         self._peeked -= n
         self._ci.value = self._cons
 
+    def unpeek(self) -> None:
+        """Forget frames peeked but not released: the next :meth:`peek`
+        returns them again (a consumer that could deliver only some)."""
+        self._peeked = 0
+
     def consumer_prepare_sleep(self) -> bool:
         """Announce that the consumer is about to sleep on ``doorbell_fd``.
         Returns True if it is safe to sleep (the ring was empty after the

@@ -45,6 +45,8 @@ log = logging.getLogger("shardvu.worker")
 
 BATCH = 64
 IDLE_POLL_MS = 500
+#: how long a worker keeps polling an idle ring before it sleeps on the kick fd
+SPIN_S = float(os.environ.get("SHARDVU_SPIN_US", "50")) / 1e6
 _PR_SET_PDEATHSIG = 1
 
 
@@ -307,19 +309,37 @@ class Worker:
         vq = self.vq
         return vq.started and vq.ready()
 
-    def _tx_batch(self, copy: bool):
+    def _tx_batch(self, forward: bool):
         """Fast loop first; a buffer it does not take ends its part of the
-        batch and the general path finishes the batch."""
+        batch and the general path finishes the batch.  With ``forward``,
+        frames go through the port function to the pair's RX worker."""
         vq = self.vq
+        on_frames = self._forward if forward else None
+        n = nbytes = 0
         if split_fast.eligible(vq):
-            n, nbytes, frames, more = split_fast.tx_pass(vq, self.hdr_len, self.batch, copy, self.cache)
+            n, nbytes, more = split_fast.tx_pass(vq, self.hdr_len, self.batch, self.cache, on_frames)
             if not more:
-                return n, nbytes, frames
-            n2, b2, f2 = split_loop.tx_pass(vq, self.hdr_len, self.batch - n, copy)
-            if frames is not None and f2:
-                frames.extend(f2)
-            return n + n2, nbytes + b2, frames
-        return split_loop.tx_pass(vq, self.hdr_len, self.batch, copy)
+                return n, nbytes
+        n2, b2, frames = split_loop.tx_pass(vq, self.hdr_len, self.batch - n, forward)
+        if frames:
+            self._forward(frames)
+        return n + n2, nbytes + b2
+
+    def _forward(self, frames) -> None:
+        """Run the port function on a batch (views or bytes) and hand its
+        result to the pair's RX worker; what does not fit is dropped."""
+        port = self.port
+        try:
+            out = frames if port.identity else port.tx_fn([bytes(f) for f in frames])
+        except Exception as exc:   # a user's port must not kill the queue
+            log.exception("queue %d: port function failed", self.index)
+            self.vq.mark_broken(f"port function raised {type(exc).__name__}: {exc}")
+            return
+        if out and self.spsc is not None:
+            pushed = self.spsc.push_batch(out)
+            self.counters.drops += len(out) - pushed
+            if pushed:
+                self.spsc.producer_notify()
 
     def _rx_batch(self, frames) -> tuple:
         vq = self.vq
@@ -338,7 +358,7 @@ class Worker:
         c = self.counters
         if self.is_tx:
             forward = self.port.tx_fn is not None and vq.enabled
-            n, nbytes, frames = self._tx_batch(forward)
+            n, nbytes = self._tx_batch(forward)
             if not n:
                 return 0
             c.batches += 1
@@ -347,18 +367,6 @@ class Worker:
                 return n
             c.packets += n
             c.bytes += nbytes
-            if frames:
-                try:
-                    out = self.port.tx_fn(frames)
-                except Exception as exc:   # a user's port must not kill the queue
-                    log.exception("queue %d: port function failed", self.index)
-                    vq.mark_broken(f"port function raised {type(exc).__name__}: {exc}")
-                    return n
-                if out and self.spsc is not None:
-                    pushed = self.spsc.push_batch(out)
-                    c.drops += len(out) - pushed
-                    if pushed:
-                        self.spsc.producer_notify()
             return n
         mode = self.port.rx_mode
         if mode == "generator":
@@ -376,6 +384,7 @@ class Worker:
             n, nbytes = self._rx_batch(views)
             del views
             self.spsc.release(n)
+            self.spsc.unpeek()          # undelivered frames wait for RX buffers
         else:
             return 0
         if n:
@@ -417,17 +426,31 @@ class Worker:
     def run(self) -> None:
         chan_fd = self.chan.fileno()
         poll = self._poller.poll
+        monotonic = time.monotonic
+        spin = SPIN_S
         busy = False
+        idle_since = 0.0
         while self.running:
             moved = self.pass_once() if self.active() else 0
             if moved:
                 if not busy:
                     busy = True
                     self.vq.set_notification(False)
+                idle_since = 0.0
                 events = poll(0)
             else:
                 if busy:
+                    # Adaptive polling: an eventfd wake-up costs ~70 us, a
+                    # poll ~1 us, so keep polling a short while first.
+                    now = monotonic()
+                    if not idle_since:
+                        idle_since = now
+                    if now - idle_since < spin:
+                        events = poll(0)
+                        if not events:
+                            continue
                     busy = False
+                    idle_since = 0.0
                     self.vq.set_notification(True)
                     if self.active() and self.has_work():
                         continue
