@@ -33,7 +33,7 @@ from shardvu.protocol import MemoryRegion, VringAddr  # noqa: E402
 from shardvu.virtqueue import VirtQueue  # noqa: E402
 
 try:
-    from shardvu.workers import split_fast, split_loop
+    from shardvu.workers import split_fast, split_fast_struct, split_loop
 except ImportError:  # running from a source tree under PyPy: load by path
     import importlib.util
 
@@ -45,6 +45,7 @@ except ImportError:  # running from a source tree under PyPy: load by path
         spec.loader.exec_module(mod)
         return mod
     split_fast = _load("split_fast")
+    split_fast_struct = _load("split_fast_struct")
     split_loop = _load("split_loop")
 
 UVA = 0x7F00_0000_0000
@@ -120,10 +121,14 @@ def main() -> None:
     bench("fast: TX copy out", False,
           lambda vq, c: split_fast.tx_pass(vq, 12, size, c, lambda views: sink.extend(bytes(v) for v in views)))
     sink.clear()
+    bench("fast (struct style): TX sink", False,
+          lambda vq, c: split_fast_struct.tx_pass(vq, 12, size, c))
     bench("general API: RX fill", True,
           lambda vq, c: split_loop.rx_pass(vq, frames, 12, True))
     bench("fast: RX fill", True,
           lambda vq, c: split_fast.rx_pass(vq, frames, hdr, c))
+    bench("fast (struct style): RX fill", True,
+          lambda vq, c: split_fast_struct.rx_pass(vq, frames, hdr, c))
 
     print("single steps (same typed views):")
     mem, drv, vq = setup(size, frame, False)

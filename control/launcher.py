@@ -58,6 +58,11 @@ class Runtime:
             return False
 
     def workers(self) -> List[psutil.Process]:
+        """The worker processes (not multiprocess's resource tracker, which
+        a spawning control process also starts)."""
+        return [p for p in self._children() if not _is_resource_tracker(p)]
+
+    def _children(self) -> List[psutil.Process]:
         try:
             return self.ps.children(recursive=True)
         except psutil.NoSuchProcess:
@@ -90,7 +95,7 @@ class Runtime:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
         """Signal the control process; returns its exit code.  Raises if it or
         any worker outlives ``timeout``."""
-        children = self.workers()
+        children = self._children()
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
@@ -103,3 +108,10 @@ class Runtime:
         if alive:
             raise RuntimeError(f"workers left behind: {[p.pid for p in alive]}")
         return rc
+
+
+def _is_resource_tracker(p: psutil.Process) -> bool:
+    try:
+        return any("resource_tracker" in a for a in p.cmdline())
+    except psutil.Error:
+        return False

@@ -1,6 +1,7 @@
 """The worker processes of the sharded runtime: one per virtqueue.
 
-Workers are started through ``multiprocess`` (fork), each with its own
+Workers are started through ``multiprocess`` (fork; or spawn with another
+interpreter, ``worker_python``, e.g. PyPy), each with its own
 ``SOCK_SEQPACKET`` command channel.  :meth:`WorkerHandle.command` sends one
 command and waits for the worker's answer: that wait is the barrier that
 makes a state change take effect in the worker before the control process
@@ -70,12 +71,31 @@ class WorkerHandle:
         return reply
 
 
+def _foreign_spawn_preparation() -> None:
+    """A worker spawned under another interpreter (PyPy) must use its own
+    ``sys.path`` and not re-import the control process's ``__main__``:
+    multiprocess would hand it both, and the child would then import this
+    interpreter's compiled packages.  Strip them from the preparation data."""
+    import multiprocess.spawn as mp_spawn
+    if getattr(mp_spawn.get_preparation_data, "_shardvu", False):
+        return
+    original = mp_spawn.get_preparation_data
+
+    def preparation(name):
+        data = original(name)
+        for key in ("sys_path", "init_main_from_path", "init_main_from_name"):
+            data.pop(key, None)
+        return data
+    preparation._shardvu = True
+    mp_spawn.get_preparation_data = preparation
+
+
 class WorkerPool:
     """``num_queues`` workers running port ``port_name``."""
 
     def __init__(self, num_queues: int, port_name: str, frame_size: int = 64,
                  stats_endpoint: Optional[str] = None, log_level: str = "WARNING",
-                 cpus: Optional[List[int]] = None):
+                 cpus: Optional[List[int]] = None, worker_python: Optional[str] = None):
         self.num_queues = num_queues
         self.port = resolve(port_name)
         self.port_name = port_name
@@ -83,9 +103,14 @@ class WorkerPool:
         self.stats_endpoint = stats_endpoint
         self.log_level = log_level
         self.cpus = cpus
-        self.ctx = multiprocess.get_context("fork")
-        #: serialises dirty-log marks of all workers (see shardvu.dirtylog)
-        self.log_lock = self.ctx.Lock()
+        # Workers fork from the control process, or, with another
+        # interpreter (PyPy), are spawned by it: same target, same channel.
+        self.worker_python = worker_python
+        if worker_python:
+            self.ctx = multiprocess.get_context("spawn")
+            self.ctx.set_executable(worker_python)
+        else:
+            self.ctx = multiprocess.get_context("fork")
         self.workers: List[WorkerHandle] = []
         self._spsc: list = []
 
@@ -107,11 +132,14 @@ class WorkerPool:
                  [w.pid for w in self.workers])
 
     def _spawn(self, index: int) -> WorkerHandle:
+        if self.worker_python:
+            _foreign_spawn_preparation()
         mine, theirs = ctl.socketpair()
+        forked = not self.worker_python
         proc = self.ctx.Process(
             target=worker_main, name=f"shardvu-worker{index}", daemon=True,
-            args=(index, theirs.fileno(), self.port_name, self.frame_size,
-                  self.stats_endpoint, self.log_lock, self.log_level))
+            args=(index, theirs.fileno() if forked else theirs, self.port_name, self.frame_size,
+                  self.stats_endpoint, self.log_level, forked))
         proc.start()
         theirs.close()
         return WorkerHandle(index, proc, mine)

@@ -46,7 +46,8 @@ class ControlServer:
     def __init__(self, socket_path: Optional[str], queue_pairs: int, port: str = "sink", *,
                  client: bool = False, listen_fd: Optional[int] = None,
                  cpus: Optional[List[int]] = None, mac: Optional[bytes] = None, mtu: int = 0,
-                 frame_size: int = 64, log_level: str = "WARNING"):
+                 frame_size: int = 64, log_level: str = "WARNING",
+                 worker_python: Optional[str] = None):
         if socket_path is None and listen_fd is None:
             raise ValueError("need a socket path or an inherited fd")
         self.socket_path = socket_path
@@ -54,7 +55,8 @@ class ControlServer:
         self.listen_fd = listen_fd
         stats_key = socket_path or f"/tmp/shardvu-fd{listen_fd}-{os.getpid()}"
         self.pub_endpoint, self.query_endpoint = endpoints(stats_key)
-        self.pool = WorkerPool(2 * queue_pairs, port, frame_size, self.pub_endpoint, log_level, cpus)
+        self.pool = WorkerPool(2 * queue_pairs, port, frame_size, self.pub_endpoint, log_level, cpus,
+                               worker_python)
         # Workers complete every buffer in the order they popped it.
         self.iface = NetIface(queue_pairs, mac, mtu, in_order=True)
         self.device: Optional[ShardedDevice] = None

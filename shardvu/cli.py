@@ -38,6 +38,8 @@ def _add_run(sub) -> None:
     p.add_argument("--mtu", type=int, default=0, help="MTU offered with VIRTIO_NET_F_MTU")
     p.add_argument("--frame-size", type=int, default=64, help="generator frame size (default 64)")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--worker-python", metavar="PATH",
+                   help="interpreter for the workers, e.g. a PyPy venv's python (see README)")
     p.add_argument("--print-capabilities", action="store_true",
                    help="print the back-end capabilities (JSON) and exit")
     p.set_defaults(func=_run)
@@ -69,7 +71,8 @@ def _run(args) -> int:
         return 2
     server = ControlServer(args.socket, args.queues, args.port, client=args.client,
                            listen_fd=args.fd, cpus=args.cpus, mac=mac, mtu=args.mtu,
-                           frame_size=args.frame_size, log_level=args.log_level)
+                           frame_size=args.frame_size, log_level=args.log_level,
+                           worker_python=args.worker_python)
     return server.run()
 
 

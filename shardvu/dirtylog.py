@@ -14,10 +14,11 @@ lose a dirty page, because the bit is set again after the data was written.
 Two *back-end* processes setting bits in the same log byte could lose each
 other's bits; such a deployment sets :attr:`DirtyLog.lock` to a lock shared
 by those processes (the sharded runtime does, with one lock for all its
-workers), and every mark then runs under it.
+workers: :class:`FileLock` on the log fd), and every mark then runs under it.
 """
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 
@@ -28,6 +29,23 @@ __all__ = ["DirtyLog", "VHOST_LOG_PAGE"]
 
 _PAGE_SHIFT = 12
 assert 1 << _PAGE_SHIFT == VHOST_LOG_PAGE
+
+
+class FileLock:
+    """An inter-process lock on the log's own file (POSIX record lock,
+    ``lockf``): it works between any processes holding the fd, whatever
+    their interpreter, with no shared semaphore to hand around."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def acquire(self) -> None:
+        fcntl.lockf(self.fd, fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        fcntl.lockf(self.fd, fcntl.LOCK_UN)
 
 
 class DirtyLog:

@@ -29,6 +29,7 @@ Contracts:
 from __future__ import annotations
 
 import struct
+import sys
 from collections import deque
 from typing import Callable, Deque, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -53,6 +54,7 @@ _U16 = struct.Struct("H")
 _U32 = struct.Struct("I")
 _ELEM = struct.Struct("II")
 _MASK16 = 0xFFFF
+_PYPY = sys.implementation.name == "pypy"
 
 Buffers = Sequence[Tuple[int, int]]
 
@@ -175,7 +177,10 @@ class DriverQueue:
     def _w16(self, off: int, value: int) -> None:
         if self._view16 is None:
             raise ValueError("queue is closed")
-        self._view16[off >> 1] = value & _MASK16
+        if _PYPY:       # PyPy's struct store is one access, its cast store may tear
+            _U16.pack_into(self.view, off, value & _MASK16)
+        else:
+            self._view16[off >> 1] = value & _MASK16
 
     def write_desc(self, i: int, addr: int, length: int, flags: int, next: int) -> None:
         """Raw: write descriptor ``i`` of the table (no bookkeeping)."""

@@ -79,6 +79,7 @@ DESC_SIZE = 16
 MAX_CHAIN_LEN = 0xFFFFFFFF
 
 assert sys.byteorder == "little", "rings are little-endian; native structs assume it"
+_PYPY = sys.implementation.name == "pypy"
 _DESC = struct.Struct("QIHH")
 _U16 = struct.Struct("H")
 _USED_ELEM = struct.Struct("II")
@@ -419,8 +420,13 @@ class VirtQueue:
         return False
 
     def _write_used16(self, offset: int, value: int) -> None:
-        # One 16-bit store; struct.pack_into would zero the field first.
-        self._used16[offset >> 1] = value & 0xFFFF  # type: ignore[index]
+        # One 16-bit store.  CPython: through the cast (struct.pack_into
+        # zeroes the field first).  PyPy: through struct, whose JIT-compiled
+        # store is one access (its memoryview item store can tear).
+        if _PYPY:
+            _U16.pack_into(self._used, offset, value & 0xFFFF)
+        else:
+            self._used16[offset >> 1] = value & 0xFFFF  # type: ignore[index]
         if self._log_used(offset, 2):
             self.log.kick()  # type: ignore[union-attr]
 

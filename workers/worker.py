@@ -25,11 +25,12 @@ import os
 import select
 import signal
 import socket
+import sys
 import time
 from typing import Any, Dict, List, Optional
 
 from shardvu import protocol as P
-from shardvu.dirtylog import DirtyLog
+from shardvu.dirtylog import DirtyLog, FileLock
 from shardvu.eventfd import drain
 from shardvu.inflight import InflightBuffer
 from shardvu.memory import GuestMemory, MemoryMapError
@@ -38,7 +39,12 @@ from shardvu.virtqueue import RingError, VirtQueue
 
 from . import ctl
 from .ports import PortSpec, make_frame, resolve
-from . import split_fast, split_loop
+from . import split_loop
+# One hot loop per interpreter style (see bench/ringloop.py for the numbers).
+if sys.implementation.name == "pypy":
+    from . import split_fast_struct as split_fast
+else:
+    from . import split_fast
 from .stats import Counters, StatsPublisher
 
 log = logging.getLogger("shardvu.worker")
@@ -74,7 +80,7 @@ class Worker:
     """One virtqueue's data path, driven by commands from the control process."""
 
     def __init__(self, index: int, chan: socket.socket, port: PortSpec, frame_size: int,
-                 stats_endpoint: Optional[str], log_lock=None, batch: int = BATCH):
+                 stats_endpoint: Optional[str], batch: int = BATCH):
         self.index = index
         self.chan = chan
         self.port = port
@@ -84,7 +90,6 @@ class Worker:
         self.vq = VirtQueue(index, log)
         self.vq.mem = self.mem
         self.dlog: Optional[DirtyLog] = None
-        self.log_lock = log_lock
         self.inflight: Optional[InflightBuffer] = None
         self.spsc = None
         self.counters = Counters()
@@ -233,7 +238,8 @@ class Worker:
             (fd,) = fds
             fds.clear()
             self.dlog = DirtyLog(fd, obj["size"], obj["offset"])
-            self.dlog.lock = self.log_lock
+            # every worker marks the same log: serialise on the log file itself
+            self.dlog.lock = FileLock(self.dlog.fd)
         self.vq.log = self.dlog
         self._cmd_log_call(obj, [])
 
@@ -480,18 +486,24 @@ class Worker:
             self.stats.publish(self.counters)
 
 
-def worker_main(index: int, chan_fd: int, port_name: str, frame_size: int,
-                stats_endpoint: Optional[str], log_lock=None, log_level: str = "WARNING",
-                keep_fds: tuple = ()) -> None:
-    """Entry point of a worker process (the ``multiprocess`` target)."""
+def worker_main(index: int, chan, port_name: str, frame_size: int,
+                stats_endpoint: Optional[str], log_level: str = "WARNING",
+                forked: bool = True) -> None:
+    """Entry point of a worker process (the ``multiprocess`` target).
+    ``chan`` is the worker's end of its command channel (a socket, or its
+    fd number).  A ``forked`` worker first closes every fd it inherited
+    from the control process; a spawned one started clean."""
     _die_with_parent()
-    _close_inherited({chan_fd, *keep_fds})
+    chan_fd = chan if isinstance(chan, int) else chan.fileno()
+    if forked:
+        _close_inherited({chan_fd})
     signal.signal(signal.SIGINT, signal.SIG_IGN)       # the control process decides
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     logging.basicConfig(level=log_level.upper(),
                         format=f"%(asctime)s worker{index} %(levelname)s %(message)s")
-    chan = socket.socket(fileno=chan_fd)
-    worker = Worker(index, chan, resolve(port_name), frame_size, stats_endpoint, log_lock)
+    if isinstance(chan, int):
+        chan = socket.socket(fileno=chan_fd)
+    worker = Worker(index, chan, resolve(port_name), frame_size, stats_endpoint)
     try:
         worker.run()
     finally:

@@ -1,0 +1,147 @@
+"""The split-ring hot loops, PyPy style: precompiled ``struct.Struct``
+methods on the ring memory.
+
+Same contract and shape as :mod:`.split_fast` (the CPython loop): one
+``avail->idx`` load, descriptors after it, used elements, one
+``used->idx`` store, at most one notification; only single-descriptor
+buffers, the rest goes to the general path.  PyPy's JIT turns these struct
+calls into plain loads and stores, 3–5× faster than CPython on the same
+loop, while ``memoryview.cast`` indexing is slow there — and a cast store
+can even tear on PyPy (seen here), while its struct store does not.
+"""
+from __future__ import annotations
+
+import struct
+from typing import Callable, List, Optional, Sequence, Tuple
+
+from shardvu.protocol import VIRTIO_RING_F_EVENT_IDX
+from shardvu.virtqueue import VirtQueue
+
+from .split_fast import _SLOW_FLAGS, _WRITE, RegionCache, eligible, rx_header
+
+__all__ = ["tx_pass", "rx_pass", "eligible", "RegionCache", "rx_header"]
+
+_H = struct.Struct("H")
+_DESC = struct.Struct("QIHH")
+_ELEM = struct.Struct("II")
+
+
+def _publish(vq: VirtQueue, used: memoryview, num: int, old: int, count: int, last_avail: int) -> None:
+    new = (old + count) & 0xFFFF
+    _H.pack_into(used, 2, new)
+    vq.used_idx = new
+    vq.last_avail_idx = last_avail
+    if vq.signalled_used_valid and ((new - vq.signalled_used) & 0xFFFF) < count:
+        vq.signalled_used_valid = False
+    if vq.notification and vq.features >> VIRTIO_RING_F_EVENT_IDX & 1:
+        _H.pack_into(used, 4 + 8 * num, last_avail)
+    vq.notify()
+
+
+def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
+            on_frames: Optional[Callable[[List[memoryview]], None]] = None) -> Tuple[int, int, bool]:
+    """See :func:`shardvu.workers.split_fast.tx_pass`."""
+    num = vq.num
+    mask = num - 1
+    avail, desc, used = vq._avail, vq._desc, vq._used
+    h_from = _H.unpack_from
+    d_from = _DESC.unpack_from
+    e_into = _ELEM.pack_into
+    last = vq.last_avail_idx
+    avail_idx = h_from(avail, 2)[0]
+    vq.shadow_avail_idx = avail_idx
+    navail = (avail_idx - last) & 0xFFFF
+    if not navail:
+        return 0, 0, False
+    if navail > num:
+        vq.mark_broken(f"avail idx moved by {navail} > queue size {num}")
+        return 0, 0, False
+    if navail > budget:
+        navail = budget
+    used_idx = vq.used_idx
+    out: Optional[List[memoryview]] = [] if on_frames is not None else None
+    lo, hi, view = cache.lo, cache.hi, cache.view
+    nbytes = n = 0
+    more = False
+    while n < navail:
+        head = h_from(avail, 4 + 2 * ((last + n) & mask))[0]
+        if head >= num:
+            vq.mark_broken(f"head index {head} >= queue size {num}")
+            break
+        addr, length, flags, _next = d_from(desc, head << 4)
+        if flags & (_SLOW_FLAGS | _WRITE):
+            more = True
+            break
+        if out is not None:
+            if not (lo <= addr and addr + length <= hi):
+                view = cache.lookup(addr, length)
+                if view is None:
+                    vq.mark_broken(f"descriptor {head} buffer {addr:#x}+{length:#x} "
+                                   "is outside guest memory")
+                    break
+                lo, hi = cache.lo, cache.hi
+            off = addr - lo
+            out.append(view[off + hdr_len:off + length])
+        nbytes += length - hdr_len
+        e_into(used, 4 + (((used_idx + n) & mask) << 3), head, 0)
+        n += 1
+    if n:
+        if out:
+            on_frames(out)
+            out = None
+        _publish(vq, used, num, used_idx, n, (last + n) & 0xFFFF)
+    return n, nbytes, more
+
+
+def rx_pass(vq: VirtQueue, frames: Sequence, hdr: bytes,
+            cache: RegionCache) -> Tuple[int, int, bool]:
+    """See :func:`shardvu.workers.split_fast.rx_pass`."""
+    num = vq.num
+    mask = num - 1
+    avail, desc, used = vq._avail, vq._desc, vq._used
+    h_from = _H.unpack_from
+    d_from = _DESC.unpack_from
+    e_into = _ELEM.pack_into
+    last = vq.last_avail_idx
+    avail_idx = h_from(avail, 2)[0]
+    vq.shadow_avail_idx = avail_idx
+    navail = (avail_idx - last) & 0xFFFF
+    if not navail or not frames:
+        return 0, 0, False
+    if navail > num:
+        vq.mark_broken(f"avail idx moved by {navail} > queue size {num}")
+        return 0, 0, False
+    if navail > len(frames):
+        navail = len(frames)
+    used_idx = vq.used_idx
+    hlen = len(hdr)
+    lo, hi, view = cache.lo, cache.hi, cache.view
+    nbytes = n = 0
+    more = False
+    while n < navail:
+        head = h_from(avail, 4 + 2 * ((last + n) & mask))[0]
+        if head >= num:
+            vq.mark_broken(f"head index {head} >= queue size {num}")
+            break
+        addr, length, flags, _next = d_from(desc, head << 4)
+        frame = frames[n]
+        flen = len(frame)
+        if flags & _SLOW_FLAGS or not flags & _WRITE or length < hlen + flen:
+            more = True
+            break
+        if not (lo <= addr and addr + length <= hi):
+            view = cache.lookup(addr, length)
+            if view is None:
+                vq.mark_broken(f"descriptor {head} buffer {addr:#x}+{length:#x} "
+                               "is outside guest memory")
+                break
+            lo, hi = cache.lo, cache.hi
+        off = addr - lo
+        view[off:off + hlen] = hdr
+        view[off + hlen:off + hlen + flen] = frame
+        nbytes += flen
+        e_into(used, 4 + (((used_idx + n) & mask) << 3), head, hlen + flen)
+        n += 1
+    if n:
+        _publish(vq, used, num, used_idx, n, (last + n) & 0xFFFF)
+    return n, nbytes, more
