@@ -35,7 +35,13 @@ of 0 makes it consume tens of thousands of "used" entries that do not exist
 (DPDK virtio-user then corrupts its descriptor free list and crashes, or
 refills its RX ring past the queue size).  They are stored through a
 ``memoryview.cast("H")`` of the used ring instead, whose item assignment is
-a single 2-byte ``memcpy`` (one 16-bit store).  (Used *elements* may still
+a single 2-byte ``memcpy`` (one 16-bit store).  PyPy is the other way
+round: its JIT compiles ``struct`` calls on the mapping into plain raw loads
+and stores of the field's width (never pre-zeroed; no torn value seen in
+10^8 reads), while its ``memoryview`` item store can tear (seen here), so
+on PyPy these stores go through ``struct``.  PyPy's JIT does not reorder
+raw memory accesses to possibly aliasing addresses, so program order again
+reaches the hardware, and TSO does the rest.  (Used *elements* may still
 be packed with struct: the driver does not read them before the idx store
 that publishes them.)  Native order equals the ring's little-endian order
 on every host shardvu supports (checked at import).  The only reordering
