@@ -53,6 +53,27 @@ class RegionCache:
         return self.view
 
 
+def batch_size(vq: VirtQueue, avail_idx: int, limit: int) -> int:
+    """How many entries to take this batch, given the ``avail->idx`` just
+    loaded (recorded as the shadow index); 0 when none, or when the index
+    jumped by more than the ring size (the queue is then broken)."""
+    vq.shadow_avail_idx = avail_idx
+    navail = (avail_idx - vq.last_avail_idx) & 0xFFFF
+    if navail > vq.num:
+        vq.mark_broken(f"avail idx moved by {navail} > queue size {vq.num}")
+        return 0
+    return navail if navail < limit else limit
+
+
+def translate(vq: VirtQueue, cache: RegionCache, head: int, addr: int, length: int) -> Optional[memoryview]:
+    """The region view holding ``[addr, addr+length)`` (cache updated), or
+    None after marking the queue broken."""
+    view = cache.lookup(addr, length)
+    if view is None:
+        vq.mark_broken(f"descriptor {head} buffer {addr:#x}+{length:#x} is outside guest memory")
+    return view
+
+
 def _publish(vq: VirtQueue, rings, old: int, count: int, last_avail: int) -> None:
     """Store used->idx once for the batch and keep VirtQueue's bookkeeping
     (what ``flush`` would do), then notify at most once."""
@@ -80,16 +101,9 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
     mask = num - 1
     avail16 = rings.avail16
     last = vq.last_avail_idx
-    avail_idx = avail16[1]
-    vq.shadow_avail_idx = avail_idx
-    navail = (avail_idx - last) & 0xFFFF
+    navail = batch_size(vq, avail16[1], budget)
     if not navail:
         return 0, 0, False
-    if navail > num:
-        vq.mark_broken(f"avail idx moved by {navail} > queue size {num}")
-        return 0, 0, False
-    if navail > budget:
-        navail = budget
     desc64, desc32, desc16, used32 = rings.desc64, rings.desc32, rings.desc16, rings.used32
     used_idx = vq.used_idx
     out: Optional[List[memoryview]] = [] if on_frames is not None else None
@@ -109,10 +123,8 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
         if out is not None:
             addr = desc64[head << 1]
             if not (lo <= addr and addr + length <= hi):
-                view = cache.lookup(addr, length)
+                view = translate(vq, cache, head, addr, length)
                 if view is None:
-                    vq.mark_broken(f"descriptor {head} buffer {addr:#x}+{length:#x} "
-                                   "is outside guest memory")
                     break
                 lo, hi = cache.lo, cache.hi
             off = addr - lo
@@ -141,17 +153,9 @@ def rx_pass(vq: VirtQueue, frames: Sequence, hdr: bytes,
     mask = num - 1
     avail16 = rings.avail16
     last = vq.last_avail_idx
-    avail_idx = avail16[1]
-    vq.shadow_avail_idx = avail_idx
-    navail = (avail_idx - last) & 0xFFFF
-    if not navail or not frames:
+    navail = batch_size(vq, avail16[1], len(frames))
+    if not navail:
         return 0, 0, False
-    if navail > num:
-        vq.mark_broken(f"avail idx moved by {navail} > queue size {num}")
-        return 0, 0, False
-    nframes = len(frames)
-    if navail > nframes:
-        navail = nframes
     desc64, desc32, desc16, used32 = rings.desc64, rings.desc32, rings.desc16, rings.used32
     used_idx = vq.used_idx
     hlen = len(hdr)
@@ -173,10 +177,8 @@ def rx_pass(vq: VirtQueue, frames: Sequence, hdr: bytes,
             break
         addr = desc64[head << 1]
         if not (lo <= addr and addr + length <= hi):
-            view = cache.lookup(addr, length)
+            view = translate(vq, cache, head, addr, length)
             if view is None:
-                vq.mark_broken(f"descriptor {head} buffer {addr:#x}+{length:#x} "
-                               "is outside guest memory")
                 break
             lo, hi = cache.lo, cache.hi
         off = addr - lo

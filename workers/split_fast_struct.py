@@ -17,7 +17,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 from shardvu.protocol import VIRTIO_RING_F_EVENT_IDX
 from shardvu.virtqueue import VirtQueue
 
-from .split_fast import _SLOW_FLAGS, _WRITE, RegionCache, eligible, rx_header
+from .split_fast import _SLOW_FLAGS, _WRITE, RegionCache, batch_size, eligible, rx_header, translate
 
 __all__ = ["tx_pass", "rx_pass", "eligible", "RegionCache", "rx_header"]
 
@@ -48,16 +48,9 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
     d_from = _DESC.unpack_from
     e_into = _ELEM.pack_into
     last = vq.last_avail_idx
-    avail_idx = h_from(avail, 2)[0]
-    vq.shadow_avail_idx = avail_idx
-    navail = (avail_idx - last) & 0xFFFF
+    navail = batch_size(vq, h_from(avail, 2)[0], budget)
     if not navail:
         return 0, 0, False
-    if navail > num:
-        vq.mark_broken(f"avail idx moved by {navail} > queue size {num}")
-        return 0, 0, False
-    if navail > budget:
-        navail = budget
     used_idx = vq.used_idx
     out: Optional[List[memoryview]] = [] if on_frames is not None else None
     lo, hi, view = cache.lo, cache.hi, cache.view
@@ -74,10 +67,8 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
             break
         if out is not None:
             if not (lo <= addr and addr + length <= hi):
-                view = cache.lookup(addr, length)
+                view = translate(vq, cache, head, addr, length)
                 if view is None:
-                    vq.mark_broken(f"descriptor {head} buffer {addr:#x}+{length:#x} "
-                                   "is outside guest memory")
                     break
                 lo, hi = cache.lo, cache.hi
             off = addr - lo
@@ -103,16 +94,9 @@ def rx_pass(vq: VirtQueue, frames: Sequence, hdr: bytes,
     d_from = _DESC.unpack_from
     e_into = _ELEM.pack_into
     last = vq.last_avail_idx
-    avail_idx = h_from(avail, 2)[0]
-    vq.shadow_avail_idx = avail_idx
-    navail = (avail_idx - last) & 0xFFFF
-    if not navail or not frames:
+    navail = batch_size(vq, h_from(avail, 2)[0], len(frames))
+    if not navail:
         return 0, 0, False
-    if navail > num:
-        vq.mark_broken(f"avail idx moved by {navail} > queue size {num}")
-        return 0, 0, False
-    if navail > len(frames):
-        navail = len(frames)
     used_idx = vq.used_idx
     hlen = len(hdr)
     lo, hi, view = cache.lo, cache.hi, cache.view
@@ -130,10 +114,8 @@ def rx_pass(vq: VirtQueue, frames: Sequence, hdr: bytes,
             more = True
             break
         if not (lo <= addr and addr + length <= hi):
-            view = cache.lookup(addr, length)
+            view = translate(vq, cache, head, addr, length)
             if view is None:
-                vq.mark_broken(f"descriptor {head} buffer {addr:#x}+{length:#x} "
-                               "is outside guest memory")
                 break
             lo, hi = cache.lo, cache.hi
         off = addr - lo
