@@ -35,7 +35,8 @@ testpmd needs a main lcore plus a forwarding lcore, so each testpmd gets
 ``-l 0,1`` and ``--main-lcore``: the front-end ``--main-lcore 0`` (its
 forwarding lcore, ``rte-worker-1``, busy-polls CPU 1), DPDK's vhost
 ``--main-lcore 1`` (its forwarding lcore, ``rte-worker-0``, polls CPU 0).
-The main lcores only wake once a second to print statistics.  shardvu's
+The main lcores sleep (no ``--stats-period``; counters come from DPDK's
+telemetry socket, below).  shardvu's
 workers all go on CPU 0 (``--cpus 0``), its control process is left
 unpinned (idle after set-up, apart from answering stats queries).  With
 more CPUs, ``--fe-cpus``/``--be-cpus`` move them.
@@ -45,14 +46,16 @@ back-end (shardvu: the sum of its TX-queue workers' ``packets``; DPDK
 vhost: its port's RX-packets), for ``rx`` and ``loop`` the front-end (its
 port's RX-packets).  Never the sender's counters: testpmd's txonly counts
 what it *enqueued*, which says nothing about what the other side took.
-Counters are sampled while traffic runs and time-stamped when they
-arrive: testpmd's periodic ``--stats-period 1`` "NIC statistics" blocks
-(its log is tailed every 20 ms), shardvu's per-queue stats (published by
-each worker every 0.5 s; the sample time is the control process's receipt
-time, ``time - age_s``).  The rate is Δcount/Δt between the first sample
-after ``--warmup`` seconds of forwarding and the last sample inside the
-following ``--seconds``: start-up and shut-down are excluded, and sums over
-queues are made of per-queue rates over each queue's own samples.
+Counters are sampled while traffic runs and time-stamped
+when read: testpmd's through DPDK's telemetry socket (``/ethdev/stats,0``,
+every 0.25 s and exactly at the window's edges; testpmd's own
+``--stats-period 1`` printed only every ~2 s on the VM this was written
+on), shardvu's through ``Runtime.stats()`` (each worker publishes every
+0.5 s; a sample's time is the control process's receipt time, ``time -
+age_s``).  The rate is Δcount/Δt between the first sample after
+``--warmup`` seconds of forwarding and the last sample inside the
+following ``--seconds``: start-up and shut-down are excluded, and sums
+over queues are made of per-queue rates over each queue's own samples.
 
 Measurements alternate between the systems within each configuration:
 shardvu, dpdk in odd rounds, dpdk, shardvu in even ones (A B B A …), so a
@@ -77,8 +80,8 @@ import datetime as _dt
 import json
 import os
 import platform
-import re
 import shutil
+import socket
 import statistics
 import sys
 import tempfile
@@ -88,7 +91,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import psutil
 
-from shardvu.testpmd import TestPmd, _fields, have_testpmd, leftover_testpmds
+from shardvu.testpmd import RUNTIME_DIR, TestPmd, have_testpmd, leftover_testpmds
 
 SYSTEMS = ("shardvu", "dpdk")
 WORKLOADS = {
@@ -97,49 +100,60 @@ WORKLOADS = {
     "rx":   ("rxonly", "generator", "txonly", "frontend"),
     "loop": ("io", "loopback", "io", "frontend"),
 }
-POLL_S = 0.02               # testpmd log tail period
-STATS_POLL_S = 0.25         # shardvu stats query period
+POLL_S = 0.05               # sampling loop period
+STATS_POLL_S = 0.25         # shardvu stats query period (each worker publishes every 0.5 s)
 
 
 # -- counter sampling ---------------------------------------------------------
 
-_NIC = re.compile(r"#+ NIC statistics for port (\d+)\s*#+\n(.*?)\n\s*#{20,}", re.S)
+class TelemetrySampler:
+    """(time, port 0 counters) series from a testpmd's DPDK telemetry socket
+    (``/var/run/dpdk/<file-prefix>/dpdk_telemetry.v2``, command
+    ``/ethdev/stats,0``): rte_eth_stats_get() on demand, answered by a
+    control thread in well under a millisecond; the sample time is the
+    midpoint of request and answer."""
 
+    def __init__(self, file_prefix: str, period: float = 0.25, timeout: float = 10.0):
+        self.path = os.path.join(RUNTIME_DIR, file_prefix, "dpdk_telemetry.v2")
+        self.period = period
+        self.next_due = 0.0
+        self.samples: List[Tuple[float, Dict]] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                self.sock.settimeout(2.0)
+                self.sock.connect(self.path)
+                self.sock.recv(16384)                 # {"version", "pid", "max_output_len"}
+                break
+            except OSError:
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"no DPDK telemetry socket at {self.path}") from None
+                time.sleep(0.05)
 
-class LogTail:
-    """Follows a testpmd log, time-stamping each complete periodic "NIC
-    statistics" block when it first shows up."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.offset = 0
-        self.buf = ""
-        self.samples: List[Tuple[float, Dict[str, int]]] = []   # (unix time, port 0 fields)
+    def sample(self) -> Dict:
+        ta = time.time()
+        self.sock.send(b"/ethdev/stats,0")
+        reply = json.loads(self.sock.recv(1 << 16))["/ethdev/stats"]
+        t = (ta + time.time()) / 2
+        self.samples.append((t, reply))
+        return reply
 
     def poll(self) -> None:
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                data = f.read()
-        except FileNotFoundError:
-            return
-        if not data:
-            return
-        now = time.time()
-        self.offset += len(data)
-        self.buf += data.decode("utf-8", "replace")
-        end = 0
-        for m in _NIC.finditer(self.buf):
-            end = m.end()
-            if m.group(1) == "0":
-                self.samples.append((now, _fields(m.group(2).split("Throughput", 1)[0])))
-        if end:
-            self.buf = self.buf[end:]
-        elif len(self.buf) > 1 << 16:
-            self.buf = self.buf[-(1 << 15):]
+        now = time.monotonic()
+        if now >= self.next_due:
+            self.next_due = now + self.period
+            try:
+                self.sample()
+            except (OSError, ValueError, KeyError):
+                pass
 
     def series(self, key: str) -> List[Tuple[float, int]]:
         return [(t, f[key]) for t, f in self.samples if key in f]
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 class ShardvuSampler:
@@ -213,6 +227,20 @@ def cpu_snapshot(pids: Dict[str, int]) -> Dict[str, Dict]:
     return out
 
 
+def machine_busy() -> Tuple[float, float]:
+    """(monotonic time, CPU-seconds busy on the whole machine so far)."""
+    ct = psutil.cpu_times()
+    return time.monotonic(), sum(ct) - ct.idle - getattr(ct, "iowait", 0.0)
+
+
+def others_percent(a: Tuple[float, float], b: Tuple[float, float], ours: Dict[str, Dict]) -> float:
+    """CPU % (of one CPU) used by everything but the measured processes over
+    the window: other users of this shared machine, plus this script."""
+    dt = b[0] - a[0]
+    total = 100 * (b[1] - a[1]) / dt if dt > 0 else 0.0
+    return round(max(0.0, total - sum(v["percent"] for v in ours.values())), 1)
+
+
 def cpu_percent(a: Dict[str, Dict], b: Dict[str, Dict]) -> Dict[str, Dict]:
     """Per label: {"percent", "threads": {name: percent} (those over 1 %)}."""
     out = {}
@@ -244,6 +272,7 @@ class Measurement:
         res: Dict = {"system": self.system, "workload": self.workload, "size": self.size,
                      "queues": self.queues, "start": time.time()}
         rt = be = fe = None
+        sockets: List[TelemetrySampler] = []
         try:
             # back-end
             if self.system == "shardvu":
@@ -256,40 +285,49 @@ class Measurement:
                 be = TestPmd.vhost(sock, self.queues, mode=be_mode, cores=a.be_lcores,
                                    extra_eal=["--main-lcore", a.be_main],
                                    txpkts=self.size if be_mode == "txonly" else None,
-                                   mem_mb=1024, total_mbufs=32768, stats_period=1,
+                                   mem_mb=1024, total_mbufs=32768, stats_period=0,
                                    log_path=os.path.join(tmp, "be.log"))
                 be.start()
                 be.wait_started(a.start_timeout)
-                be_sampler = LogTail(be.log_path)
+                be_sampler = TelemetrySampler(be.file_prefix)
+                sockets.append(be_sampler)
             # front-end
             fe = TestPmd.virtio_user(sock, self.queues, mode=fe_mode, cores=a.fe_lcores,
                                      extra_eal=["--main-lcore", a.fe_main],
                                      tx_first=fe_mode == "io",
                                      txpkts=self.size if fe_mode in ("txonly", "io") else None,
-                                     mem_mb=1024, total_mbufs=32768, stats_period=1,
+                                     mem_mb=1024, total_mbufs=32768, stats_period=0,
                                      log_path=os.path.join(tmp, "fe.log"))
             fe.start()
             fe.wait_started(a.start_timeout)
             t_fwd = time.time()
-            fe_tail = LogTail(fe.log_path)
+            fe_sampler = TelemetrySampler(fe.file_prefix)
+            sockets.append(fe_sampler)
             t0, t1 = t_fwd + a.warmup, t_fwd + a.warmup + a.seconds
-            # let the samplers see a sample just after t1 too (the window
-            # takes the last one at or before t1)
-            deadline = t1 + 1.2
+            telemetry = [fe_sampler] + ([be_sampler] if be is not None else [])
             cpu_a = cpu_b = None
             pids = self._pids(rt, be, fe)
-            while True:
-                now = time.time()
-                fe_tail.poll()
-                be_sampler.poll()
-                if cpu_a is None and now >= t0:
-                    if rt is not None:
-                        pids = self._pids(rt, be, fe)
+            while cpu_b is None:
+                if time.time() >= t0 and cpu_a is None:
+                    # window opens: pids (shardvu's workers), CPU times and
+                    # a telemetry sample, all at once
+                    pids = self._pids(rt, be, fe)
                     cpu_a = cpu_snapshot(pids)
-                if cpu_b is None and now >= t1:
+                    busy_a = machine_busy()
+                    t0 = time.time()
+                    for ts in telemetry:
+                        ts.sample()
+                elif time.time() >= t1:
                     cpu_b = cpu_snapshot(pids)
-                if now >= deadline:
+                    busy_b = machine_busy()
+                    for ts in telemetry:
+                        ts.sample()
+                    # the window closes with its last sample (shardvu's
+                    # samples are all older than that)
+                    t1 = max([time.time()] + [ts.samples[-1][0] for ts in telemetry])
                     break
+                fe_sampler.poll()
+                be_sampler.poll()
                 if not fe.running() or (be is not None and not be.running()) or \
                         (rt is not None and rt.proc.poll() is not None):
                     raise RuntimeError("a process exited during the run")
@@ -297,11 +335,11 @@ class Measurement:
             res["window"] = {"t_forwarding": t_fwd, "t0": t0, "t1": t1}
             # rate
             if counter == "frontend":
-                r = window_rate(fe_tail.series("rx_packets"), t0, t1)
-                res["counted_by"] = "front-end port 0 RX-packets"
+                r = window_rate(fe_sampler.series("ipackets"), t0, t1)
+                res["counted_by"] = "front-end port 0 ipackets (DPDK telemetry)"
             elif self.system == "dpdk":
-                r = window_rate(be_sampler.series("rx_packets"), t0, t1)
-                res["counted_by"] = "DPDK vhost port 0 RX-packets"
+                r = window_rate(be_sampler.series("ipackets"), t0, t1)
+                res["counted_by"] = "DPDK vhost port 0 ipackets (DPDK telemetry)"
             else:
                 per_q = {}
                 for p in range(self.queues):
@@ -314,26 +352,54 @@ class Measurement:
                 else:
                     r = None
                 res["counted_by"] = "shardvu TX-queue workers' packets (sum of per-queue rates)"
+            res["series"] = self._series(counter, fe_sampler, be_sampler, t_fwd)
             if r is None:
                 raise RuntimeError("not enough counter samples inside the window")
             res["pps"] = r.pop("pps")
             res["mpps"] = round(res["pps"] / 1e6, 4)
             res["rate_detail"] = r
             # front-end's TX rate over the same window (what it enqueued) — a cross-check
-            tx = window_rate(fe_tail.series("tx_packets"), t0, t1)
+            tx = window_rate(fe_sampler.series("opackets"), t0, t1)
             res["fe_tx_mpps"] = round(tx["pps"] / 1e6, 4) if tx else None
             res["cpu"] = cpu_percent(cpu_a or {}, cpu_b or {})
+            res["others_cpu_percent"] = others_percent(busy_a, busy_b, res["cpu"])
+            if rt is not None:
+                dead = [q["index"] for q in (be_sampler.last or {}).get("queues", ())
+                        if q["state"] in ("dead", "broken")]
+                if dead:
+                    raise RuntimeError(f"shardvu queue(s) {dead} dead or broken (see its log)")
+            if res["pps"] <= 0:
+                raise RuntimeError("no packets counted in the window")
         except Exception as exc:                       # noqa: BLE001 — recorded, run goes on
             res["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             res["traceback"] = traceback.format_exc()[-3000:]
+            res.pop("mpps", None)
             for name, pmd in (("fe_log_tail", fe), ("be_log_tail", be)):
                 if pmd is not None:
                     res[name] = pmd.log()[-2000:]
+            if rt is not None:
+                try:
+                    with open(rt.log_path, errors="replace") as f:
+                        res["shardvu_log_tail"] = f.read()[-3000:]
+                except OSError:
+                    pass
         finally:
+            for ts in sockets:
+                ts.close()
             res.update(self._stop(rt, be, fe))
             shutil.rmtree(tmp, ignore_errors=True)
         res["end"] = time.time()
         return res
+
+    def _series(self, counter, fe_sampler, be_sampler, t_fwd) -> Dict[str, List]:
+        """The receiver's raw samples, [seconds since forwarding began, count]."""
+        if counter == "frontend":
+            raw = {"fe_ipackets": fe_sampler.series("ipackets")}
+        elif self.system == "dpdk":
+            raw = {"be_ipackets": be_sampler.series("ipackets")}
+        else:
+            raw = {f"q{q}": v for q, v in be_sampler.series.items() if q % 2 == 1}
+        return {k: [[round(t - t_fwd, 3), n] for t, n in v] for k, v in raw.items()}
 
     def _pids(self, rt, be, fe) -> Dict[str, int]:
         pids = {"fe": fe.pid}
@@ -364,13 +430,16 @@ class Measurement:
                                    "states": sorted({q["state"] for q in last["queues"]})}
             except Exception:
                 pass
-            log = ""
             try:
                 rc = rt.stop()
-                log = rt.log()
                 out["be_final"] = dict(out.get("be_final", {}), returncode=rc)
             except Exception as exc:           # noqa: BLE001
                 out["stop_error"] = str(exc)[:500]
+            try:
+                with open(rt.log_path, errors="replace") as f:
+                    log = f.read()
+            except OSError:
+                log = ""
             if "broken" in log:
                 out["warning"] = "shardvu log mentions a broken queue: " + \
                     next(l for l in log.splitlines() if "broken" in l)[:300]
@@ -427,6 +496,9 @@ def summarize(samples: List[Dict], configs) -> List[Dict]:
                 row[system]["cpu_fwd_lcore"] = _med([v for s in ok for n, v in
                                                      s.get("cpu", {}).get("be", {}).get("threads", {}).items()
                                                      if n.startswith("rte-worker")])
+        for system in SYSTEMS:
+            row[system]["others_cpu"] = _med([s["others_cpu_percent"] for s in by_round[system].values()
+                                              if "others_cpu_percent" in s])
         a, b = row["shardvu"]["median"], row["dpdk"]["median"]
         row["ratio"] = a / b if a and b else None
         paired = [by_round["shardvu"][r]["mpps"] / by_round["dpdk"][r]["mpps"]
@@ -448,8 +520,9 @@ def _fmt_rate(d: Dict) -> str:
 
 def table(rows: List[Dict]) -> str:
     lines = ["| workload | frame B | queues | shardvu Mpps med [min–max] | DPDK vhost Mpps med [min–max] "
-             "| shardvu/DPDK (per-round range) | shardvu workers CPU % (per worker) | DPDK vhost CPU % (fwd lcore) |",
-             "|---|---:|---:|---|---|---|---|---|"]
+             "| shardvu/DPDK (per-round range) | shardvu workers CPU % (per worker) | DPDK vhost CPU % (fwd lcore) "
+             "| others CPU % (shardvu/DPDK runs) |",
+             "|---|---:|---:|---|---|---|---|---|---|"]
     for r in rows:
         if r["ratio"] is not None:
             rng = r["paired_ratios"]
@@ -465,8 +538,9 @@ def table(rows: List[Dict]) -> str:
         dp = r["dpdk"]
         cpu_d = (f"{dp['cpu_total']:.0f} ({dp['cpu_fwd_lcore']:.0f})"
                  if dp["cpu_total"] is not None and dp["cpu_fwd_lcore"] is not None else "—")
+        oth = "/".join("—" if r[x].get("others_cpu") is None else f"{r[x]['others_cpu']:.0f}" for x in SYSTEMS)
         lines.append(f"| {r['workload']} | {r['size']} | {r['queues']} | {_fmt_rate(sh)} | {_fmt_rate(dp)} "
-                     f"| {ratio} | {cpu_s} | {cpu_d} |")
+                     f"| {ratio} | {cpu_s} | {cpu_d} | {oth} |")
     return "\n".join(lines)
 
 
@@ -474,6 +548,7 @@ def plot(rows: List[Dict], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     panels = sorted({(r["workload"], r["size"]) for r in rows},
                     key=lambda p: (list(WORKLOADS).index(p[0]), p[1]))
     n = len(panels)
@@ -482,7 +557,7 @@ def plot(rows: List[Dict], path: str) -> None:
     fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.6 * nrows), squeeze=False)
     for ax, (wl, size) in zip(axes.flat, panels):
         sub = sorted((r for r in rows if (r["workload"], r["size"]) == (wl, size)), key=lambda r: r["queues"])
-        for system, style in (("shardvu", "o-"), ("dpdk", "s--")):
+        for system, style, color in (("shardvu", "o-", "C0"), ("dpdk", "s--", "C1")):
             pts = [(r["queues"], r[system]) for r in sub if r[system]["median"]]
             if not pts:
                 continue
@@ -490,12 +565,15 @@ def plot(rows: List[Dict], path: str) -> None:
             ys = [d["median"] for _, d in pts]
             lo = [d["median"] - d["min"] for _, d in pts]
             hi = [d["max"] - d["median"] for _, d in pts]
-            ax.errorbar(xs, ys, yerr=[lo, hi], fmt=style, capsize=3,
+            ax.errorbar(xs, ys, yerr=[lo, hi], fmt=style, color=color, capsize=3,
                         label="shardvu" if system == "shardvu" else "DPDK vhost")
         ax.set_title(f"{wl}, {size} B")
         ax.set_xlabel("queue pairs")
         ax.set_ylabel("Mpps (median, min–max)")
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xticks(sorted({r["queues"] for r in sub}))
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
@@ -532,7 +610,15 @@ def parse_args(argv=None):
     ap.add_argument("--be-cpus", default="1,0",
                     help="back-end: MAIN,FWD cpus for DPDK vhost (default 1,0: forwarding on CPU 0); "
                          "shardvu's workers go on FWD")
-    ap.add_argument("--start-timeout", type=float, default=30.0)
+    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
+                    help="before each A/B pair, wait up to S seconds for the rest of the machine to "
+                         "use less than --idle-below %% of a CPU (shared machines; default 0: don't)")
+    ap.add_argument("--idle-below", type=float, default=25.0, metavar="PCT",
+                    help="threshold for --wait-idle (default 25)")
+    ap.add_argument("--start-timeout", type=float, default=30.0,
+                    help="seconds to wait for each testpmd to start forwarding")
+    ap.add_argument("--summarize", metavar="JSON",
+                    help="run nothing: print the table of an earlier run's JSON (and --plot it)")
     args = ap.parse_args(argv)
     args.workloads = [w for w in args.workloads.split(",") if w]
     for w in args.workloads:
@@ -559,14 +645,46 @@ def parse_args(argv=None):
     return args
 
 
+def _summarize_file(path: str, want_plot: bool) -> int:
+    with open(path) as f:
+        data = json.load(f)
+    a = data["meta"]["args"]
+    configs = [(w, s, q) for w in a["workloads"] for s in a["sizes"] for q in a["queues"]]
+    rows = summarize(data["samples"], configs)
+    print(f"Command: `{data['meta']['command']}`  ({data['meta']['date']}, {data['meta']['cpus']} CPUs)\n")
+    print(table(rows))
+    if want_plot:
+        png = os.path.splitext(path)[0] + ".png"
+        plot(rows, png)
+        print(f"\nplot: {png}")
+    return 0
+
+
+def wait_idle(limit_s: float, below: float) -> Tuple[float, float]:
+    """Wait until the machine's busy CPU (nothing of ours runs now) over
+    0.5 s is under ``below`` % of one CPU, at most ``limit_s`` seconds.
+    Returns (seconds waited, last busy %)."""
+    start = time.monotonic()
+    while True:
+        a = machine_busy()
+        time.sleep(0.5)
+        b = machine_busy()
+        busy = 100 * (b[1] - a[1]) / (b[0] - a[0])
+        waited = time.monotonic() - start
+        if busy < below or waited >= limit_s:
+            return round(waited, 1), round(busy, 1)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.summarize:
+        return _summarize_file(args.summarize, args.plot)
     if not have_testpmd():
         print("compare.py: dpdk-testpmd not found (apt-get install dpdk)", file=sys.stderr)
         return 2
     if args.plot:
         try:
-            import matplotlib  # noqa: F401
+            import matplotlib  # noqa: F401  (checked before running anything)
         except ImportError:
             print("compare.py: --plot needs matplotlib (pip install -e '.[bench]')", file=sys.stderr)
             return 2
@@ -579,7 +697,7 @@ def main(argv=None) -> int:
         for r in range(args.rounds):
             order = list(args.systems) if r % 2 == 0 else list(reversed(args.systems))
             plan += [(cfg, r, system) for system in order]
-    per = args.warmup + args.seconds + 4
+    per = args.warmup + args.seconds + 3 + args.wait_idle / len(args.systems)
     print(f"compare: {len(configs)} configurations x {args.rounds} rounds x {len(args.systems)} systems "
           f"= {len(plan)} runs, ~{len(plan) * per / 60:.0f} min; front-end fwd CPU {args.fe_cpus.split(',')[1]}, "
           f"back-end fwd CPU {args.be_fwd}", flush=True)
@@ -601,10 +719,19 @@ def main(argv=None) -> int:
 
     t_start = time.monotonic()
     try:
+        idle = None
         for i, ((wl, size, q), r, system) in enumerate(plan, 1):
+            first_of_pair = i == 1 or plan[i - 2][:2] != ((wl, size, q), r)
+            if args.wait_idle > 0 and first_of_pair:
+                idle = wait_idle(args.wait_idle, args.idle_below)
+                if idle[1] >= args.idle_below:
+                    print(f"  (machine still busy after {idle[0]:.0f} s: others at {idle[1]:.0f}% of a CPU;"
+                          f" measuring anyway)", flush=True)
             m = Measurement(args, system, wl, size, q)
             res = m.run()
             res["round"] = r
+            if idle is not None:
+                res["idle_wait"] = {"waited_s": idle[0], "busy_percent": idle[1]}
             res["loadavg"] = os.getloadavg()
             samples.append(res)
             head = f"[{i:3d}/{len(plan)}] {wl:4s} {size:4d}B q={q} round {r + 1}/{args.rounds} {system:7s}"
@@ -617,9 +744,13 @@ def main(argv=None) -> int:
                     c = f"vhost {cpu.get('be', {}).get('percent', float('nan')):.0f}%"
                 warn = f"  WARNING {res['warning']}" if "warning" in res else ""
                 print(f"{head} {res['mpps']:8.3f} Mpps  {c}  fe {cpu.get('fe', {}).get('percent', float('nan')):.0f}%"
-                      f"  load {res['loadavg'][0]:.1f}{warn}", flush=True)
+                      f"  others {res['others_cpu_percent']:.0f}%{warn}", flush=True)
             else:
                 print(f"{head}   FAILED  {res['error']}", flush=True)
+            pair = [x for x in samples if (x["workload"], x["size"], x["queues"], x["round"]) == (wl, size, q, r)]
+            if len(pair) == 2 and all("mpps" in x for x in pair):
+                by = {x["system"]: x["mpps"] for x in pair}
+                print(f"{'':>{len(head)}}   round ratio shardvu/dpdk {by['shardvu'] / by['dpdk']:.3f}", flush=True)
             save()
     except KeyboardInterrupt:
         print("interrupted; summarising what was measured", flush=True)
@@ -636,7 +767,7 @@ def main(argv=None) -> int:
     if args.plot and rows:
         plot(rows, base + ".png")
         print(f"plot:    {base}.png")
-    left = leftover_testpmds()
+    left = leftover_testpmds(f"shvu{os.getpid()}n")   # ours only: others run tests here too
     if left:
         print(f"WARNING: testpmd processes left behind: {left}", file=sys.stderr)
     return 0 if all("mpps" in s for s in samples) else 1

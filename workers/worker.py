@@ -52,7 +52,7 @@ log = logging.getLogger("shardvu.worker")
 BATCH = 64
 IDLE_POLL_MS = 500
 #: how long a worker keeps polling an idle ring before it sleeps on the kick fd
-SPIN_S = float(os.environ.get("SHARDVU_SPIN_US", "50")) / 1e6
+SPIN_S = float(os.environ.get("SHARDVU_SPIN_US", "200")) / 1e6
 _PR_SET_PDEATHSIG = 1
 
 
@@ -433,6 +433,7 @@ class Worker:
         chan_fd = self.chan.fileno()
         poll = self._poller.poll
         monotonic = time.monotonic
+        sched_yield = os.sched_yield
         spin = SPIN_S
         busy = False
         idle_since = 0.0
@@ -452,6 +453,9 @@ class Worker:
                     if not idle_since:
                         idle_since = now
                     if now - idle_since < spin:
+                        # yield: a worker sharing this CPU may be the one
+                        # about to produce our next frames
+                        sched_yield()
                         events = poll(0)
                         if not events:
                             continue
