@@ -114,8 +114,7 @@ class Worker:
         try:
             if fn is None:
                 raise ValueError(f"unknown command {cmd!r}")
-            reply = fn(obj, fds) or {}
-            fds.clear()
+            reply = fn(obj, fds) or {}      # a command clears the fds it keeps
             reply["ok"] = True
             return reply
         except (ValueError, OSError, MemoryMapError, RingError) as exc:
