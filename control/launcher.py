@@ -88,7 +88,8 @@ class Runtime:
         return {q["index"]: q for q in self.stats()["queues"]}
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         with open(self.log_path) as f:
             return f.read()
 

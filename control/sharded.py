@@ -146,13 +146,16 @@ def _fwd_add_mem(dev: ShardedDevice, payload: bytes) -> None:
     region = P.MemRegMsg.unpack(payload).region
     for r in dev.mem.regions:
         if r.matches(region):
-            dev.pool.command_all({"cmd": "mem_add", "regions": [list(r.describe())]}, [r.fd])
+            if r.refs == 1:         # newly mapped; a repeated add changes nothing
+                dev.pool.command_all({"cmd": "mem_add", "regions": [list(r.describe())]}, [r.fd])
             return
     raise ValueError("added region not found")
 
 
 def _fwd_rem_mem(dev: ShardedDevice, payload: bytes) -> None:
-    dev.pool.command_all({"cmd": "mem_rem", "region": list(P.MemRegMsg.unpack(payload).region)})
+    region = P.MemRegMsg.unpack(payload).region
+    if not any(r.matches(region) for r in dev.mem.regions):     # last reference gone
+        dev.pool.command_all({"cmd": "mem_rem", "region": list(region)})
 
 
 def _ring_index(payload: bytes) -> int:

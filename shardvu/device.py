@@ -200,6 +200,7 @@ class Device:
         self.handlers: Dict[int, Callable[["Device", int], None]] = {}
         self.features = 0
         self.protocol_features = 0
+        self.protocol_negotiated = False     # SET_PROTOCOL_FEATURES received
         self.owner = False
         self.status = 0
         self.mtu = 0
@@ -337,6 +338,7 @@ class Device:
         self.status = 0
         if not keep_protocol:
             self.protocol_features = 0
+            self.protocol_negotiated = False
             self.owner = False
             if self.backend is not None:
                 self.backend.close()
@@ -481,6 +483,7 @@ class Device:
             out.append(Close("INBAND_NOTIFICATIONS without BACKEND_REQ and REPLY_ACK"))
             return None
         self.protocol_features = pf
+        self.protocol_negotiated = True
         self.iface.set_protocol_features(self, pf)
 
     def _on_set_owner(self, msg, out):
@@ -633,7 +636,9 @@ class Device:
     def _on_set_vring_enable(self, msg, out):
         st = P.VringState.unpack(msg.payload)
         vq = self._queue(st.index)
-        if not self.has_feature(P.VHOST_USER_F_PROTOCOL_FEATURES):
+        # QEMU 7.2 enables rings before SET_FEATURES (it checks the offered
+        # features): SET_PROTOCOL_FEATURES having been received is enough.
+        if not (self.protocol_negotiated or self.has_feature(P.VHOST_USER_F_PROTOCOL_FEATURES)):
             raise RequestError("PROTOCOL_FEATURES not negotiated")
         if st.num > 1:
             raise RequestError(f"queue {st.index}: enable value {st.num} is not 0 or 1")

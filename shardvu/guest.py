@@ -165,6 +165,9 @@ pktgen_setup() {
         pg $D "dst_mac $P_dstmac"
         pg $D "queue_map_min $c"
         pg $D "queue_map_max $c"
+        # Without QUEUE_MAP_CPU pktgen steps its queue up from 0 to min (one
+        # frame on each queue 1..c-1 first); kpktgend_<c> runs on cpu c.
+        pg $D "flag QUEUE_MAP_CPU"
         c=$((c + 1))
     done
 }

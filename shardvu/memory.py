@@ -32,7 +32,8 @@ class MappedRegion:
     bytes; byte ``i`` of it is guest-physical ``gpa + i`` and front-end
     virtual ``uva + i``."""
 
-    __slots__ = ("gpa", "size", "uva", "mmap_offset", "fd", "_mm", "view", "gpa_end", "uva_end")
+    __slots__ = ("gpa", "size", "uva", "mmap_offset", "fd", "_mm", "view", "gpa_end", "uva_end",
+                 "refs")
 
     def __init__(self, desc: MemoryRegion, fd: int):
         if desc.size == 0:
@@ -53,6 +54,8 @@ class MappedRegion:
         self.view = memoryview(mm)[desc.mmap_offset:desc.mmap_offset + desc.size]
         self.gpa_end = desc.gpa + desc.size
         self.uva_end = desc.uva + desc.size
+        #: times this exact region was added (see GuestMemory.add)
+        self.refs = 1
 
     def describe(self) -> MemoryRegion:
         return MemoryRegion(self.gpa, self.size, self.uva, self.mmap_offset)
@@ -88,7 +91,17 @@ class GuestMemory:
     # -- table changes ------------------------------------------------------
     def add(self, desc: MemoryRegion, fd: int) -> MappedRegion:
         """Map ``desc`` from ``fd``.  Takes ownership of ``fd``: on failure it
-        is closed and :class:`MemoryMapError` says why."""
+        is closed and :class:`MemoryMapError` says why.
+
+        Adding a region identical to a mapped one (same gpa, size, user
+        address and offset) maps nothing: ``fd`` is closed and the region's
+        ``refs`` goes up.  QEMU 7.2 sends ADD_MEM_REG once per queue pair on
+        a multiqueue device, and REM_MEM_REG as many times."""
+        for r in self.regions:
+            if r.describe() == desc:
+                os.close(fd)
+                r.refs += 1
+                return r
         try:
             if len(self.regions) >= self.max_slots:
                 raise MemoryMapError(f"all {self.max_slots} memory slots are in use")
@@ -104,11 +117,14 @@ class GuestMemory:
         return region
 
     def remove(self, desc: MemoryRegion) -> bool:
-        """Unmap the region matching ``desc`` (gpa, uva, size); False if none."""
+        """Drop one reference to the region matching ``desc`` (gpa, uva,
+        size), unmapping it when none is left; False if there is none."""
         for i, r in enumerate(self.regions):
             if r.matches(desc):
-                del self.regions[i]
-                r.close()
+                r.refs -= 1
+                if r.refs <= 0:
+                    del self.regions[i]
+                    r.close()
                 return True
         return False
 

@@ -399,3 +399,21 @@ def test_processed_in_order_resumes_at_the_used_index(tmp_path, fd_guard, in_ord
     finally:
         runner.stop()
         t.join(5)
+
+
+def test_qemu_style_duplicate_add_mem_reg_and_early_enable(served):
+    """QEMU 7.2 sends ADD_MEM_REG once per queue pair and SET_VRING_ENABLE
+    before SET_FEATURES: both must be accepted."""
+    b = served(queue_pairs=2)
+    with Frontend(b.path, queue_pairs=2, use_mem_slots=True) as fe:
+        fe.request(R.GET_FEATURES)
+        fe.request(R.GET_PROTOCOL_FEATURES)
+        fe.request(R.SET_PROTOCOL_FEATURES, P.pack_u64(bit(PF.REPLY_ACK) | bit(PF.CONFIGURE_MEM_SLOTS)
+                                                       | bit(PF.MQ)))
+        fe._reply_ack = True
+        fe.request(R.SET_VRING_ENABLE, P.VringState(0, 1).pack())     # before SET_FEATURES
+        for _ in range(2):
+            fe.request(R.ADD_MEM_REG, P.MemRegMsg(fe.region_descs[0]).pack(), [fe.region_fds[0]])
+        assert len(b.device.mem) == 1 and b.device.mem.regions[0].refs == 2
+        fe.request(R.REM_MEM_REG, P.MemRegMsg(fe.region_descs[0]).pack())
+        assert len(b.device.mem) == 1

@@ -91,3 +91,16 @@ def test_a_region_with_live_views_still_closes_its_fd():
     mem.clear()
     assert not fd_open(fd)
     held[0] = 1          # the mapping lives on while a view does
+
+
+def test_an_identical_region_added_twice_is_mapped_once_and_refcounted():
+    mem = GuestMemory()
+    desc = MemoryRegion(0, 4096, 0x10000, 0)
+    fd = memfd(4096)
+    first = mem.add(desc, fd)
+    dup = memfd(4096)
+    assert mem.add(desc, dup) is first and first.refs == 2
+    assert not fd_open(dup) and len(mem) == 1
+    assert mem.remove(desc) and len(mem) == 1          # one reference left
+    assert mem.remove(desc) and len(mem) == 0
+    assert not fd_open(fd)
