@@ -20,6 +20,7 @@ channel and (loopback RX) the pair's doorbell.
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import os
 import select
@@ -213,6 +214,11 @@ class Worker:
     def _cmd_start(self, obj, fds):
         vq = self.vq
         vq.started = True
+        # Setup is done: move what exists now out of the collector's way,
+        # so the ring loop's rare collections scan only new objects.
+        gc.collect()
+        if hasattr(gc, "freeze"):       # CPython 3.7+; PyPy's gc has none
+            gc.freeze()
         if vq.inflight is not None and vq.ready():
             vq.check_inflight()
         self.counters.state = "running"
