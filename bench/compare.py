@@ -1,16 +1,21 @@
 #!/usr/bin/env python3
 """shardvu beside DPDK's vhost PMD, in one run.
 
-    python3 bench/compare.py [--workloads tx,rx,loop] [--sizes 64,1518]
-        [--queues 1,2,4,8] [--rounds 3] [--seconds 5] [--warmup 1]
-        [--out bench/out] [--plot]
+    python3 bench/compare.py [--systems shardvu,shardvu-pypy,dpdk]
+        [--workloads tx,rx,loop] [--sizes 64,1518] [--queues 1,2,4,8]
+        [--rounds 3] [--seconds 5] [--warmup 1] [--out bench/out] [--plot]
+        [--worker-python PATH] [--shardvu-cpus LIST]
 
 The same front-end — DPDK testpmd with a virtio-user port (``--no-huge -m
-1024 --total-num-mbufs=32768``) — drives, in turn, two vhost-user
+1024 --total-num-mbufs=32768``) — drives, in turn, up to three vhost-user
 back-ends on the same socket:
 
 * ``shardvu``: ``shardvu run --port sink|generator|loopback --cpus 0``
-  (control process + one worker process per virtqueue, workers on CPU 0);
+  (control process + one worker process per virtqueue, workers on CPU 0,
+  CPython: the interpreter running this script);
+* ``shardvu-pypy``: the same with ``--worker-python PATH`` (default
+  ``<repo>/.venv-pypy/bin/python``): the workers run under PyPy, the
+  control process stays on this interpreter;
 * ``dpdk``: ``dpdk-testpmd --vdev net_vhost0,iface=SOCK,queues=N`` in the
   matching forwarding mode, its forwarding lcore on CPU 0.
 
@@ -39,7 +44,14 @@ The main lcores sleep (no ``--stats-period``; counters come from DPDK's
 telemetry socket, below).  shardvu's
 workers all go on CPU 0 (``--cpus 0``), its control process is left
 unpinned (idle after set-up, apart from answering stats queries).  With
-more CPUs, ``--fe-cpus``/``--be-cpus`` move them.
+more CPUs, ``--fe-cpus``/``--be-cpus`` move them, and ``--shardvu-cpus``
+gives shardvu's workers a CPU list of their own.  Every queue count gets
+the same one CPU on the back-end side (DPDK's one forwarding lcore serves
+all N queues; all 2N shardvu workers share CPU 0), so a rate at N queues
+against the rate at 1 queue measures what N× the processes cost.  Note
+that ``shardvu run --cpus`` pins worker *i* to ``cpus[i % len(cpus)]``:
+``--shardvu-cpus 0,1`` puts every RX worker on CPU 0 and every TX worker
+on CPU 1, i.e. (``tx``) on the front-end's busy-polling forwarding CPU.
 
 Rates are counted by the *receiver* of the traffic: for ``tx`` the
 back-end (shardvu: the sum of its TX-queue workers' ``packets``; DPDK
@@ -57,16 +69,17 @@ age_s``).  The rate is Δcount/Δt between the first sample after
 following ``--seconds``: start-up and shut-down are excluded, and sums
 over queues are made of per-queue rates over each queue's own samples.
 
-Measurements alternate between the systems within each configuration:
-shardvu, dpdk in odd rounds, dpdk, shardvu in even ones (A B B A …), so a
-drift of the shared machine during a configuration weighs on both.  Each
-measurement starts fresh processes (DPDK's own rate is bimodal per
-process start).  Reported: per system the median of the rounds with min
-and max; the ratio of the medians and the range of the per-round
-(paired) ratios; CPU % per process over the same window (psutil
-``cpu_times`` deltas; shardvu's workers found through
-``Runtime.stats()``'s ``worker_pid``).  Absolute rates on a shared machine
-are not worth much; the ratio measured in one run is the result.
+Measurements alternate between the systems within each configuration,
+the order rotating each round (A B C, B C A, C A B, …; with two systems
+A B, B A), so a drift of the shared machine during a configuration weighs
+on all of them.  Each measurement starts fresh processes (DPDK's own rate
+is bimodal per process start).  Reported: per system the median of the
+rounds with min and max; per shardvu variant its ratio to DPDK: the ratio
+of the medians and the range of the per-round (paired) ratios; CPU % per
+process over the same window (psutil ``cpu_times`` deltas; shardvu's
+workers found through ``Runtime.stats()``'s ``worker_pid``).  Absolute
+rates on a shared machine are not worth much; the ratios measured in one
+run are the result.
 
 Outputs (``--out``): ``compare-<timestamp>.json`` (every sample and the
 summary), ``compare-<timestamp>.md`` (the table), and with ``--plot``
@@ -93,7 +106,10 @@ import psutil
 
 from shardvu.testpmd import RUNTIME_DIR, TestPmd, have_testpmd, leftover_testpmds
 
-SYSTEMS = ("shardvu", "dpdk")
+SYSTEMS = ("shardvu", "shardvu-pypy", "dpdk")
+SHARDVU = ("shardvu", "shardvu-pypy")       # the variants compared against DPDK
+LABELS = {"shardvu": "shardvu", "shardvu-pypy": "shardvu-pypy", "dpdk": "DPDK vhost"}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKLOADS = {
     #         front-end mode, shardvu port, DPDK vhost mode, who counts
     "tx":   ("txonly", "sink", "rxonly", "backend"),
@@ -275,10 +291,11 @@ class Measurement:
         sockets: List[TelemetrySampler] = []
         try:
             # back-end
-            if self.system == "shardvu":
+            if self.system in SHARDVU:
                 from shardvu.control.launcher import Runtime
+                extra = ["--worker-python", a.worker_python] if self.system == "shardvu-pypy" else []
                 rt = Runtime(sock, self.queues, port, "--frame-size", str(self.size),
-                             "--cpus", a.be_fwd, "--log-level", "WARNING",
+                             "--cpus", a.shardvu_cpus, "--log-level", "WARNING", *extra,
                              log_path=os.path.join(tmp, "shardvu.log"))
                 be_sampler = ShardvuSampler(rt)
             else:
@@ -364,6 +381,10 @@ class Measurement:
             res["cpu"] = cpu_percent(cpu_a or {}, cpu_b or {})
             res["others_cpu_percent"] = others_percent(busy_a, busy_b, res["cpu"])
             if rt is not None:
+                # each worker's resident memory as the control process saw it
+                res["worker_rss_mib"] = {f"w{q['index']}": round(q["rss_bytes"] / 2**20, 1)
+                                         for q in (be_sampler.last or {}).get("queues", ())
+                                         if q.get("rss_bytes")}
                 dead = [q["index"] for q in (be_sampler.last or {}).get("queues", ())
                         if q["state"] in ("dead", "broken")]
                 if dead:
@@ -459,15 +480,26 @@ def _med(xs):
     return statistics.median(xs) if xs else None
 
 
-def summarize(samples: List[Dict], configs) -> List[Dict]:
+def systems_in(samples: List[Dict]) -> List[str]:
+    """The systems an earlier run measured, in SYSTEMS order (old files: shardvu, dpdk)."""
+    seen = {s["system"] for s in samples}
+    return [x for x in SYSTEMS if x in seen]
+
+
+def summarize(samples: List[Dict], configs, systems: Optional[Sequence[str]] = None) -> List[Dict]:
+    """One row per configuration: per system the rate (median/min/max over
+    the rounds) and CPU; per shardvu variant its ratio to DPDK (``ratios``:
+    {variant: {"ratio": ratio of the medians, "paired": per-round ratios}})."""
+    wanted = set(systems or systems_in(samples) or SYSTEMS)
+    systems = [x for x in SYSTEMS if x in wanted]         # columns in a fixed order
     rows = []
     for (wl, size, q) in configs:
-        row: Dict = {"workload": wl, "size": size, "queues": q}
-        by_round: Dict[str, Dict[int, Dict]] = {s: {} for s in SYSTEMS}
+        row: Dict = {"workload": wl, "size": size, "queues": q, "systems": systems}
+        by_round: Dict[str, Dict[int, Dict]] = {s: {} for s in systems}
         for s in samples:
-            if (s["workload"], s["size"], s["queues"]) == (wl, size, q):
+            if (s["workload"], s["size"], s["queues"]) == (wl, size, q) and s["system"] in by_round:
                 by_round[s["system"]][s["round"]] = s
-        for system in SYSTEMS:
+        for system in systems:
             ok = [s for s in by_round[system].values() if "mpps" in s]
             rates = [s["mpps"] for s in ok]
             row[system] = {
@@ -476,8 +508,9 @@ def summarize(samples: List[Dict], configs) -> List[Dict]:
                 "failed": len(by_round[system]) - len(ok),
                 "errors": sorted({s["error"] for s in by_round[system].values() if "error" in s}),
             }
-            if system == "shardvu":
+            if system in SHARDVU:
                 workers: Dict[str, List[float]] = {}
+                rss: Dict[str, List[float]] = {}
                 totals = []
                 for s in ok:
                     ws = {k: v["percent"] for k, v in s.get("cpu", {}).items() if k.startswith("w")}
@@ -485,26 +518,34 @@ def summarize(samples: List[Dict], configs) -> List[Dict]:
                         workers.setdefault(k, []).append(v)
                     if ws:
                         totals.append(sum(ws.values()))
+                    for k, v in s.get("worker_rss_mib", {}).items():
+                        rss.setdefault(k, []).append(v)
                 row[system]["cpu_workers"] = {k: _med(v) for k, v in
                                               sorted(workers.items(), key=lambda kv: int(kv[0][1:]))}
                 row[system]["cpu_total"] = _med(totals)
                 row[system]["cpu_control"] = _med([s["cpu"]["control"]["percent"] for s in ok
                                                    if "control" in s.get("cpu", {})])
+                row[system]["rss_mib_max"] = max((x for v in rss.values() for x in v), default=None)
             else:
                 row[system]["cpu_total"] = _med([s["cpu"]["be"]["percent"] for s in ok
                                                  if "be" in s.get("cpu", {})])
                 row[system]["cpu_fwd_lcore"] = _med([v for s in ok for n, v in
                                                      s.get("cpu", {}).get("be", {}).get("threads", {}).items()
                                                      if n.startswith("rte-worker")])
-        for system in SYSTEMS:
             row[system]["others_cpu"] = _med([s["others_cpu_percent"] for s in by_round[system].values()
                                               if "others_cpu_percent" in s])
-        a, b = row["shardvu"]["median"], row["dpdk"]["median"]
-        row["ratio"] = a / b if a and b else None
-        paired = [by_round["shardvu"][r]["mpps"] / by_round["dpdk"][r]["mpps"]
-                  for r in by_round["shardvu"] if r in by_round["dpdk"]
-                  and "mpps" in by_round["shardvu"][r] and by_round["dpdk"][r].get("mpps")]
-        row["paired_ratios"] = paired
+        row["ratios"] = {}
+        if "dpdk" in systems:
+            for variant in (x for x in systems if x in SHARDVU):
+                a, b = row[variant]["median"], row["dpdk"]["median"]
+                paired = [by_round[variant][r]["mpps"] / by_round["dpdk"][r]["mpps"]
+                          for r in sorted(by_round[variant]) if r in by_round["dpdk"]
+                          and "mpps" in by_round[variant][r] and by_round["dpdk"][r].get("mpps")]
+                row["ratios"][variant] = {"ratio": a / b if a and b else None, "paired": paired}
+        # the pre-PyPy keys, kept for whoever reads the JSON summary
+        if "shardvu" in row["ratios"]:
+            row["ratio"] = row["ratios"]["shardvu"]["ratio"]
+            row["paired_ratios"] = row["ratios"]["shardvu"]["paired"]
         rows.append(row)
     return rows
 
@@ -518,37 +559,65 @@ def _fmt_rate(d: Dict) -> str:
     return txt
 
 
+def _fmt_ratio(rt: Optional[Dict]) -> str:
+    if not rt or rt["ratio"] is None:
+        return "—"
+    rng = rt["paired"]
+    return f"{rt['ratio']:.3f}" + (f" [{min(rng):.3f}–{max(rng):.3f}]" if rng else "")
+
+
+def _fmt_workers_cpu(d: Dict) -> str:
+    if d.get("cpu_total") is None:
+        return "—"
+    per = "/".join(f"{v:.0f}" for v in d["cpu_workers"].values())
+    return f"{d['cpu_total']:.0f} ({per})"
+
+
 def table(rows: List[Dict]) -> str:
-    lines = ["| workload | frame B | queues | shardvu Mpps med [min–max] | DPDK vhost Mpps med [min–max] "
-             "| shardvu/DPDK (per-round range) | shardvu workers CPU % (per worker) | DPDK vhost CPU % (fwd lcore) "
-             "| others CPU % (shardvu/DPDK runs) |",
-             "|---|---:|---:|---|---|---|---|---|---|"]
+    """Markdown: per system Mpps, per shardvu variant its ratio to DPDK,
+    then CPU, then *others* (one figure per system, in column order)."""
+    if not rows:
+        return ""
+    systems = rows[0].get("systems") or [x for x in SYSTEMS if x in rows[0]]
+    variants = [x for x in systems if x in SHARDVU]
+    head = ["workload", "frame B", "queues"]
+    head += [f"{LABELS[x]} Mpps med [min–max]" for x in systems]
+    if "dpdk" in systems:
+        head += [f"{LABELS[x]}/DPDK (per-round range)" for x in variants]
+    head += [f"{LABELS[x]} workers CPU % (per worker)" for x in variants]
+    if "dpdk" in systems:
+        head += ["DPDK vhost CPU % (fwd lcore)"]
+    head += [f"others CPU % ({'/'.join(LABELS[x] for x in systems)} runs)"]
+    lines = ["| " + " | ".join(head) + " |",
+             "|---|---:|---:|" + "---|" * (len(head) - 3)]
     for r in rows:
-        if r["ratio"] is not None:
-            rng = r["paired_ratios"]
-            ratio = f"{r['ratio']:.3f}" + (f" [{min(rng):.3f}–{max(rng):.3f}]" if rng else "")
-        else:
-            ratio = "—"
-        sh = r["shardvu"]
-        if sh["cpu_total"] is not None:
-            per = "/".join(f"{v:.0f}" for v in sh["cpu_workers"].values())
-            cpu_s = f"{sh['cpu_total']:.0f} ({per})"
-        else:
-            cpu_s = "—"
-        dp = r["dpdk"]
-        cpu_d = (f"{dp['cpu_total']:.0f} ({dp['cpu_fwd_lcore']:.0f})"
-                 if dp["cpu_total"] is not None and dp["cpu_fwd_lcore"] is not None else "—")
-        oth = "/".join("—" if r[x].get("others_cpu") is None else f"{r[x]['others_cpu']:.0f}" for x in SYSTEMS)
-        lines.append(f"| {r['workload']} | {r['size']} | {r['queues']} | {_fmt_rate(sh)} | {_fmt_rate(dp)} "
-                     f"| {ratio} | {cpu_s} | {cpu_d} | {oth} |")
+        cells = [r["workload"], str(r["size"]), str(r["queues"])]
+        cells += [_fmt_rate(r[x]) for x in systems]
+        if "dpdk" in systems:
+            cells += [_fmt_ratio(r.get("ratios", {}).get(x)) for x in variants]
+        cells += [_fmt_workers_cpu(r[x]) for x in variants]
+        if "dpdk" in systems:
+            dp = r["dpdk"]
+            cells.append(f"{dp['cpu_total']:.0f} ({dp['cpu_fwd_lcore']:.0f})"
+                         if dp["cpu_total"] is not None and dp["cpu_fwd_lcore"] is not None else "—")
+        cells.append("/".join("—" if r[x].get("others_cpu") is None else f"{r[x]['others_cpu']:.0f}"
+                              for x in systems))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+PLOT_STYLE = {"shardvu": ("o-", "C0"), "shardvu-pypy": ("^-", "C2"), "dpdk": ("s--", "C1")}
+
+
 def plot(rows: List[Dict], path: str) -> None:
+    """Mpps against queue pairs, one panel per (workload, size), one line
+    per system; each shardvu variant's ratio of medians to DPDK is printed
+    beside its points."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    systems = rows[0].get("systems") or [x for x in SYSTEMS if x in rows[0]]
     panels = sorted({(r["workload"], r["size"]) for r in rows},
                     key=lambda p: (list(WORKLOADS).index(p[0]), p[1]))
     n = len(panels)
@@ -557,16 +626,20 @@ def plot(rows: List[Dict], path: str) -> None:
     fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.6 * nrows), squeeze=False)
     for ax, (wl, size) in zip(axes.flat, panels):
         sub = sorted((r for r in rows if (r["workload"], r["size"]) == (wl, size)), key=lambda r: r["queues"])
-        for system, style, color in (("shardvu", "o-", "C0"), ("dpdk", "s--", "C1")):
-            pts = [(r["queues"], r[system]) for r in sub if r[system]["median"]]
+        for system in systems:
+            style, color = PLOT_STYLE[system]
+            pts = [(r["queues"], r[system], r.get("ratios", {}).get(system)) for r in sub if r[system]["median"]]
             if not pts:
                 continue
-            xs = [q for q, _ in pts]
-            ys = [d["median"] for _, d in pts]
-            lo = [d["median"] - d["min"] for _, d in pts]
-            hi = [d["max"] - d["median"] for _, d in pts]
-            ax.errorbar(xs, ys, yerr=[lo, hi], fmt=style, color=color, capsize=3,
-                        label="shardvu" if system == "shardvu" else "DPDK vhost")
+            xs = [q for q, _, _ in pts]
+            ys = [d["median"] for _, d, _ in pts]
+            lo = [d["median"] - d["min"] for _, d, _ in pts]
+            hi = [d["max"] - d["median"] for _, d, _ in pts]
+            ax.errorbar(xs, ys, yerr=[lo, hi], fmt=style, color=color, capsize=3, label=LABELS[system])
+            for x, y, (_, _, rt) in zip(xs, ys, pts):
+                if rt and rt["ratio"] is not None:
+                    ax.annotate(f"{rt['ratio']:.2f}×", (x, y), textcoords="offset points",
+                                xytext=(6, -3), fontsize=7, color=color)
         ax.set_title(f"{wl}, {size} B")
         ax.set_xlabel("queue pairs")
         ax.set_ylabel("Mpps (median, min–max)")
@@ -579,7 +652,7 @@ def plot(rows: List[Dict], path: str) -> None:
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.suptitle("virtio-user (DPDK testpmd) → vhost-user back-end; only the ratio counts")
+    fig.suptitle("virtio-user (DPDK testpmd) → vhost-user back-end; only the ratio (×DPDK) counts")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -597,21 +670,28 @@ def parse_args(argv=None):
     ap.add_argument("--workloads", default="tx,rx,loop", help="tx, rx, loop (default all)")
     ap.add_argument("--sizes", default="64,1518", help="frame sizes in bytes (default 64,1518)")
     ap.add_argument("--queues", default="1,2,4,8", help="queue pairs (default 1,2,4,8)")
-    ap.add_argument("--rounds", type=int, default=3, help="A/B rounds per configuration (default 3)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per configuration, each system once per round (default 3)")
     ap.add_argument("--seconds", type=float, default=5.0, help="measured window per run (default 5)")
     ap.add_argument("--warmup", type=float, default=1.0,
                     help="seconds of forwarding before the window opens (default 1)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"),
                     help="output directory (default bench/out)")
     ap.add_argument("--plot", action="store_true", help="also write a PNG (needs matplotlib)")
-    ap.add_argument("--systems", default="shardvu,dpdk", help="which back-ends (default both)")
+    ap.add_argument("--systems", default="shardvu,dpdk",
+                    help="which back-ends, any of shardvu, shardvu-pypy, dpdk (default shardvu,dpdk)")
+    ap.add_argument("--worker-python", metavar="PATH", default=os.path.join(REPO, ".venv-pypy", "bin", "python"),
+                    help="the workers' interpreter for shardvu-pypy (default <repo>/.venv-pypy/bin/python)")
     ap.add_argument("--fe-cpus", default="0,1",
                     help="front-end testpmd: MAIN,FWD cpus (default 0,1: forwarding on CPU 1)")
     ap.add_argument("--be-cpus", default="1,0",
                     help="back-end: MAIN,FWD cpus for DPDK vhost (default 1,0: forwarding on CPU 0); "
-                         "shardvu's workers go on FWD")
+                         "shardvu's workers go on FWD unless --shardvu-cpus says otherwise")
+    ap.add_argument("--shardvu-cpus", metavar="LIST",
+                    help="shardvu run --cpus for the workers, e.g. 0 or 2-5; worker i goes on "
+                         "LIST[i %% len(LIST)], so 0,1 puts all TX workers on CPU 1 (default: the "
+                         "back-end's FWD cpu, the single CPU DPDK vhost's forwarding lcore gets)")
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
-                    help="before each A/B pair, wait up to S seconds for the rest of the machine to "
+                    help="before each round, wait up to S seconds for the rest of the machine to "
                          "use less than --idle-below %% of a CPU (shared machines; default 0: don't)")
     ap.add_argument("--idle-below", type=float, default=25.0, metavar="PCT",
                     help="threshold for --wait-idle (default 25)")
@@ -639,7 +719,10 @@ def parse_args(argv=None):
     # -l lists both lcores of a testpmd; --main-lcore picks which is main.
     args.fe_lcores = ",".join(sorted({args.fe_main, fe_fwd}, key=int))
     args.be_lcores = ",".join(sorted({args.be_main, be_fwd}, key=int))
-    args.be_fwd = be_fwd                           # shardvu --cpus
+    args.be_fwd = be_fwd
+    args.shardvu_cpus = args.shardvu_cpus or be_fwd    # shardvu run --cpus
+    if "shardvu-pypy" in args.systems and not args.summarize and not os.access(args.worker_python, os.X_OK):
+        ap.error(f"shardvu-pypy: no interpreter at {args.worker_python} (--worker-python PATH)")
     if args.rounds < 1 or args.seconds <= 0:
         ap.error("--rounds >= 1 and --seconds > 0")
     return args
@@ -650,7 +733,7 @@ def _summarize_file(path: str, want_plot: bool) -> int:
         data = json.load(f)
     a = data["meta"]["args"]
     configs = [(w, s, q) for w in a["workloads"] for s in a["sizes"] for q in a["queues"]]
-    rows = summarize(data["samples"], configs)
+    rows = summarize(data["samples"], configs, a.get("systems"))
     print(f"Command: `{data['meta']['command']}`  ({data['meta']['date']}, {data['meta']['cpus']} CPUs)\n")
     print(table(rows))
     if want_plot:
@@ -695,12 +778,15 @@ def main(argv=None) -> int:
     plan = []
     for cfg in configs:
         for r in range(args.rounds):
-            order = list(args.systems) if r % 2 == 0 else list(reversed(args.systems))
+            # rotate the order each round (A B C, B C A, C A B …; with two
+            # systems A B, B A): every system takes every slot in turn
+            k = r % len(args.systems)
+            order = list(args.systems[k:]) + list(args.systems[:k])
             plan += [(cfg, r, system) for system in order]
     per = args.warmup + args.seconds + 3 + args.wait_idle / len(args.systems)
     print(f"compare: {len(configs)} configurations x {args.rounds} rounds x {len(args.systems)} systems "
           f"= {len(plan)} runs, ~{len(plan) * per / 60:.0f} min; front-end fwd CPU {args.fe_cpus.split(',')[1]}, "
-          f"back-end fwd CPU {args.be_fwd}", flush=True)
+          f"back-end fwd CPU {args.be_fwd}, shardvu workers on CPU(s) {args.shardvu_cpus}", flush=True)
     meta = {
         "command": " ".join([os.path.basename(sys.executable), "bench/compare.py", *(argv or sys.argv[1:])]),
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -708,11 +794,16 @@ def main(argv=None) -> int:
         "python": sys.version.split()[0], "testpmd": shutil.which("dpdk-testpmd"),
         "args": {k: v for k, v in vars(args).items()},
     }
+    if "shardvu-pypy" in args.systems:
+        import subprocess
+        meta["worker_python"] = subprocess.run(
+            [args.worker_python, "-c", "import sys; print(sys.version.replace(chr(10), ' '))"],
+            capture_output=True, text=True, timeout=60).stdout.strip()
     samples: List[Dict] = []
     out_json = base + ".json"
 
     def save():
-        rows = summarize(samples, configs)
+        rows = summarize(samples, configs, args.systems)
         with open(out_json, "w") as f:
             json.dump({"meta": meta, "summary": rows, "samples": samples}, f, indent=1, default=str)
         return rows
@@ -721,8 +812,8 @@ def main(argv=None) -> int:
     try:
         idle = None
         for i, ((wl, size, q), r, system) in enumerate(plan, 1):
-            first_of_pair = i == 1 or plan[i - 2][:2] != ((wl, size, q), r)
-            if args.wait_idle > 0 and first_of_pair:
+            first_of_round = i == 1 or plan[i - 2][:2] != ((wl, size, q), r)
+            if args.wait_idle > 0 and first_of_round:
                 idle = wait_idle(args.wait_idle, args.idle_below)
                 if idle[1] >= args.idle_below:
                     print(f"  (machine still busy after {idle[0]:.0f} s: others at {idle[1]:.0f}% of a CPU;"
@@ -734,10 +825,10 @@ def main(argv=None) -> int:
                 res["idle_wait"] = {"waited_s": idle[0], "busy_percent": idle[1]}
             res["loadavg"] = os.getloadavg()
             samples.append(res)
-            head = f"[{i:3d}/{len(plan)}] {wl:4s} {size:4d}B q={q} round {r + 1}/{args.rounds} {system:7s}"
+            head = f"[{i:3d}/{len(plan)}] {wl:4s} {size:4d}B q={q} round {r + 1}/{args.rounds} {system:12s}"
             if "mpps" in res:
                 cpu = res.get("cpu", {})
-                if system == "shardvu":
+                if system in SHARDVU:
                     ws = [v["percent"] for k, v in cpu.items() if k.startswith("w")]
                     c = f"workers {sum(ws):.0f}% ({'/'.join(f'{v:.0f}' for v in ws)})"
                 else:
@@ -747,10 +838,13 @@ def main(argv=None) -> int:
                       f"  others {res['others_cpu_percent']:.0f}%{warn}", flush=True)
             else:
                 print(f"{head}   FAILED  {res['error']}", flush=True)
-            pair = [x for x in samples if (x["workload"], x["size"], x["queues"], x["round"]) == (wl, size, q, r)]
-            if len(pair) == 2 and all("mpps" in x for x in pair):
-                by = {x["system"]: x["mpps"] for x in pair}
-                print(f"{'':>{len(head)}}   round ratio shardvu/dpdk {by['shardvu'] / by['dpdk']:.3f}", flush=True)
+            rnd = [x for x in samples if (x["workload"], x["size"], x["queues"], x["round"]) == (wl, size, q, r)]
+            if len(rnd) == len(args.systems):          # the round is complete: its paired ratios
+                by = {x["system"]: x.get("mpps") for x in rnd}
+                ratios = [f"{v}/dpdk {by[v] / by['dpdk']:.3f}" for v in args.systems
+                          if v in SHARDVU and by.get(v) and by.get("dpdk")]
+                if ratios:
+                    print(f"{'':>{len(head)}}   round ratio {'  '.join(ratios)}", flush=True)
             save()
     except KeyboardInterrupt:
         print("interrupted; summarising what was measured", flush=True)
