@@ -129,6 +129,11 @@ def main() -> None:
           lambda vq, c: split_fast.rx_pass(vq, frames, hdr, c))
     bench("fast (struct style): RX fill", True,
           lambda vq, c: split_fast_struct.rx_pass(vq, frames, hdr, c))
+    joined = [hdr + f for f in frames]
+    bench("fast: RX fill, header pre-joined", True,
+          lambda vq, c: split_fast.rx_pass(vq, joined, b"", c))
+    bench("fast (struct style): RX pre-joined", True,
+          lambda vq, c: split_fast_struct.rx_pass(vq, joined, b"", c))
 
     print("single steps (same typed views):")
     mem, drv, vq = setup(size, frame, False)

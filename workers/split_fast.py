@@ -146,6 +146,8 @@ def rx_pass(vq: VirtQueue, frames: Sequence, hdr: bytes,
             cache: RegionCache) -> Tuple[int, int, bool]:
     """Write ``frames`` into single-descriptor RX buffers, each after the
     virtio-net header ``hdr`` (``num_buffers`` already 1 where present).
+    ``hdr`` may be empty when the frames already start with it (a
+    generator's constant frame: one copy per buffer instead of two).
     Returns ``(delivered, payload bytes, more)``; ``more`` means a buffer
     needs the general path (a chain, or too small for the frame)."""
     rings = vq.rings
@@ -182,7 +184,8 @@ def rx_pass(vq: VirtQueue, frames: Sequence, hdr: bytes,
                 break
             lo, hi = cache.lo, cache.hi
         off = addr - lo
-        view[off:off + hlen] = hdr
+        if hlen:
+            view[off:off + hlen] = hdr
         view[off + hlen:off + hlen + flen] = frame
         nbytes += flen
         slot = ((used_idx + n) & mask) << 1

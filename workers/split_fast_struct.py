@@ -119,7 +119,8 @@ def rx_pass(vq: VirtQueue, frames: Sequence, hdr: bytes,
                 break
             lo, hi = cache.lo, cache.hi
         off = addr - lo
-        view[off:off + hlen] = hdr
+        if hlen:
+            view[off:off + hlen] = hdr
         view[off + hlen:off + hlen + flen] = frame
         nbytes += flen
         e_into(used, 4 + (((used_idx + n) & mask) << 3), head, hlen + flen)
