@@ -92,7 +92,10 @@ class ShardedDevice(Device):
 
     def bootstrap(self, index: int) -> None:
         """Bring worker ``index`` to the device's current state (a worker
-        started after negotiation: the respawn path)."""
+        started after negotiation: the respawn path).  The base sent is the
+        control's stale copy; the worker's rings are processed in order, so
+        mapping them resumes at the used index (everything not yet used is
+        fetched again)."""
         w = self.pool[index]
         vq = self.vqs[index]
         self._send_memory([w])
