@@ -89,13 +89,10 @@ matplotlib: ``pip install -e '.[bench]'``).
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
-import platform
 import shutil
 import socket
-import statistics
 import sys
 import tempfile
 import time
@@ -104,11 +101,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import psutil
 
+import abrun
+from abrun import LABELS, SHARDVU, SYSTEMS, machine_busy, med
 from shardvu.testpmd import RUNTIME_DIR, TestPmd, have_testpmd, leftover_testpmds
 
-SYSTEMS = ("shardvu", "shardvu-pypy", "dpdk")
-SHARDVU = ("shardvu", "shardvu-pypy")       # the variants compared against DPDK
-LABELS = {"shardvu": "shardvu", "shardvu-pypy": "shardvu-pypy", "dpdk": "DPDK vhost"}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKLOADS = {
     #         front-end mode, shardvu port, DPDK vhost mode, who counts
@@ -216,6 +212,19 @@ def window_rate(series: Sequence[Tuple[float, int]], t0: float, t1: float) -> Op
             "samples": len(inside)}
 
 
+def shardvu_tx_rate(sampler: ShardvuSampler, queues: int, t0: float, t1: float) -> Optional[Dict]:
+    """shardvu's received rate: the sum of its TX-queue workers' (queues 1,
+    3, 5, …) window rates, each over its own samples; None unless every
+    queue has one."""
+    per_q = {2 * p + 1: window_rate(sampler.series.get(2 * p + 1, []), t0, t1) for p in range(queues)}
+    if not all(v is not None for v in per_q.values()):
+        return None
+    return {"pps": sum(v["pps"] for v in per_q.values()),
+            "per_queue_pps": {str(q): round(v["pps"]) for q, v in per_q.items()},
+            "samples": min(v["samples"] for v in per_q.values()),
+            "span_s": min(v["span_s"] for v in per_q.values())}
+
+
 # -- CPU ----------------------------------------------------------------------
 
 def _thread_name(pid: int, tid: int) -> str:
@@ -241,12 +250,6 @@ def cpu_snapshot(pids: Dict[str, int]) -> Dict[str, Dict]:
         except psutil.Error:
             pass
     return out
-
-
-def machine_busy() -> Tuple[float, float]:
-    """(monotonic time, CPU-seconds busy on the whole machine so far)."""
-    ct = psutil.cpu_times()
-    return time.monotonic(), sum(ct) - ct.idle - getattr(ct, "iowait", 0.0)
 
 
 def others_percent(a: Tuple[float, float], b: Tuple[float, float], ours: Dict[str, Dict]) -> float:
@@ -358,16 +361,7 @@ class Measurement:
                 r = window_rate(be_sampler.series("ipackets"), t0, t1)
                 res["counted_by"] = "DPDK vhost port 0 ipackets (DPDK telemetry)"
             else:
-                per_q = {}
-                for p in range(self.queues):
-                    per_q[2 * p + 1] = window_rate(be_sampler.series.get(2 * p + 1, []), t0, t1)
-                if all(v is not None for v in per_q.values()):
-                    r = {"pps": sum(v["pps"] for v in per_q.values()),
-                         "per_queue_pps": {str(q): round(v["pps"]) for q, v in per_q.items()},
-                         "samples": min(v["samples"] for v in per_q.values()),
-                         "span_s": min(v["span_s"] for v in per_q.values())}
-                else:
-                    r = None
+                r = shardvu_tx_rate(be_sampler, self.queues, t0, t1)
                 res["counted_by"] = "shardvu TX-queue workers' packets (sum of per-queue rates)"
             res["series"] = self._series(counter, fe_sampler, be_sampler, t_fwd)
             if r is None:
@@ -476,14 +470,42 @@ def _final(stats: Optional[Dict], rc: Optional[int]) -> Dict:
 
 # -- summary, table, plot ------------------------------------------------------
 
-def _med(xs):
-    return statistics.median(xs) if xs else None
-
-
 def systems_in(samples: List[Dict]) -> List[str]:
     """The systems an earlier run measured, in SYSTEMS order (old files: shardvu, dpdk)."""
     seen = {s["system"] for s in samples}
     return [x for x in SYSTEMS if x in seen]
+
+
+def _config(s: Dict) -> Tuple[str, int, int]:
+    return s["workload"], s["size"], s["queues"]
+
+
+def _cpu_summary(system: str, ok: List[Dict], measured: List[Dict]) -> Dict:
+    """A system's CPU over its successful rounds (medians), *others* over all."""
+    d: Dict = {}
+    if system in SHARDVU:
+        workers: Dict[str, List[float]] = {}
+        rss: Dict[str, List[float]] = {}
+        totals = []
+        for s in ok:
+            ws = {k: v["percent"] for k, v in s.get("cpu", {}).items() if k.startswith("w")}
+            for k, v in ws.items():
+                workers.setdefault(k, []).append(v)
+            if ws:
+                totals.append(sum(ws.values()))
+            for k, v in s.get("worker_rss_mib", {}).items():
+                rss.setdefault(k, []).append(v)
+        d["cpu_workers"] = {k: med(v) for k, v in sorted(workers.items(), key=lambda kv: int(kv[0][1:]))}
+        d["cpu_total"] = med(totals)
+        d["cpu_control"] = med([s["cpu"]["control"]["percent"] for s in ok if "control" in s.get("cpu", {})])
+        d["rss_mib_max"] = max((x for v in rss.values() for x in v), default=None)
+    else:
+        d["cpu_total"] = med([s["cpu"]["be"]["percent"] for s in ok if "be" in s.get("cpu", {})])
+        d["cpu_fwd_lcore"] = med([v for s in ok for n, v in
+                                  s.get("cpu", {}).get("be", {}).get("threads", {}).items()
+                                  if n.startswith("rte-worker")])
+    d["others_cpu"] = med([s["others_cpu_percent"] for s in measured if "others_cpu_percent" in s])
+    return d
 
 
 def summarize(samples: List[Dict], configs, systems: Optional[Sequence[str]] = None) -> List[Dict]:
@@ -492,78 +514,15 @@ def summarize(samples: List[Dict], configs, systems: Optional[Sequence[str]] = N
     {variant: {"ratio": ratio of the medians, "paired": per-round ratios}})."""
     wanted = set(systems or systems_in(samples) or SYSTEMS)
     systems = [x for x in SYSTEMS if x in wanted]         # columns in a fixed order
-    rows = []
-    for (wl, size, q) in configs:
-        row: Dict = {"workload": wl, "size": size, "queues": q, "systems": systems}
-        by_round: Dict[str, Dict[int, Dict]] = {s: {} for s in systems}
-        for s in samples:
-            if (s["workload"], s["size"], s["queues"]) == (wl, size, q) and s["system"] in by_round:
-                by_round[s["system"]][s["round"]] = s
-        for system in systems:
-            ok = [s for s in by_round[system].values() if "mpps" in s]
-            rates = [s["mpps"] for s in ok]
-            row[system] = {
-                "median": _med(rates), "min": min(rates) if rates else None,
-                "max": max(rates) if rates else None, "n": len(rates),
-                "failed": len(by_round[system]) - len(ok),
-                "errors": sorted({s["error"] for s in by_round[system].values() if "error" in s}),
-            }
-            if system in SHARDVU:
-                workers: Dict[str, List[float]] = {}
-                rss: Dict[str, List[float]] = {}
-                totals = []
-                for s in ok:
-                    ws = {k: v["percent"] for k, v in s.get("cpu", {}).items() if k.startswith("w")}
-                    for k, v in ws.items():
-                        workers.setdefault(k, []).append(v)
-                    if ws:
-                        totals.append(sum(ws.values()))
-                    for k, v in s.get("worker_rss_mib", {}).items():
-                        rss.setdefault(k, []).append(v)
-                row[system]["cpu_workers"] = {k: _med(v) for k, v in
-                                              sorted(workers.items(), key=lambda kv: int(kv[0][1:]))}
-                row[system]["cpu_total"] = _med(totals)
-                row[system]["cpu_control"] = _med([s["cpu"]["control"]["percent"] for s in ok
-                                                   if "control" in s.get("cpu", {})])
-                row[system]["rss_mib_max"] = max((x for v in rss.values() for x in v), default=None)
-            else:
-                row[system]["cpu_total"] = _med([s["cpu"]["be"]["percent"] for s in ok
-                                                 if "be" in s.get("cpu", {})])
-                row[system]["cpu_fwd_lcore"] = _med([v for s in ok for n, v in
-                                                     s.get("cpu", {}).get("be", {}).get("threads", {}).items()
-                                                     if n.startswith("rte-worker")])
-            row[system]["others_cpu"] = _med([s["others_cpu_percent"] for s in by_round[system].values()
-                                              if "others_cpu_percent" in s])
-        row["ratios"] = {}
-        if "dpdk" in systems:
-            for variant in (x for x in systems if x in SHARDVU):
-                a, b = row[variant]["median"], row["dpdk"]["median"]
-                paired = [by_round[variant][r]["mpps"] / by_round["dpdk"][r]["mpps"]
-                          for r in sorted(by_round[variant]) if r in by_round["dpdk"]
-                          and "mpps" in by_round[variant][r] and by_round["dpdk"][r].get("mpps")]
-                row["ratios"][variant] = {"ratio": a / b if a and b else None, "paired": paired}
+    rows = abrun.summarize(samples, configs, systems, key="mpps", config_of=_config,
+                           row_of=lambda c: {"workload": c[0], "size": c[1], "queues": c[2]},
+                           per_system=_cpu_summary)
+    for row in rows:
         # the pre-PyPy keys, kept for whoever reads the JSON summary
         if "shardvu" in row["ratios"]:
             row["ratio"] = row["ratios"]["shardvu"]["ratio"]
             row["paired_ratios"] = row["ratios"]["shardvu"]["paired"]
-        rows.append(row)
     return rows
-
-
-def _fmt_rate(d: Dict) -> str:
-    if d["median"] is None:
-        return "failed" if d["failed"] else "—"
-    txt = f"{d['median']:.3g} [{d['min']:.3g}–{d['max']:.3g}]"
-    if d["failed"]:
-        txt += f" ({d['failed']} failed)"
-    return txt
-
-
-def _fmt_ratio(rt: Optional[Dict]) -> str:
-    if not rt or rt["ratio"] is None:
-        return "—"
-    rng = rt["paired"]
-    return f"{rt['ratio']:.3f}" + (f" [{min(rng):.3f}–{max(rng):.3f}]" if rng else "")
 
 
 def _fmt_workers_cpu(d: Dict) -> str:
@@ -579,22 +538,15 @@ def table(rows: List[Dict]) -> str:
     if not rows:
         return ""
     systems = rows[0].get("systems") or [x for x in SYSTEMS if x in rows[0]]
-    variants = [x for x in systems if x in SHARDVU]
-    head = ["workload", "frame B", "queues"]
-    head += [f"{LABELS[x]} Mpps med [min–max]" for x in systems]
-    if "dpdk" in systems:
-        head += [f"{LABELS[x]}/DPDK (per-round range)" for x in variants]
+    variants = abrun.variants(systems)
+    head = ["workload", "frame B", "queues"] + abrun.rate_heads(systems, "Mpps")
     head += [f"{LABELS[x]} workers CPU % (per worker)" for x in variants]
     if "dpdk" in systems:
         head += ["DPDK vhost CPU % (fwd lcore)"]
     head += [f"others CPU % ({'/'.join(LABELS[x] for x in systems)} runs)"]
-    lines = ["| " + " | ".join(head) + " |",
-             "|---|---:|---:|" + "---|" * (len(head) - 3)]
+    body = []
     for r in rows:
-        cells = [r["workload"], str(r["size"]), str(r["queues"])]
-        cells += [_fmt_rate(r[x]) for x in systems]
-        if "dpdk" in systems:
-            cells += [_fmt_ratio(r.get("ratios", {}).get(x)) for x in variants]
+        cells = [r["workload"], str(r["size"]), str(r["queues"])] + abrun.rate_cells(r, systems, ".3g")
         cells += [_fmt_workers_cpu(r[x]) for x in variants]
         if "dpdk" in systems:
             dp = r["dpdk"]
@@ -602,8 +554,8 @@ def table(rows: List[Dict]) -> str:
                          if dp["cpu_total"] is not None and dp["cpu_fwd_lcore"] is not None else "—")
         cells.append("/".join("—" if r[x].get("others_cpu") is None else f"{r[x]['others_cpu']:.0f}"
                               for x in systems))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        body.append(cells)
+    return abrun.markdown(head, ("---", "---:", "---:"), body)
 
 
 PLOT_STYLE = {"shardvu": ("o-", "C0"), "shardvu-pypy": ("^-", "C2"), "dpdk": ("s--", "C1")}
@@ -660,10 +612,6 @@ def plot(rows: List[Dict], path: str) -> None:
 
 # -- main ------------------------------------------------------------------------
 
-def _ints(text: str) -> List[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -690,11 +638,10 @@ def parse_args(argv=None):
                     help="shardvu run --cpus for the workers, e.g. 0 or 2-5; worker i goes on "
                          "LIST[i %% len(LIST)], so 0,1 puts all TX workers on CPU 1 (default: the "
                          "back-end's FWD cpu, the single CPU DPDK vhost's forwarding lcore gets)")
-    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
-                    help="before each round, wait up to S seconds for the rest of the machine to "
-                         "use less than --idle-below %% of a CPU (shared machines; default 0: don't)")
-    ap.add_argument("--idle-below", type=float, default=25.0, metavar="PCT",
-                    help="threshold for --wait-idle (default 25)")
+    abrun.add_idle_options(
+        ap, "before each round, wait up to S seconds for the rest of the machine to "
+            "use less than --idle-below %% of a CPU (shared machines; default 0: don't)",
+        "threshold for --wait-idle (default 25)")
     ap.add_argument("--start-timeout", type=float, default=30.0,
                     help="seconds to wait for each testpmd to start forwarding")
     ap.add_argument("--summarize", metavar="JSON",
@@ -704,12 +651,9 @@ def parse_args(argv=None):
     for w in args.workloads:
         if w not in WORKLOADS:
             ap.error(f"unknown workload {w!r} (tx, rx, loop)")
-    args.sizes = _ints(args.sizes)
-    args.queues = _ints(args.queues)
-    args.systems = [s for s in args.systems.split(",") if s]
-    for s in args.systems:
-        if s not in SYSTEMS:
-            ap.error(f"unknown system {s!r}")
+    args.sizes = abrun.ints(args.sizes)
+    args.queues = abrun.ints(args.queues)
+    args.systems = abrun.parse_systems(ap, args.systems)
     fe = args.fe_cpus.split(",")
     be = args.be_cpus.split(",")
     if len(fe) != 2 or len(be) != 2:
@@ -728,14 +672,13 @@ def parse_args(argv=None):
     return args
 
 
+def _configs(a) -> List[Tuple[str, int, int]]:
+    return [(w, s, q) for w in a["workloads"] for s in a["sizes"] for q in a["queues"]]
+
+
 def _summarize_file(path: str, want_plot: bool) -> int:
-    with open(path) as f:
-        data = json.load(f)
-    a = data["meta"]["args"]
-    configs = [(w, s, q) for w in a["workloads"] for s in a["sizes"] for q in a["queues"]]
-    rows = summarize(data["samples"], configs, a.get("systems"))
-    print(f"Command: `{data['meta']['command']}`  ({data['meta']['date']}, {data['meta']['cpus']} CPUs)\n")
-    print(table(rows))
+    rows = abrun.summarize_file(path, lambda a, samples: summarize(samples, _configs(a), a.get("systems")),
+                                table)
     if want_plot:
         png = os.path.splitext(path)[0] + ".png"
         plot(rows, png)
@@ -743,19 +686,17 @@ def _summarize_file(path: str, want_plot: bool) -> int:
     return 0
 
 
-def wait_idle(limit_s: float, below: float) -> Tuple[float, float]:
-    """Wait until the machine's busy CPU (nothing of ours runs now) over
-    0.5 s is under ``below`` % of one CPU, at most ``limit_s`` seconds.
-    Returns (seconds waited, last busy %)."""
-    start = time.monotonic()
-    while True:
-        a = machine_busy()
-        time.sleep(0.5)
-        b = machine_busy()
-        busy = 100 * (b[1] - a[1]) / (b[0] - a[0])
-        waited = time.monotonic() - start
-        if busy < below or waited >= limit_s:
-            return round(waited, 1), round(busy, 1)
+def _report(res: Dict) -> str:
+    """The progress line of a measurement that has its rate."""
+    cpu = res.get("cpu", {})
+    if res["system"] in SHARDVU:
+        ws = [v["percent"] for k, v in cpu.items() if k.startswith("w")]
+        c = f"workers {sum(ws):.0f}% ({'/'.join(f'{v:.0f}' for v in ws)})"
+    else:
+        c = f"vhost {cpu.get('be', {}).get('percent', float('nan')):.0f}%"
+    warn = f"  WARNING {res['warning']}" if "warning" in res else ""
+    return (f"{res['mpps']:8.3f} Mpps  {c}  fe {cpu.get('fe', {}).get('percent', float('nan')):.0f}%"
+            f"  others {res['others_cpu_percent']:.0f}%{warn}")
 
 
 def main(argv=None) -> int:
@@ -771,93 +712,26 @@ def main(argv=None) -> int:
         except ImportError:
             print("compare.py: --plot needs matplotlib (pip install -e '.[bench]')", file=sys.stderr)
             return 2
-    os.makedirs(args.out, exist_ok=True)
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = os.path.join(args.out, f"compare-{stamp}")
-    configs = [(w, s, q) for w in args.workloads for s in args.sizes for q in args.queues]
-    plan = []
-    for cfg in configs:
-        for r in range(args.rounds):
-            # rotate the order each round (A B C, B C A, C A B …; with two
-            # systems A B, B A): every system takes every slot in turn
-            k = r % len(args.systems)
-            order = list(args.systems[k:]) + list(args.systems[:k])
-            plan += [(cfg, r, system) for system in order]
+    base = abrun.out_base(args.out, "compare")
+    configs = _configs(vars(args))
+    plan = abrun.plan_rounds(configs, args.rounds, args.systems)
     per = args.warmup + args.seconds + 3 + args.wait_idle / len(args.systems)
     print(f"compare: {len(configs)} configurations x {args.rounds} rounds x {len(args.systems)} systems "
           f"= {len(plan)} runs, ~{len(plan) * per / 60:.0f} min; front-end fwd CPU {args.fe_cpus.split(',')[1]}, "
           f"back-end fwd CPU {args.be_fwd}, shardvu workers on CPU(s) {args.shardvu_cpus}", flush=True)
-    meta = {
-        "command": " ".join([os.path.basename(sys.executable), "bench/compare.py", *(argv or sys.argv[1:])]),
-        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "host": platform.node(), "cpus": os.cpu_count(), "loadavg_before": os.getloadavg(),
-        "python": sys.version.split()[0], "testpmd": shutil.which("dpdk-testpmd"),
-        "args": {k: v for k, v in vars(args).items()},
-    }
+    meta = abrun.base_meta("bench/compare.py", argv)
+    meta["args"] = {k: v for k, v in vars(args).items()}
     if "shardvu-pypy" in args.systems:
         import subprocess
         meta["worker_python"] = subprocess.run(
             [args.worker_python, "-c", "import sys; print(sys.version.replace(chr(10), ' '))"],
             capture_output=True, text=True, timeout=60).stdout.strip()
-    samples: List[Dict] = []
-    out_json = base + ".json"
-
-    def save():
-        rows = summarize(samples, configs, args.systems)
-        with open(out_json, "w") as f:
-            json.dump({"meta": meta, "summary": rows, "samples": samples}, f, indent=1, default=str)
-        return rows
-
-    t_start = time.monotonic()
-    try:
-        idle = None
-        for i, ((wl, size, q), r, system) in enumerate(plan, 1):
-            first_of_round = i == 1 or plan[i - 2][:2] != ((wl, size, q), r)
-            if args.wait_idle > 0 and first_of_round:
-                idle = wait_idle(args.wait_idle, args.idle_below)
-                if idle[1] >= args.idle_below:
-                    print(f"  (machine still busy after {idle[0]:.0f} s: others at {idle[1]:.0f}% of a CPU;"
-                          f" measuring anyway)", flush=True)
-            m = Measurement(args, system, wl, size, q)
-            res = m.run()
-            res["round"] = r
-            if idle is not None:
-                res["idle_wait"] = {"waited_s": idle[0], "busy_percent": idle[1]}
-            res["loadavg"] = os.getloadavg()
-            samples.append(res)
-            head = f"[{i:3d}/{len(plan)}] {wl:4s} {size:4d}B q={q} round {r + 1}/{args.rounds} {system:12s}"
-            if "mpps" in res:
-                cpu = res.get("cpu", {})
-                if system in SHARDVU:
-                    ws = [v["percent"] for k, v in cpu.items() if k.startswith("w")]
-                    c = f"workers {sum(ws):.0f}% ({'/'.join(f'{v:.0f}' for v in ws)})"
-                else:
-                    c = f"vhost {cpu.get('be', {}).get('percent', float('nan')):.0f}%"
-                warn = f"  WARNING {res['warning']}" if "warning" in res else ""
-                print(f"{head} {res['mpps']:8.3f} Mpps  {c}  fe {cpu.get('fe', {}).get('percent', float('nan')):.0f}%"
-                      f"  others {res['others_cpu_percent']:.0f}%{warn}", flush=True)
-            else:
-                print(f"{head}   FAILED  {res['error']}", flush=True)
-            rnd = [x for x in samples if (x["workload"], x["size"], x["queues"], x["round"]) == (wl, size, q, r)]
-            if len(rnd) == len(args.systems):          # the round is complete: its paired ratios
-                by = {x["system"]: x.get("mpps") for x in rnd}
-                ratios = [f"{v}/dpdk {by[v] / by['dpdk']:.3f}" for v in args.systems
-                          if v in SHARDVU and by.get(v) and by.get("dpdk")]
-                if ratios:
-                    print(f"{'':>{len(head)}}   round ratio {'  '.join(ratios)}", flush=True)
-            save()
-    except KeyboardInterrupt:
-        print("interrupted; summarising what was measured", flush=True)
-    meta["loadavg_after"] = os.getloadavg()
-    meta["elapsed_s"] = round(time.monotonic() - t_start, 1)
-    rows = save()
-    tab = table(rows)
-    with open(base + ".md", "w") as f:
-        f.write(f"Command: `{meta['command']}`  \n{meta['date']}, {meta['cpus']} CPUs, host {meta['host']}\n\n")
-        f.write(tab + "\n")
-    print()
-    print(tab)
-    print(f"\nsamples: {out_json}\ntable:   {base}.md")
+    samples, rows = abrun.run_plan(
+        args, plan, meta, base, key="mpps", config_of=_config,
+        measure=lambda cfg, system: Measurement(args, system, *cfg).run(),
+        describe=lambda cfg: f"{cfg[0]:4s} {cfg[1]:4d}B q={cfg[2]}",
+        report=_report, summarize=lambda samples: summarize(samples, configs, args.systems),
+        table=table)
     if args.plot and rows:
         plot(rows, base + ".png")
         print(f"plot:    {base}.png")

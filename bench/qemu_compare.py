@@ -56,12 +56,8 @@ of failed runs) and ``qemu-compare-<timestamp>.md`` (the table).
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import os
-import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -74,16 +70,15 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH)
 sys.path.insert(0, BENCH)
 
+# the A/B rounds, summary and table machinery of both benches
+import abrun  # noqa: E402
+from abrun import LABELS, SHARDVU, machine_busy, med  # noqa: E402
 # bench/compare.py's samplers and CPU accounting (one method for both benches)
 from compare import (POLL_S, ShardvuSampler, TelemetrySampler, cpu_percent,  # noqa: E402
-                     cpu_snapshot, machine_busy, others_percent, wait_idle, window_rate)
+                     cpu_snapshot, others_percent, shardvu_tx_rate, window_rate)
 
 from shardvu.qemu import Guest, have_qemu, leftover_qemus  # noqa: E402
 from shardvu.testpmd import TestPmd, have_testpmd, leftover_testpmds  # noqa: E402
-
-SYSTEMS = ("shardvu", "shardvu-pypy", "dpdk")
-SHARDVU = ("shardvu", "shardvu-pypy")
-LABELS = {"shardvu": "shardvu", "shardvu-pypy": "shardvu-pypy", "dpdk": "DPDK vhost"}
 
 
 # -- one measurement -------------------------------------------------------------
@@ -174,14 +169,7 @@ class Measurement:
                 if len(qs) >= 2:
                     res["per_queue_packets_total"] = qs[-1][:q]
             else:
-                per_q = {2 * p + 1: window_rate(sampler.series.get(2 * p + 1, []), t0, t1) for p in range(q)}
-                if all(v is not None for v in per_q.values()):
-                    r = {"pps": sum(v["pps"] for v in per_q.values()),
-                         "per_queue_pps": {str(k): round(v["pps"]) for k, v in per_q.items()},
-                         "samples": min(v["samples"] for v in per_q.values()),
-                         "span_s": min(v["span_s"] for v in per_q.values())}
-                else:
-                    r = None
+                r = shardvu_tx_rate(sampler, q, t0, t1)
                 res["counted_by"] = "shardvu TX-queue workers' packets (sum of per-queue rates)"
                 res["series"] = {f"q{k}": [[round(t - t_fwd, 3), n] for t, n in v]
                                  for k, v in sampler.series.items() if k % 2 == 1}
@@ -326,11 +314,6 @@ def _pin_all_threads(pid: int, cpus: List[int]) -> None:
 
 # -- summary and table -------------------------------------------------------------
 
-def _med(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
-
 def _qemu_cpu(s: Dict) -> Tuple[Optional[float], Optional[float]]:
     """(QEMU process CPU %, its vCPU threads' CPU % summed)."""
     c = s.get("cpu", {}).get("qemu")
@@ -348,57 +331,23 @@ def _be_cpu(s: Dict) -> Optional[float]:
     return sum(ws) if ws else None
 
 
+def _per_system(system: str, ok: List[Dict], measured: List[Dict]) -> Dict:
+    """A system's guest rate, CPU and checks over its successful rounds (medians)."""
+    return {
+        "guest_pktgen_kpps": med([(s.get("guest") or {}).get("pktgen_pps") and
+                                  s["guest"]["pktgen_pps"] / 1e3 for s in ok]),
+        "qemu_cpu": med([_qemu_cpu(s)[0] for s in ok]),
+        "vcpu_cpu": med([_qemu_cpu(s)[1] for s in ok]),
+        "be_cpu": med([_be_cpu(s) for s in ok]),
+        "others_cpu": med([s.get("others_cpu_percent") for s in ok]),
+        "guest_minus_backend": [s.get("guest_minus_backend") for s in ok],
+        "boot_s": med([s.get("boot_s") for s in ok]),
+    }
+
+
 def summarize(samples: List[Dict], queues: List[int], systems: List[str]) -> List[Dict]:
-    rows = []
-    for q in queues:
-        row: Dict = {"queues": q, "systems": systems}
-        by_round: Dict[str, Dict[int, Dict]] = {s: {} for s in systems}
-        for s in samples:
-            if s["queues"] == q and s["system"] in by_round:
-                by_round[s["system"]][s["round"]] = s
-        for system in systems:
-            ok = [s for s in by_round[system].values() if "kpps" in s]
-            rates = [s["kpps"] for s in ok]
-            row[system] = {
-                "median": _med(rates), "min": min(rates) if rates else None,
-                "max": max(rates) if rates else None, "n": len(rates),
-                "failed": len(by_round[system]) - len(ok),
-                "errors": sorted({s["error"] for s in by_round[system].values() if "error" in s}),
-                "guest_pktgen_kpps": _med([(s.get("guest") or {}).get("pktgen_pps") and
-                                           s["guest"]["pktgen_pps"] / 1e3 for s in ok]),
-                "qemu_cpu": _med([_qemu_cpu(s)[0] for s in ok]),
-                "vcpu_cpu": _med([_qemu_cpu(s)[1] for s in ok]),
-                "be_cpu": _med([_be_cpu(s) for s in ok]),
-                "others_cpu": _med([s.get("others_cpu_percent") for s in ok]),
-                "guest_minus_backend": [s.get("guest_minus_backend") for s in ok],
-                "boot_s": _med([s.get("boot_s") for s in ok]),
-            }
-        row["ratios"] = {}
-        if "dpdk" in systems:
-            for v in (x for x in systems if x in SHARDVU):
-                a, b = row[v]["median"], row["dpdk"]["median"]
-                paired = [by_round[v][r]["kpps"] / by_round["dpdk"][r]["kpps"]
-                          for r in sorted(by_round[v]) if r in by_round["dpdk"]
-                          and "kpps" in by_round[v][r] and by_round["dpdk"][r].get("kpps")]
-                row["ratios"][v] = {"ratio": a / b if a and b else None, "paired": paired}
-        rows.append(row)
-    return rows
-
-
-def _fmt_rate(d: Dict) -> str:
-    if d["median"] is None:
-        return "failed" if d["failed"] else "—"
-    txt = f"{d['median']:.0f} [{d['min']:.0f}–{d['max']:.0f}]"
-    if d["failed"]:
-        txt += f" ({d['failed']} failed)"
-    return txt
-
-
-def _fmt_ratio(rt: Optional[Dict]) -> str:
-    if not rt or rt["ratio"] is None:
-        return "—"
-    p = rt["paired"]
-    return f"{rt['ratio']:.3f}" + (f" [{min(p):.3f}–{max(p):.3f}]" if p else "")
+    return abrun.summarize(samples, queues, systems, key="kpps", config_of=lambda s: s["queues"],
+                           row_of=lambda q: {"queues": q}, per_system=_per_system)
 
 
 def _slash(row: Dict, systems: List[str], key: str, fmt: str = "{:.0f}") -> str:
@@ -409,32 +358,23 @@ def table(rows: List[Dict]) -> str:
     if not rows:
         return ""
     systems = rows[0]["systems"]
-    variants = [x for x in systems if x in SHARDVU]
     names = "/".join(LABELS[x] for x in systems)
-    head = ["queues (= vCPUs)"] + [f"{LABELS[x]} kpps med [min–max]" for x in systems]
-    if "dpdk" in systems:
-        head += [f"{LABELS[x]}/DPDK (per-round range)" for x in variants]
+    head = ["queues (= vCPUs)"] + abrun.rate_heads(systems, "kpps")
     head += [f"guest pktgen kpps ({names})", f"QEMU CPU % (vCPUs) ({names})",
              f"back-end CPU % ({names})", f"others CPU % ({names})"]
-    lines = ["| " + " | ".join(head) + " |", "|---:|" + "---|" * (len(head) - 1)]
+    body = []
     for r in rows:
-        cells = [str(r["queues"])] + [_fmt_rate(r[x]) for x in systems]
-        if "dpdk" in systems:
-            cells += [_fmt_ratio(r["ratios"].get(x)) for x in variants]
+        cells = [str(r["queues"])] + abrun.rate_cells(r, systems, ".0f")
         cells.append(_slash(r, systems, "guest_pktgen_kpps"))
         cells.append("/".join("—" if r[x]["qemu_cpu"] is None else
                               f"{r[x]['qemu_cpu']:.0f} ({r[x]['vcpu_cpu']:.0f})" for x in systems))
         cells.append(_slash(r, systems, "be_cpu"))
         cells.append(_slash(r, systems, "others_cpu"))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        body.append(cells)
+    return abrun.markdown(head, ("---:",), body)
 
 
 # -- main ----------------------------------------------------------------------------------
-
-def _ints(text: str) -> List[int]:
-    return [int(x) for x in text.split(",") if x]
-
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -457,20 +397,15 @@ def parse_args(argv=None):
     ap.add_argument("--shardvu-cpus", metavar="LIST", help="shardvu run --cpus (default: the FWD cpu)")
     ap.add_argument("--qemu-cpus", metavar="LIST",
                     help="pin all of QEMU's threads to these CPUs, e.g. 1 or 1-3 (default: unpinned)")
-    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
-                    help="before each A/B pair, wait up to S s for the rest of the machine to use "
-                         "less than --idle-below %% of a CPU (default 0: don't)")
-    ap.add_argument("--idle-below", type=float, default=25.0, metavar="PCT")
+    abrun.add_idle_options(ap, "before each A/B pair, wait up to S s for the rest of the machine to use "
+                               "less than --idle-below %% of a CPU (default 0: don't)")
     ap.add_argument("--start-timeout", type=float, default=30.0, help="DPDK vhost start-up limit (s)")
     ap.add_argument("--boot-timeout", type=float, default=90.0,
                     help="limit (s) for the guest to boot and set up pktgen, and to report after link down")
     ap.add_argument("--summarize", metavar="JSON", help="run nothing: print the table of an earlier run")
     args = ap.parse_args(argv)
-    args.queues = _ints(args.queues)
-    args.systems = [s for s in args.systems.split(",") if s]
-    for s in args.systems:
-        if s not in SYSTEMS:
-            ap.error(f"unknown system {s!r}")
+    args.queues = abrun.ints(args.queues)
+    args.systems = abrun.parse_systems(ap, args.systems)
     be = args.be_cpus.split(",")
     if len(be) != 2:
         ap.error("--be-cpus takes MAIN,FWD")
@@ -488,15 +423,25 @@ def parse_args(argv=None):
     return args
 
 
+def _report(res: Dict) -> str:
+    """The progress line of a measurement that has its rate."""
+    qc, vc = _qemu_cpu(res)
+    gd = res.get("guest", {})
+    gp = gd.get("pktgen_pps")
+    chk = res.get("guest_minus_backend")
+    return (f"{res['kpps']:8.1f} kpps  guest pktgen {gp / 1e3 if gp else float('nan'):.1f} kpps"
+            f"  boot {res.get('boot_s', 0):.1f} s  qemu {qc or 0:.0f}% (vCPUs {vc or 0:.0f}%)"
+            f"  back-end {_be_cpu(res) or 0:.0f}%  others {res['others_cpu_percent']:.0f}%"
+            f"  guest-sent minus back-end-total {chk if chk is not None else '?'}"
+            + (f"  GUEST {res['guest_error']}" if "guest_error" in res else "")
+            + (f"  WARNING {res['warning']}" if "warning" in res else ""))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.summarize:
-        with open(args.summarize) as f:
-            data = json.load(f)
-        a = data["meta"]["args"]
-        rows = summarize(data["samples"], a["queues"], a["systems"])
-        print(f"Command: `{data['meta']['command']}`  ({data['meta']['date']}, {data['meta']['cpus']} CPUs)\n")
-        print(table(rows))
+        abrun.summarize_file(args.summarize, lambda a, samples: summarize(samples, a["queues"], a["systems"]),
+                             table)
         return 0
     ok, why = have_qemu()
     if not ok:
@@ -511,84 +456,21 @@ def main(argv=None) -> int:
         print(f"qemu_compare.py: {why}", file=sys.stderr)
         return 2
     kernel, initramfs = build_guest()
-    os.makedirs(args.out, exist_ok=True)
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = os.path.join(args.out, f"qemu-compare-{stamp}")
-    plan = []
-    for q in args.queues:
-        for r in range(args.rounds):
-            k = r % len(args.systems)              # rotate the order: A B, B A, …
-            plan += [(q, r, s) for s in args.systems[k:] + args.systems[:k]]
+    base = abrun.out_base(args.out, "qemu-compare")
+    plan = abrun.plan_rounds(args.queues, args.rounds, args.systems)
     per = 12 + args.warmup + args.seconds + args.wait_idle / len(args.systems)
     print(f"qemu_compare: queues {args.queues} x {args.rounds} rounds x {len(args.systems)} systems = "
           f"{len(plan)} runs, ~{len(plan) * per / 60:.0f} min; {args.size}-byte frames; back-end fwd CPU "
           f"{args.be_fwd} (shardvu workers on {args.shardvu_cpus}); QEMU "
           f"{'on CPUs ' + ','.join(map(str, args.qemu_cpus)) if args.qemu_cpus else 'unpinned'}", flush=True)
-    meta = {
-        "command": " ".join([os.path.basename(sys.executable), "bench/qemu_compare.py", *(argv or sys.argv[1:])]),
-        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "host": platform.node(), "cpus": os.cpu_count(), "loadavg_before": os.getloadavg(),
-        "python": sys.version.split()[0], "testpmd": shutil.which("dpdk-testpmd"),
-        "qemu": have_qemu()[1], "kernel": kernel, "args": dict(vars(args)),
-    }
-    samples: List[Dict] = []
-    out_json = base + ".json"
-
-    def save():
-        rows = summarize(samples, args.queues, args.systems)
-        with open(out_json, "w") as f:
-            json.dump({"meta": meta, "summary": rows, "samples": samples}, f, indent=1, default=str)
-        return rows
-
-    t_start = time.monotonic()
-    try:
-        idle = None
-        for i, (q, r, system) in enumerate(plan, 1):
-            if args.wait_idle > 0 and (i == 1 or plan[i - 2][:2] != (q, r)):
-                idle = wait_idle(args.wait_idle, args.idle_below)
-                if idle[1] >= args.idle_below:
-                    print(f"  (machine still busy after {idle[0]:.0f} s: others at {idle[1]:.0f}% of a CPU;"
-                          f" measuring anyway)", flush=True)
-            res = Measurement(args, system, q, kernel, initramfs).run()
-            res["round"] = r
-            if idle is not None:
-                res["idle_wait"] = {"waited_s": idle[0], "busy_percent": idle[1]}
-            res["loadavg"] = os.getloadavg()
-            samples.append(res)
-            head = f"[{i:2d}/{len(plan)}] q={q} round {r + 1}/{args.rounds} {system:12s}"
-            if "kpps" in res:
-                qc, vc = _qemu_cpu(res)
-                gd = res.get("guest", {})
-                gp = gd.get("pktgen_pps")
-                chk = res.get("guest_minus_backend")
-                print(f"{head} {res['kpps']:8.1f} kpps  guest pktgen {gp / 1e3 if gp else float('nan'):.1f} kpps"
-                      f"  boot {res.get('boot_s', 0):.1f} s  qemu {qc or 0:.0f}% (vCPUs {vc or 0:.0f}%)"
-                      f"  back-end {_be_cpu(res) or 0:.0f}%  others {res['others_cpu_percent']:.0f}%"
-                      f"  guest-sent minus back-end-total {chk if chk is not None else '?'}"
-                      + (f"  GUEST {res['guest_error']}" if "guest_error" in res else "")
-                      + (f"  WARNING {res['warning']}" if "warning" in res else ""), flush=True)
-            else:
-                print(f"{head}   FAILED  {res['error']}", flush=True)
-            rnd = [x for x in samples if (x["queues"], x["round"]) == (q, r)]
-            if len(rnd) == len(args.systems):
-                by = {x["system"]: x.get("kpps") for x in rnd}
-                ratios = [f"{v}/dpdk {by[v] / by['dpdk']:.3f}" for v in args.systems
-                          if v in SHARDVU and by.get(v) and by.get("dpdk")]
-                if ratios:
-                    print(f"{'':>{len(head)}}   round ratio {'  '.join(ratios)}", flush=True)
-            save()
-    except KeyboardInterrupt:
-        print("interrupted; summarising what was measured", flush=True)
-    meta["loadavg_after"] = os.getloadavg()
-    meta["elapsed_s"] = round(time.monotonic() - t_start, 1)
-    rows = save()
-    tab = table(rows)
-    with open(base + ".md", "w") as f:
-        f.write(f"Command: `{meta['command']}`  \n{meta['date']}, {meta['cpus']} CPUs, host {meta['host']}\n\n")
-        f.write(tab + "\n")
-    print()
-    print(tab)
-    print(f"\nsamples: {out_json}\ntable:   {base}.md")
+    meta = abrun.base_meta("bench/qemu_compare.py", argv)
+    meta.update({"qemu": have_qemu()[1], "kernel": kernel, "args": dict(vars(args))})
+    samples, _ = abrun.run_plan(
+        args, plan, meta, base, key="kpps", config_of=lambda s: s["queues"],
+        measure=lambda q, system: Measurement(args, system, q, kernel, initramfs).run(),
+        describe=lambda q: f"q={q}", report=_report,
+        summarize=lambda samples: summarize(samples, args.queues, args.systems),
+        table=table, index_width=2)
     left = leftover_testpmds(f"shvu{os.getpid()}n") + leftover_qemus("svqc-")
     if left:
         print(f"WARNING: processes left behind: {left}", file=sys.stderr)
