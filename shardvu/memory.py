@@ -57,6 +57,13 @@ class MappedRegion:
         #: times this exact region was added (see GuestMemory.add)
         self.refs = 1
 
+    @property
+    def mm(self):
+        """The raw mapping; the region's byte ``i`` is ``mm[mmap_offset + i]``.
+        (PyPy's data path copies through it: its mmap slice assignment is a
+        plain memcpy, faster than through a memoryview.)"""
+        return self._mm
+
     def describe(self) -> MemoryRegion:
         return MemoryRegion(self.gpa, self.size, self.uva, self.mmap_offset)
 

@@ -261,6 +261,8 @@ class VirtQueue:
         #: kicks received (counted by the control code that reads the kick fd)
         self.kicks = 0
         self.rings: Optional[SplitRings] = None
+        self.raw = None
+        self._raw_parts: list = []
         self._desc: Optional[memoryview] = None
         self._avail: Optional[memoryview] = None
         self._used: Optional[memoryview] = None
@@ -323,6 +325,7 @@ class VirtQueue:
             raise RingError(f"queue {self.index}: {name} at {uva:#x}+{size:#x} "
                             "is not inside one memory region")
         region, off = found
+        self._raw_parts.append((region.mm, region.mmap_offset + off))
         return region.view[off:off + size]
 
     def map_rings(self) -> None:
@@ -346,12 +349,16 @@ class VirtQueue:
             raise RingError(f"queue {self.index}: ring addresses not set")
         if self.mem is None:
             raise RingError(f"queue {self.index}: no guest memory")
+        self._raw_parts = []
         desc = self._map_part("descriptor table", self.addr.desc, desc_table_size(num))
         avail = self._map_part("avail ring", self.addr.avail, avail_ring_size(num))
         used = self._map_part("used ring", self.addr.used, used_ring_size(num))
         self._desc, self._avail, self._used = desc, avail, used
         self._used16 = used.cast("H")
         self.rings = SplitRings(num, desc, avail, used)
+        #: ((mmap, offset) of the descriptor table, avail ring, used ring):
+        #: for data paths that address the raw mapping (PyPy's)
+        self.raw = tuple(self._raw_parts)
         self.used_idx = _U16.unpack_from(used, 2)[0]
         if self.last_avail_idx != self.used_idx:
             resume = self.processed_in_order and self.inuse == 0 and not self._resubmit
@@ -365,6 +372,7 @@ class VirtQueue:
         if getattr(self, "rings", None) is not None:
             self.rings.release()
         self.rings = None
+        self.raw = None
         for view in (self._used16, self._desc, self._avail, self._used):
             if view is not None:
                 view.release()

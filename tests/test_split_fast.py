@@ -96,3 +96,13 @@ def test_hostile_rings_break_the_queue(ring, style, case):
     n, _, _ = style.tx_pass(vq, 12, 64, split_fast.RegionCache(mem), seen.extend)
     assert n == 0 and vq.broken and not seen
     assert {"head": "head index", "address": "outside guest memory", "jump": "moved by"}[case] in vq.broken_reason
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_rx_fill_takes_memoryview_frames_too(ring, style):
+    mem, drv, vq = ring
+    drv.add([], [(0x200000, 2048)])
+    drv.publish()
+    src = memoryview(bytearray(b"loop" * 20))
+    n, _, _ = style.rx_pass(vq, [src], split_fast.rx_header(12), split_fast.RegionCache(mem))
+    assert n == 1 and mem.read(0x200000 + 12, 80) == b"loop" * 20

@@ -35,14 +35,17 @@ def eligible(vq: VirtQueue) -> bool:
 
 
 class RegionCache:
-    """Last region hit, so the common one-region guest costs two compares."""
+    """Last region hit, so the common one-region guest costs two compares.
+    ``view`` is the region's memoryview; ``mm``/``base`` address the same
+    bytes in the raw mapping (``mm[base + gpa - lo]``)."""
 
-    __slots__ = ("mem", "lo", "hi", "view")
+    __slots__ = ("mem", "lo", "hi", "view", "mm", "base")
 
     def __init__(self, mem) -> None:
         self.mem = mem
-        self.lo = self.hi = 0
+        self.lo = self.hi = self.base = 0
         self.view: Optional[memoryview] = None
+        self.mm = None
 
     def lookup(self, addr: int, length: int) -> Optional[memoryview]:
         found = self.mem.gpa_range(addr, length)
@@ -50,6 +53,7 @@ class RegionCache:
             return None
         region, _off = found
         self.lo, self.hi, self.view = region.gpa, region.gpa_end, region.view
+        self.mm, self.base = region.mm, region.mmap_offset
         return self.view
 
 

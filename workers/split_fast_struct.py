@@ -7,7 +7,10 @@ Same contract and shape as :mod:`.split_fast` (the CPython loop): one
 buffers, the rest goes to the general path.  PyPy's JIT turns these struct
 calls into plain loads and stores, 3–5× faster than CPython on the same
 loop, while ``memoryview.cast`` indexing is slow there — and a cast store
-can even tear on PyPy (seen here), while its struct store does not.
+can even tear on PyPy (seen here), while its struct store does not.  It
+addresses the raw ``mmap`` objects (``VirtQueue.raw``, ``RegionCache.mm``)
+rather than memoryviews: PyPy's mmap slice assignment is a plain memcpy
+(18 ns for 76 bytes against 49 through a memoryview).
 """
 from __future__ import annotations
 
@@ -26,15 +29,15 @@ _DESC = struct.Struct("QIHH")
 _ELEM = struct.Struct("II")
 
 
-def _publish(vq: VirtQueue, used: memoryview, num: int, old: int, count: int, last_avail: int) -> None:
+def _publish(vq: VirtQueue, used, uoff: int, num: int, old: int, count: int, last_avail: int) -> None:
     new = (old + count) & 0xFFFF
-    _H.pack_into(used, 2, new)
+    _H.pack_into(used, uoff + 2, new)
     vq.used_idx = new
     vq.last_avail_idx = last_avail
     if vq.signalled_used_valid and ((new - vq.signalled_used) & 0xFFFF) < count:
         vq.signalled_used_valid = False
     if vq.notification and vq.features >> VIRTIO_RING_F_EVENT_IDX & 1:
-        _H.pack_into(used, 4 + 8 * num, last_avail)
+        _H.pack_into(used, uoff + 4 + 8 * num, last_avail)
     vq.notify()
 
 
@@ -43,12 +46,12 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
     """See :func:`shardvu.workers.split_fast.tx_pass`."""
     num = vq.num
     mask = num - 1
-    avail, desc, used = vq._avail, vq._desc, vq._used
+    (desc, doff), (avail, aoff), (used, uoff) = vq.raw
     h_from = _H.unpack_from
     d_from = _DESC.unpack_from
     e_into = _ELEM.pack_into
     last = vq.last_avail_idx
-    navail = batch_size(vq, h_from(avail, 2)[0], budget)
+    navail = batch_size(vq, h_from(avail, aoff + 2)[0], budget)
     if not navail:
         return 0, 0, False
     used_idx = vq.used_idx
@@ -57,11 +60,11 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
     nbytes = n = 0
     more = False
     while n < navail:
-        head = h_from(avail, 4 + 2 * ((last + n) & mask))[0]
+        head = h_from(avail, aoff + 4 + 2 * ((last + n) & mask))[0]
         if head >= num:
             vq.mark_broken(f"head index {head} >= queue size {num}")
             break
-        addr, length, flags, _next = d_from(desc, head << 4)
+        addr, length, flags, _next = d_from(desc, doff + (head << 4))
         if flags & (_SLOW_FLAGS | _WRITE):
             more = True
             break
@@ -74,13 +77,13 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
             off = addr - lo
             out.append(view[off + hdr_len:off + length])
         nbytes += length - hdr_len
-        e_into(used, 4 + (((used_idx + n) & mask) << 3), head, 0)
+        e_into(used, uoff + 4 + (((used_idx + n) & mask) << 3), head, 0)
         n += 1
     if n:
         if out:
             on_frames(out)
             out = None
-        _publish(vq, used, num, used_idx, n, (last + n) & 0xFFFF)
+        _publish(vq, used, uoff, num, used_idx, n, (last + n) & 0xFFFF)
     return n, nbytes, more
 
 
@@ -89,42 +92,49 @@ def rx_pass(vq: VirtQueue, frames: Sequence, hdr: bytes,
     """See :func:`shardvu.workers.split_fast.rx_pass`."""
     num = vq.num
     mask = num - 1
-    avail, desc, used = vq._avail, vq._desc, vq._used
+    (desc, doff), (avail, aoff), (used, uoff) = vq.raw
     h_from = _H.unpack_from
     d_from = _DESC.unpack_from
     e_into = _ELEM.pack_into
     last = vq.last_avail_idx
-    navail = batch_size(vq, h_from(avail, 2)[0], len(frames))
+    navail = batch_size(vq, h_from(avail, aoff + 2)[0], len(frames))
     if not navail:
         return 0, 0, False
     used_idx = vq.used_idx
     hlen = len(hdr)
-    lo, hi, view = cache.lo, cache.hi, cache.view
+    lo, hi, mm, base, view = cache.lo, cache.hi, cache.mm, cache.base, cache.view
+    # PyPy's mmap takes only bytes; other frames (ring views) go through the view
+    raw = type(frames[0]) is bytes
     nbytes = n = 0
     more = False
     while n < navail:
-        head = h_from(avail, 4 + 2 * ((last + n) & mask))[0]
+        head = h_from(avail, aoff + 4 + 2 * ((last + n) & mask))[0]
         if head >= num:
             vq.mark_broken(f"head index {head} >= queue size {num}")
             break
-        addr, length, flags, _next = d_from(desc, head << 4)
+        addr, length, flags, _next = d_from(desc, doff + (head << 4))
         frame = frames[n]
         flen = len(frame)
         if flags & _SLOW_FLAGS or not flags & _WRITE or length < hlen + flen:
             more = True
             break
         if not (lo <= addr and addr + length <= hi):
-            view = translate(vq, cache, head, addr, length)
-            if view is None:
+            if translate(vq, cache, head, addr, length) is None:
                 break
-            lo, hi = cache.lo, cache.hi
-        off = addr - lo
-        if hlen:
-            view[off:off + hlen] = hdr
-        view[off + hlen:off + hlen + flen] = frame
+            lo, hi, mm, base, view = cache.lo, cache.hi, cache.mm, cache.base, cache.view
+        if raw:
+            off = base + addr - lo
+            if hlen:
+                mm[off:off + hlen] = hdr
+            mm[off + hlen:off + hlen + flen] = frame
+        else:
+            off = addr - lo
+            if hlen:
+                view[off:off + hlen] = hdr
+            view[off + hlen:off + hlen + flen] = frame
         nbytes += flen
-        e_into(used, 4 + (((used_idx + n) & mask) << 3), head, hlen + flen)
+        e_into(used, uoff + 4 + (((used_idx + n) & mask) << 3), head, hlen + flen)
         n += 1
     if n:
-        _publish(vq, used, num, used_idx, n, (last + n) & 0xFFFF)
+        _publish(vq, used, uoff, num, used_idx, n, (last + n) & 0xFFFF)
     return n, nbytes, more
