@@ -330,6 +330,14 @@ class SpscRing:
 
     # -- consumer ------------------------------------------------------------
 
+    def _ready(self, cons: int, max_n: int) -> int:
+        """Frames published after consumer position ``cons`` (one producer
+        index load), at most ``max_n``; RuntimeError on a corrupt index."""
+        avail = (self._pi.value - cons) & _MASK64
+        if avail > self.slots:
+            raise RuntimeError(f"spsc: corrupt producer index (cons={cons})")
+        return avail if avail < max_n else max_n
+
     def pop_batch(self, max_n: int) -> List[bytes]:
         """Copy out up to ``max_n`` frames (oldest first) and release their
         slots with a single consumer-index store.  Not to be mixed with an
@@ -338,10 +346,7 @@ class SpscRing:
             raise RuntimeError("spsc: pop_batch with peeked frames outstanding")
         mm = self._mm
         cons = self._cons
-        avail = (self._pi.value - cons) & _MASK64       # one index load
-        if avail > self.slots:
-            raise RuntimeError(f"spsc: corrupt producer index (cons={cons})")
-        n = avail if avail < max_n else max_n
+        n = self._ready(cons, max_n)
         if n <= 0:
             return []
         mask, ssize, hdr = self._mask, self.slot_size, HEADER_SIZE
@@ -369,10 +374,7 @@ class SpscRing:
         assignment into a guest buffer) and drop them before releasing."""
         mm, buf = self._mm, self._buf
         cons = (self._cons + self._peeked) & _MASK64
-        avail = (self._pi.value - cons) & _MASK64
-        if avail > self.slots:
-            raise RuntimeError(f"spsc: corrupt producer index (cons={cons})")
-        n = avail if avail < max_n else max_n
+        n = self._ready(cons, max_n)
         if n <= 0:
             return []
         mask, ssize, hdr = self._mask, self.slot_size, HEADER_SIZE
