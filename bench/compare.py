@@ -279,6 +279,23 @@ def cpu_percent(a: Dict[str, Dict], b: Dict[str, Dict]) -> Dict[str, Dict]:
 
 # -- one measurement -----------------------------------------------------------
 
+def backend_pids(rt, be) -> Dict[str, int]:
+    """Pids of the back-end under test: DPDK's testpmd (``be``), or shardvu's
+    control process and its workers (``rt``, a Runtime)."""
+    pids: Dict[str, int] = {}
+    if be is not None:
+        pids["be"] = be.pid
+    if rt is not None:
+        pids["control"] = rt.proc.pid
+        try:
+            for q in rt.stats(timeout=1.0)["queues"]:
+                if q.get("worker_pid"):
+                    pids[f"w{q['index']}"] = q["worker_pid"]
+        except Exception:                   # noqa: BLE001 - stats may be gone already
+            pass
+    return pids
+
+
 class Measurement:
     def __init__(self, args, system: str, workload: str, size: int, queues: int):
         self.args, self.system, self.workload, self.size, self.queues = args, system, workload, size, queues
@@ -417,18 +434,7 @@ class Measurement:
         return {k: [[round(t - t_fwd, 3), n] for t, n in v] for k, v in raw.items()}
 
     def _pids(self, rt, be, fe) -> Dict[str, int]:
-        pids = {"fe": fe.pid}
-        if be is not None:
-            pids["be"] = be.pid
-        if rt is not None:
-            pids["control"] = rt.proc.pid
-            try:
-                for q in rt.stats(timeout=1.0)["queues"]:
-                    if q.get("worker_pid"):
-                        pids[f"w{q['index']}"] = q["worker_pid"]
-            except Exception:
-                pass
-        return pids
+        return {"fe": fe.pid, **backend_pids(rt, be)}
 
     def _stop(self, rt, be, fe) -> Dict:
         out: Dict = {}

@@ -74,7 +74,7 @@ sys.path.insert(0, BENCH)
 import abrun  # noqa: E402
 from abrun import LABELS, SHARDVU, machine_busy, med  # noqa: E402
 # bench/compare.py's samplers and CPU accounting (one method for both benches)
-from compare import (POLL_S, ShardvuSampler, TelemetrySampler, cpu_percent,  # noqa: E402
+from compare import (POLL_S, backend_pids, ShardvuSampler, TelemetrySampler, cpu_percent,  # noqa: E402
                      cpu_snapshot, others_percent, shardvu_tx_rate, window_rate)
 
 from shardvu.qemu import Guest, have_qemu, leftover_qemus  # noqa: E402
@@ -264,18 +264,7 @@ class Measurement:
         return last
 
     def _pids(self, rt, be, g) -> Dict[str, int]:
-        pids = {"qemu": g.proc.pid}
-        if be is not None:
-            pids["be"] = be.pid
-        if rt is not None:
-            pids["control"] = rt.proc.pid
-            try:
-                for x in rt.stats(timeout=1.0)["queues"]:
-                    if x.get("worker_pid"):
-                        pids[f"w{x['index']}"] = x["worker_pid"]
-            except Exception:                   # noqa: BLE001
-                pass
-        return pids
+        return {"qemu": g.proc.pid, **backend_pids(rt, be)}
 
     def _stop(self, rt, be, g) -> Dict:
         out: Dict = {}
