@@ -2,7 +2,7 @@
 workers' split-ring loops, in one process, no front-end process involved.
 
     python3 bench/ringloop.py [--size 256] [--batches 2000] [--frame 64]
-    pypy3 bench/ringloop.py          # with PYTHONPATH=<repo>
+    .venv-pypy/bin/python bench/ringloop.py     # shardvu installed there (.ci/run)
 
 A driver-side ring (shardvu.driver) is laid out in a memfd once; every
 "batch" the driver just advances avail->idx by the ring size (the avail
@@ -11,6 +11,8 @@ work only.  Reports, per packet:
 
 - whole passes: the general VirtQueue API path (pop/fill/flush) and the
   fast paths of workers/split_fast.py (TX sink, TX copy, RX fill);
+- the loopback port's fused hops through its SPSC ring (both styles):
+  guest TX ring -> ring slots, ring slots -> guest RX ring;
 - single steps on the same views: avail entry load, descriptor loads,
   used element stores, payload copy.
 
@@ -32,21 +34,8 @@ from shardvu.memory import GuestMemory  # noqa: E402
 from shardvu.protocol import MemoryRegion, VringAddr  # noqa: E402
 from shardvu.virtqueue import VirtQueue  # noqa: E402
 
-try:
-    from shardvu.workers import split_fast, split_fast_struct, split_loop
-except ImportError:  # running from a source tree under PyPy: load by path
-    import importlib.util
-
-    def _load(name):
-        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            "workers", name + ".py")
-        spec = importlib.util.spec_from_file_location("shardvu_workers_" + name, path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    split_fast = _load("split_fast")
-    split_fast_struct = _load("split_fast_struct")
-    split_loop = _load("split_loop")
+from shardvu.workers import split_fast, split_fast_struct, split_loop  # noqa: E402
+from shardvu.workers.spsc import SpscRing  # noqa: E402
 
 UVA = 0x7F00_0000_0000
 
@@ -134,6 +123,29 @@ def main() -> None:
           lambda vq, c: split_fast.rx_pass(vq, joined, b"", c))
     bench("fast (struct style): RX pre-joined", True,
           lambda vq, c: split_fast_struct.rx_pass(vq, joined, b"", c))
+
+    ring = SpscRing.create(size, 2048)
+    ring.set_headroom(hdr)
+
+    def drained(fn):        # TX hop: empty the ring again after each batch
+        def body(vq, c):
+            fn(vq, 12, size, c, ring)
+            ring.consumed(ring.produce_window()[0])
+        return body
+
+    def refilled(fn):       # RX hop: republish the same `size` frames each batch
+        ring.push_batch(frames)
+        ring.consumed(ring.produce_window()[0])
+
+        def body(vq, c):
+            ring.publish(ring.produce_window()[0] + size)
+            fn(vq, ring, 12, size, c)
+        return body
+    bench("loopback: TX -> ring", False, drained(split_fast.tx_to_ring))
+    bench("loopback (struct style): TX -> ring", False, drained(split_fast_struct.tx_to_ring))
+    bench("loopback: ring -> RX", True, refilled(split_fast.rx_from_ring))
+    bench("loopback (struct style): ring -> RX", True, refilled(split_fast_struct.rx_from_ring))
+    ring.close()
 
     print("single steps (same typed views):")
     mem, drv, vq = setup(size, frame, False)

@@ -51,22 +51,22 @@ def test_full_ring(ring):
 
 
 def test_oversize_dropped_and_counted(ring):
-    assert ring.max_frame == 60
-    ok = b"x" * 60
-    frames = [b"y" * 61, ok, memoryview(b"z" * 1000), b"w"]
+    assert ring.max_frame == 48
+    ok = b"x" * 48
+    frames = [b"y" * 49, ok, memoryview(b"z" * 1000), b"w"]
     assert ring.push_batch(frames) == 4
     assert ring.oversize == 2
     assert ring.pop_batch(10) == [ok, b"w"]
     # Oversize frames past a full ring are not consumed either.
     ring.push_batch([b"."] * 8)
-    assert ring.push_batch([b"y" * 61, b"a"]) == 1 and ring.oversize == 3
+    assert ring.push_batch([b"y" * 49, b"a"]) == 1 and ring.oversize == 3
 
 
 @pytest.mark.parametrize("start", [0, M64 - 37, (1 << 32) - 5])
 def test_many_wraps(start):
     """Hundreds of wraps of the slot index and, from near 2**64, of the
     u64 counters themselves, with batches of every size."""
-    with SpscRing.create(16, 32, initial_index=start) as r:
+    with SpscRing.create(16, 48, initial_index=start) as r:
         seq = 0
         got = 0
         k = 0
@@ -157,7 +157,7 @@ def test_attach_garbage_raises_and_closes_nothing(case):
     elif case == "bad_magic":
         fd = _memfd(_good_image(magic=b"SHVUSPSX"))
     elif case == "bad_version":
-        fd = _memfd(_good_image(version=2))
+        fd = _memfd(_good_image(version=spsc.VERSION + 1))
     elif case == "slots_not_pow2":
         fd = _memfd(_good_image(slots=3))
     elif case == "slot_size_odd":
@@ -197,7 +197,7 @@ def test_good_image_attaches():
 
 
 def test_create_rejects_bad_geometry():
-    for slots, size in [(0, 64), (3, 64), (4, 8), (4, 65), (1 << 21, 64)]:
+    for slots, size in [(0, 64), (3, 64), (4, 8), (4, 24), (4, 65), (1 << 21, 64)]:
         with pytest.raises(ValueError):
             SpscRing.create(slots, size)
 

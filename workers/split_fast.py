@@ -24,6 +24,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 from shardvu.protocol import VIRTIO_RING_F_EVENT_IDX
 from shardvu.virtqueue import VirtQueue
 
+from .spsc import DATA_OFF, HEADER_SIZE as SLOT0, SpscRing
+
 _SLOW_FLAGS = 1 | 4          # NEXT | INDIRECT
 _WRITE = 2
 
@@ -204,3 +206,125 @@ def rx_pass(vq: VirtQueue, frames: Sequence, hdr: bytes,
 def rx_header(hdr_len: int) -> bytes:
     """A zeroed virtio-net header; with the 12-byte layout num_buffers = 1."""
     return bytes(10) + b"\x01\x00" if hdr_len == 12 else bytes(hdr_len)
+
+
+# -- loopback: guest TX ring -> SPSC slots -> guest RX ring, one copy per hop --
+
+def tx_to_ring(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
+               ring: SpscRing) -> Tuple[int, int, int, bool]:
+    """Move up to ``budget`` single-descriptor frames from the guest's TX
+    ring straight into ``ring``'s slots (one copy each: no views, no list)
+    and publish them with one producer-index store; the caller rings the
+    doorbell.  A frame that finds the ring full, is longer than
+    ``ring.max_frame`` or shorter than the header is consumed and dropped.
+    Returns ``(frames taken, payload bytes forwarded, dropped, more)``."""
+    rings = vq.rings
+    num = rings.num
+    mask = num - 1
+    avail16 = rings.avail16
+    last = vq.last_avail_idx
+    navail = batch_size(vq, avail16[1], budget)
+    if not navail:
+        return 0, 0, 0, False
+    desc64, desc32, desc16, used32 = rings.desc64, rings.desc32, rings.desc16, rings.used32
+    used_idx = vq.used_idx
+    lo, hi, view = cache.lo, cache.hi, cache.view
+    prod, room = ring.produce_window()
+    sbuf, len32, smask, ssize, maxf = ring.buf, ring.len32, ring.mask, ring.slot_size, ring.max_frame
+    nbytes = n = dropped = 0
+    more = False
+    while n < navail:
+        head = avail16[2 + ((last + n) & mask)]
+        if head >= num:
+            vq.mark_broken(f"head index {head} >= queue size {num}")
+            break
+        if desc16[(head << 3) + 6] & (_SLOW_FLAGS | _WRITE):
+            more = True
+            break
+        length = desc32[(head << 2) + 2]
+        flen = length - hdr_len
+        if room and 0 <= flen <= maxf:
+            addr = desc64[head << 1]
+            if not (lo <= addr and addr + length <= hi):
+                view = translate(vq, cache, head, addr, length)
+                if view is None:
+                    break
+                lo, hi = cache.lo, cache.hi
+            off = addr - lo + hdr_len
+            slot = SLOT0 + (prod & smask) * ssize
+            len32[slot >> 2] = flen
+            sbuf[slot + DATA_OFF:slot + DATA_OFF + flen] = view[off:off + flen]
+            prod += 1
+            room -= 1
+            nbytes += flen
+        else:
+            dropped += 1
+        slot = ((used_idx + n) & mask) << 1
+        used32[slot + 1] = head
+        used32[slot + 2] = 0
+        n += 1
+    if n:
+        ring.publish(prod)
+        _publish(vq, rings, used_idx, n, (last + n) & 0xFFFF)
+    return n, nbytes, dropped, more
+
+
+def rx_from_ring(vq: VirtQueue, ring: SpscRing, hdr_len: int, budget: int,
+                 cache: RegionCache) -> Tuple[int, int, bool]:
+    """Deliver up to ``budget`` frames from ``ring`` into single-descriptor
+    RX buffers, each with the ``hdr_len``-byte virtio-net header that the
+    producer laid down in the slot's headroom (:meth:`SpscRing.set_headroom`):
+    one copy of header + frame per buffer; their slots are released with one
+    consumer-index store.  Returns ``(delivered, payload bytes, more)``;
+    ``more`` means frames are left and the next RX buffer needs the general
+    path (a chain, or too small)."""
+    cons, ready = ring.consume_window(budget)
+    if not ready:
+        return 0, 0, False
+    rings = vq.rings
+    num = rings.num
+    mask = num - 1
+    avail16 = rings.avail16
+    last = vq.last_avail_idx
+    navail = batch_size(vq, avail16[1], ready)
+    if not navail:
+        return 0, 0, False
+    desc64, desc32, desc16, used32 = rings.desc64, rings.desc32, rings.desc16, rings.used32
+    used_idx = vq.used_idx
+    lo, hi, view = cache.lo, cache.hi, cache.view
+    sbuf, len32, smask, ssize, maxf = ring.buf, ring.len32, ring.mask, ring.slot_size, ring.max_frame
+    start = DATA_OFF - hdr_len
+    nbytes = n = 0
+    more = False
+    while n < navail:
+        head = avail16[2 + ((last + n) & mask)]
+        if head >= num:
+            vq.mark_broken(f"head index {head} >= queue size {num}")
+            break
+        slot = SLOT0 + ((cons + n) & smask) * ssize
+        flen = len32[slot >> 2]
+        if flen > maxf:
+            raise RuntimeError(f"spsc: corrupt slot length {flen}")
+        total = hdr_len + flen
+        d = head << 3
+        length = desc32[(head << 2) + 2]
+        if desc16[d + 6] & _SLOW_FLAGS or not desc16[d + 6] & _WRITE or length < total:
+            more = True
+            break
+        addr = desc64[head << 1]
+        if not (lo <= addr and addr + length <= hi):
+            view = translate(vq, cache, head, addr, length)
+            if view is None:
+                break
+            lo, hi = cache.lo, cache.hi
+        off = addr - lo
+        view[off:off + total] = sbuf[slot + start:slot + DATA_OFF + flen]
+        nbytes += flen
+        slot = ((used_idx + n) & mask) << 1
+        used32[slot + 1] = head
+        used32[slot + 2] = total
+        n += 1
+    if n:
+        ring.consumed(cons + n)
+        _publish(vq, rings, used_idx, n, (last + n) & 0xFFFF)
+    return n, nbytes, more

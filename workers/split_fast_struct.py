@@ -20,11 +20,13 @@ from typing import Callable, List, Optional, Sequence, Tuple
 from shardvu.protocol import VIRTIO_RING_F_EVENT_IDX
 from shardvu.virtqueue import VirtQueue
 
+from .spsc import DATA_OFF, HEADER_SIZE as SLOT0, SpscRing
 from .split_fast import _SLOW_FLAGS, _WRITE, RegionCache, batch_size, eligible, rx_header, translate
 
-__all__ = ["tx_pass", "rx_pass", "eligible", "RegionCache", "rx_header"]
+__all__ = ["tx_pass", "rx_pass", "tx_to_ring", "rx_from_ring", "eligible", "RegionCache", "rx_header"]
 
 _H = struct.Struct("H")
+_U32 = struct.Struct("I")
 _DESC = struct.Struct("QIHH")
 _ELEM = struct.Struct("II")
 
@@ -136,5 +138,109 @@ def rx_pass(vq: VirtQueue, frames: Sequence, hdr: bytes,
         e_into(used, uoff + 4 + (((used_idx + n) & mask) << 3), head, hlen + flen)
         n += 1
     if n:
+        _publish(vq, used, uoff, num, used_idx, n, (last + n) & 0xFFFF)
+    return n, nbytes, more
+
+
+def tx_to_ring(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
+               ring: SpscRing) -> Tuple[int, int, int, bool]:
+    """See :func:`shardvu.workers.split_fast.tx_to_ring`."""
+    num = vq.num
+    mask = num - 1
+    (desc, doff), (avail, aoff), (used, uoff) = vq.raw
+    h_from = _H.unpack_from
+    d_from = _DESC.unpack_from
+    e_into = _ELEM.pack_into
+    len_into = _U32.pack_into
+    last = vq.last_avail_idx
+    navail = batch_size(vq, h_from(avail, aoff + 2)[0], budget)
+    if not navail:
+        return 0, 0, 0, False
+    used_idx = vq.used_idx
+    lo, hi, mm, base = cache.lo, cache.hi, cache.mm, cache.base
+    prod, room = ring.produce_window()
+    smm, smask, ssize, maxf = ring.mm, ring.mask, ring.slot_size, ring.max_frame
+    nbytes = n = dropped = 0
+    more = False
+    while n < navail:
+        head = h_from(avail, aoff + 4 + 2 * ((last + n) & mask))[0]
+        if head >= num:
+            vq.mark_broken(f"head index {head} >= queue size {num}")
+            break
+        addr, length, flags, _next = d_from(desc, doff + (head << 4))
+        if flags & (_SLOW_FLAGS | _WRITE):
+            more = True
+            break
+        flen = length - hdr_len
+        if room and 0 <= flen <= maxf:
+            if not (lo <= addr and addr + length <= hi):
+                if translate(vq, cache, head, addr, length) is None:
+                    break
+                lo, hi, mm, base = cache.lo, cache.hi, cache.mm, cache.base
+            off = base + addr - lo + hdr_len
+            slot = SLOT0 + (prod & smask) * ssize
+            len_into(smm, slot, flen)
+            smm[slot + DATA_OFF:slot + DATA_OFF + flen] = mm[off:off + flen]
+            prod += 1
+            room -= 1
+            nbytes += flen
+        else:
+            dropped += 1
+        e_into(used, uoff + 4 + (((used_idx + n) & mask) << 3), head, 0)
+        n += 1
+    if n:
+        ring.publish(prod)
+        _publish(vq, used, uoff, num, used_idx, n, (last + n) & 0xFFFF)
+    return n, nbytes, dropped, more
+
+
+def rx_from_ring(vq: VirtQueue, ring: SpscRing, hdr_len: int, budget: int,
+                 cache: RegionCache) -> Tuple[int, int, bool]:
+    """See :func:`shardvu.workers.split_fast.rx_from_ring`."""
+    cons, ready = ring.consume_window(budget)
+    if not ready:
+        return 0, 0, False
+    num = vq.num
+    mask = num - 1
+    (desc, doff), (avail, aoff), (used, uoff) = vq.raw
+    h_from = _H.unpack_from
+    d_from = _DESC.unpack_from
+    e_into = _ELEM.pack_into
+    len_from = _U32.unpack_from
+    last = vq.last_avail_idx
+    navail = batch_size(vq, h_from(avail, aoff + 2)[0], ready)
+    if not navail:
+        return 0, 0, False
+    used_idx = vq.used_idx
+    lo, hi, mm, base = cache.lo, cache.hi, cache.mm, cache.base
+    smm, smask, ssize, maxf = ring.mm, ring.mask, ring.slot_size, ring.max_frame
+    start = DATA_OFF - hdr_len
+    nbytes = n = 0
+    more = False
+    while n < navail:
+        head = h_from(avail, aoff + 4 + 2 * ((last + n) & mask))[0]
+        if head >= num:
+            vq.mark_broken(f"head index {head} >= queue size {num}")
+            break
+        slot = SLOT0 + ((cons + n) & smask) * ssize
+        flen = len_from(smm, slot)[0]
+        if flen > maxf:
+            raise RuntimeError(f"spsc: corrupt slot length {flen}")
+        total = hdr_len + flen
+        addr, length, flags, _next = d_from(desc, doff + (head << 4))
+        if flags & _SLOW_FLAGS or not flags & _WRITE or length < total:
+            more = True
+            break
+        if not (lo <= addr and addr + length <= hi):
+            if translate(vq, cache, head, addr, length) is None:
+                break
+            lo, hi, mm, base = cache.lo, cache.hi, cache.mm, cache.base
+        off = base + addr - lo
+        mm[off:off + total] = smm[slot + start:slot + DATA_OFF + flen]
+        nbytes += flen
+        e_into(used, uoff + 4 + (((used_idx + n) & mask) << 3), head, total)
+        n += 1
+    if n:
+        ring.consumed(cons + n)
         _publish(vq, used, uoff, num, used_idx, n, (last + n) & 0xFFFF)
     return n, nbytes, more

@@ -12,7 +12,12 @@ Layout (all integers native-endian, i.e. little-endian on x86-64)::
     64   producer index  u64   (written by the producer only)
     128  consumer index  u64   (written by the consumer only)
     192  sleeping flag   u32   (consumer sets 1, producer clears)
-    256  slot[0] .. slot[slots-1], each slot_size bytes: length u32 + data
+    256  slot[0] .. slot[slots-1], each slot_size bytes:
+           0   length u32
+           4   headroom (12 bytes): a prefix the producer may lay down once
+               (set_headroom), for a consumer that wants it in front of
+               every frame: the loopback port's RX virtio-net header
+           16  data (up to slot_size - 16 bytes)
 
 The indices are free-running u64 counters (wrapping at 2**64); frame *k*
 lives in slot ``k & (slots - 1)``; ``pending = (prod - cons) mod 2**64``
@@ -89,11 +94,13 @@ from typing import List, Optional, Sequence, Union
 
 from shardvu import eventfd as _efd
 
-__all__ = ["SpscRing", "MAGIC", "VERSION", "HEADER_SIZE"]
+__all__ = ["SpscRing", "MAGIC", "VERSION", "HEADER_SIZE", "DATA_OFF", "HEADROOM"]
 
 MAGIC = b"SHVUSPSC"
-VERSION = 1
+VERSION = 2
 HEADER_SIZE = 256
+DATA_OFF = 16                # a frame's offset in its slot
+HEADROOM = DATA_OFF - 4      # bytes before it that set_headroom() may fill
 _PROD_OFF = 64
 _CONS_OFF = 128
 _SLEEP_OFF = 192
@@ -128,8 +135,12 @@ class SpscRing:
     where its predecessor stopped.
 
     Attributes: ``fd`` (memfd), ``doorbell_fd`` (eventfd), ``slots``,
-    ``slot_size``, ``max_frame`` (= slot_size - 4), ``oversize`` (frames
-    dropped by :meth:`push_batch` for being longer than ``max_frame``).
+    ``slot_size``, ``max_frame`` (= slot_size - DATA_OFF), ``oversize``
+    (frames dropped by a producer for being longer than ``max_frame``);
+    ``mm``, ``buf`` (the mapping and a memoryview of it) and ``mask``
+    (slots - 1) are for fused producer/consumer loops (see
+    :meth:`produce_window`), which address slot *k* at ``HEADER_SIZE +
+    (k & mask) * slot_size``.
     """
 
     def __init__(self, fd: int, doorbell_fd: int, mm: mmap.mmap, slots: int, slot_size: int):
@@ -138,11 +149,14 @@ class SpscRing:
         self.doorbell_fd = doorbell_fd
         self.slots = slots
         self.slot_size = slot_size
-        self.max_frame = slot_size - 4
+        self.max_frame = slot_size - DATA_OFF
         self.oversize = 0
-        self._mask = slots - 1
-        self._mm: Optional[mmap.mmap] = mm
-        self._buf: Optional[memoryview] = memoryview(mm)
+        self.mask = self._mask = slots - 1
+        self.mm = self._mm = mm
+        self.buf = self._buf = memoryview(mm)
+        # slot lengths as u32 items (slot offsets are multiples of 8): the
+        # CPython fused loops' single-width stores; PyPy's use struct
+        self.len32: Optional[memoryview] = self._buf.cast("I")
         # ctypes views of the two indices: .value is a single 8-byte access.
         self._pi = _C64.from_buffer(mm, _PROD_OFF)
         self._ci = _C64.from_buffer(mm, _CONS_OFF)
@@ -160,7 +174,7 @@ class SpscRing:
         doorbell (``.doorbell_fd``), both owned by the returned object and
         close-on-exec (pass them on explicitly: fork inheritance, SCM_RIGHTS
         or ``pass_fds``).  ``slots`` must be a power of two (1..2**20);
-        ``slot_size`` a multiple of 8 in 16..2**20.  ``initial_index`` starts
+        ``slot_size`` a multiple of 8 in 32..2**20.  ``initial_index`` starts
         both counters elsewhere than 0 (tests of the u64 wrap-around)."""
         _check_geometry(slots, slot_size)
         if not 0 <= initial_index <= _MASK64:
@@ -234,8 +248,10 @@ class SpscRing:
         if self._closed:
             return
         self._closed = True
-        buf, mm = self._buf, self._mm
-        self._buf = self._mm = self._pi = self._ci = None     # drop the ctypes exports first
+        buf, mm, len32 = self._buf, self._mm, self.len32
+        self._buf = self._mm = self.buf = self.mm = self.len32 = self._pi = self._ci = None     # drop the ctypes exports first
+        if len32 is not None:
+            len32.release()
         if buf is not None:
             buf.release()
         if mm is not None:
@@ -306,15 +322,48 @@ class SpscRing:
                 break
             off = hdr + (prod & mask) * ssize
             pack_len(buf, off, n)
-            buf[off + 4:off + 4 + n] = fr
+            buf[off + DATA_OFF:off + DATA_OFF + n] = fr
             prod += 1
             room -= 1
             taken += 1
         if prod != self._prod:
-            prod &= _MASK64
-            self._prod = prod
-            self._pi.value = prod                      # publish: after every slot store
+            self.publish(prod)                         # after every slot store
         return taken
+
+    def set_headroom(self, prefix: bytes) -> None:
+        """Producer: lay ``prefix`` (at most HEADROOM bytes) down right
+        before the data of every slot, where no push touches it again, so a
+        consumer reads prefix + frame as one run of bytes.  Slots still
+        owned by the consumer are rewritten too: call it while the consumer
+        is not delivering (the loopback port does it on SET_FEATURES,
+        before the rings start), or accept that frames in flight carry
+        either prefix."""
+        n = len(prefix)
+        if n > HEADROOM:
+            raise ValueError(f"spsc: headroom prefix of {n} bytes > {HEADROOM}")
+        buf = self._buf
+        pad = bytes(HEADROOM - n) + bytes(prefix)
+        for k in range(self.slots):
+            off = HEADER_SIZE + k * self.slot_size + 4
+            buf[off:off + HEADROOM] = pad
+
+    def produce_window(self) -> tuple:
+        """Producer, for a fused loop that fills slots itself: ``(prod,
+        room)``, the next frame's index and how many slots are free.  Fill
+        slot ``prod + i`` (length at 0, data at DATA_OFF) for i < count,
+        then :meth:`publish` ``prod + count``."""
+        prod = self._prod
+        room = self.slots - ((prod - self._ci.value) & _MASK64)
+        if room < 0:
+            raise RuntimeError(f"spsc: corrupt consumer index (prod={prod})")
+        return prod, room
+
+    def publish(self, prod: int) -> None:
+        """Producer: make every slot before index ``prod`` visible (one
+        index store, after the slot stores); then :meth:`producer_notify`."""
+        prod &= _MASK64
+        self._prod = prod
+        self._pi.value = prod
 
     def producer_notify(self) -> bool:
         """Ring the doorbell if the consumer is asleep (and clear its flag).
@@ -330,6 +379,11 @@ class SpscRing:
 
     # -- consumer ------------------------------------------------------------
 
+    def ready(self) -> bool:
+        """Consumer: True if frames beyond those peeked are published (one
+        index load; for a spinning consumer)."""
+        return self._pi.value != (self._cons + self._peeked) & _MASK64
+
     def _ready(self, cons: int, max_n: int) -> int:
         """Frames published after consumer position ``cons`` (one producer
         index load), at most ``max_n``; RuntimeError on a corrupt index."""
@@ -337,6 +391,23 @@ class SpscRing:
         if avail > self.slots:
             raise RuntimeError(f"spsc: corrupt producer index (cons={cons})")
         return avail if avail < max_n else max_n
+
+    def consume_window(self, max_n: int) -> tuple:
+        """Consumer, for a fused loop that reads slots itself: ``(cons,
+        n)``, the oldest frame's index and how many (at most ``max_n``) are
+        published.  Read slots ``cons .. cons+k-1``, then :meth:`consumed`
+        ``cons + k``.  Not with peeked frames outstanding (RuntimeError)."""
+        if self._peeked:
+            raise RuntimeError("spsc: fused consumer with peeked frames outstanding")
+        cons = self._cons
+        return cons, self._ready(cons, max_n)
+
+    def consumed(self, cons: int) -> None:
+        """Consumer: give every slot before index ``cons`` back (one index
+        store, after the slot loads)."""
+        cons &= _MASK64
+        self._cons = cons
+        self._ci.value = cons
 
     def pop_batch(self, max_n: int) -> List[bytes]:
         """Copy out up to ``max_n`` frames (oldest first) and release their
@@ -360,11 +431,9 @@ class SpscRing:
             ln = unpack_len(mm, off)[0]
             if ln > limit:
                 raise RuntimeError(f"spsc: corrupt slot length {ln}")
-            append(bytes(src[off + 4:off + 4 + ln]))
+            append(bytes(src[off + DATA_OFF:off + DATA_OFF + ln]))
             cons += 1
-        cons &= _MASK64
-        self._cons = cons
-        self._ci.value = cons                           # after every slot load
+        self.consumed(cons)                             # after every slot load
         return out
 
     def peek(self, max_n: int) -> List[memoryview]:
@@ -386,7 +455,7 @@ class SpscRing:
             ln = unpack_len(mm, off)[0]
             if ln > limit:
                 raise RuntimeError(f"spsc: corrupt slot length {ln}")
-            out.append(buf[off + 4:off + 4 + ln])
+            out.append(buf[off + DATA_OFF:off + DATA_OFF + ln])
             cons += 1
         self._peeked += n
         return out
@@ -399,9 +468,8 @@ class SpscRing:
             raise ValueError(f"release({n}) with {self._peeked} peeked")
         if n == 0:
             return
-        self._cons = (self._cons + n) & _MASK64
         self._peeked -= n
-        self._ci.value = self._cons
+        self.consumed(self._cons + n)
 
     def unpeek(self) -> None:
         """Forget frames peeked but not released: the next :meth:`peek`
@@ -454,5 +522,6 @@ def _store64(mm: mmap.mmap, off: int, value: int) -> None:
 def _check_geometry(slots: int, slot_size: int) -> None:
     if not (1 <= slots <= _MAX_SLOTS) or slots & (slots - 1):
         raise ValueError(f"spsc: slots must be a power of two in 1..{_MAX_SLOTS}, not {slots}")
-    if not (16 <= slot_size <= _MAX_SLOT_SIZE) or slot_size % 8:
-        raise ValueError(f"spsc: slot_size must be a multiple of 8 in 16..{_MAX_SLOT_SIZE}, not {slot_size}")
+    if not (2 * DATA_OFF <= slot_size <= _MAX_SLOT_SIZE) or slot_size % 8:
+        raise ValueError(f"spsc: slot_size must be a multiple of 8 in {2 * DATA_OFF}..{_MAX_SLOT_SIZE}, "
+                         f"not {slot_size}")

@@ -52,6 +52,8 @@ log = logging.getLogger("shardvu.worker")
 
 BATCH = 64
 IDLE_POLL_MS = 500
+#: busy passes between looks at the command channel and the stats clock
+CHECK_EVERY = 16
 #: how long a worker keeps polling an idle ring before it sleeps on the kick fd
 SPIN_S = float(os.environ.get("SHARDVU_SPIN_US", "200")) / 1e6
 _PR_SET_PDEATHSIG = 1
@@ -179,6 +181,12 @@ class Worker:
         self.rx_hdr = split_fast.rx_header(self.hdr_len)
         self.gen_frames = [self.rx_hdr + self.frame] * self.batch
         self.mergeable = bool(features >> P.VIRTIO_NET_F_MRG_RXBUF & 1)
+        self._set_headroom()
+
+    def _set_headroom(self) -> None:
+        # the loopback RX worker copies header + frame out of a slot at once
+        if self.is_tx and self.spsc is not None:
+            self.spsc.set_headroom(self.rx_hdr)
 
     def _cmd_features(self, obj, fds):
         self._set_features(obj["features"])
@@ -277,6 +285,7 @@ class Worker:
         ring_fd, bell_fd = fds
         fds.clear()
         self.spsc = SpscRing.attach(ring_fd, bell_fd)
+        self._set_headroom()
 
     def _cmd_reset(self, obj, fds):
         vq = self.vq
@@ -330,7 +339,15 @@ class Worker:
         on_frames = self._forward if forward else None
         n = nbytes = 0
         if split_fast.eligible(vq):
-            n, nbytes, more = split_fast.tx_pass(vq, self.hdr_len, self.batch, self.cache, on_frames)
+            if forward and self.port.identity and self.spsc is not None:
+                # loopback: straight into the pair's ring, no port call
+                n, nbytes, dropped, more = split_fast.tx_to_ring(
+                    vq, self.hdr_len, self.batch, self.cache, self.spsc)
+                self.counters.drops += dropped
+                if n > dropped:
+                    self.spsc.producer_notify()
+            else:
+                n, nbytes, more = split_fast.tx_pass(vq, self.hdr_len, self.batch, self.cache, on_frames)
             if not more:
                 return n, nbytes
         n2, b2, frames = split_loop.tx_pass(vq, self.hdr_len, self.batch - n, forward)
@@ -394,17 +411,20 @@ class Worker:
                 return 0
             n, nbytes = self._rx_batch(self.frames, self.gen_frames)
         elif mode == "spsc" and self.spsc is not None:
-            views = self.spsc.peek(self.batch)
-            if not views:
-                return 0
-            if not vq.enabled:
-                self.spsc.release(len(views))   # must not supply RX frames: drop
-                c.drops += len(views)
-                return len(views)
-            n, nbytes = self._rx_batch(views)
-            del views
-            self.spsc.release(n)
-            self.spsc.unpeek()          # undelivered frames wait for RX buffers
+            if not vq.enabled:        # must not supply RX frames: drop them
+                dropped = len(self.spsc.peek(self.batch))
+                self.spsc.release(dropped)
+                c.drops += dropped
+                return dropped
+            n = nbytes = 0
+            more = True
+            if split_fast.eligible(vq):
+                n, nbytes, more = split_fast.rx_from_ring(vq, self.spsc, self.hdr_len,
+                                                          self.batch, self.cache)
+            if more:          # a chained or short RX buffer: the general path
+                n2, b2 = self._rx_from_peek(self.batch - n)
+                n += n2
+                nbytes += b2
         else:
             return 0
         if n:
@@ -412,6 +432,20 @@ class Worker:
             c.packets += n
             c.bytes += nbytes
         return n
+
+    def _rx_from_peek(self, budget: int) -> tuple:
+        """The loopback RX worker's general path: views of the ring's
+        frames through :meth:`_rx_batch`."""
+        if budget <= 0:
+            return 0, 0
+        views = self.spsc.peek(budget)
+        if not views:
+            return 0, 0
+        n, nbytes = self._rx_batch(views)
+        del views
+        self.spsc.release(n)
+        self.spsc.unpeek()          # undelivered frames wait for RX buffers
+        return n, nbytes
 
     def has_work(self) -> bool:
         """Checked after re-enabling notifications, before sleeping."""
@@ -443,42 +477,59 @@ class Worker:
             c.state = "broken"
             c.broken_reason = vq.broken_reason
 
-    def run(self) -> None:
-        chan_fd = self.chan.fileno()
+    def probe(self) -> bool:
+        """Cheap check, while spinning, that a pass would find work: the
+        guest made buffers available (and, loopback RX, frames wait in the
+        ring).  False negatives only cost the time until the next check."""
+        vq = self.vq
+        if self.spsc is not None and not self.is_tx and not self.spsc.ready():
+            return False
+        return not vq.empty()
+
+    def _spin(self, limit: float) -> bool:
+        """After an empty pass while busy: give the CPU away (a worker
+        sharing it may be the one about to produce our next frames) and
+        probe, until :meth:`probe` says there is work (True), or ``limit``
+        seconds pass or a command or kick arrives (False)."""
+        probe = self.probe
+        sched_yield = os.sched_yield
         poll = self._poller.poll
         monotonic = time.monotonic
-        sched_yield = os.sched_yield
+        deadline = monotonic() + limit
+        i = 0
+        while True:
+            sched_yield()
+            if probe():
+                return True
+            i += 1
+            if not i & 15 and (monotonic() >= deadline or poll(0)):
+                return False
+
+    def run(self) -> None:
+        """Adaptive polling (see the module docstring).  While busy, the
+        command channel and the stats clock are looked at every
+        ``CHECK_EVERY`` passes, not every pass."""
+        chan_fd = self.chan.fileno()
+        poll = self._poller.poll
         spin = SPIN_S
         busy = False
-        idle_since = 0.0
+        passes = 0
         while self.running:
-            moved = self.pass_once() if self.active() else 0
-            if moved:
+            if self.active() and self.pass_once():
                 if not busy:
                     busy = True
                     self.vq.set_notification(False)
-                idle_since = 0.0
+                passes += 1
+                if passes & (CHECK_EVERY - 1):
+                    continue
                 events = poll(0)
+            elif busy and spin and self._spin(spin):
+                continue
             else:
                 if busy:
-                    # Adaptive polling: an eventfd wake-up costs ~70 us, a
-                    # poll ~1 us, so keep polling a short while first.
-                    now = monotonic()
-                    if not idle_since:
-                        idle_since = now
-                    if now - idle_since < spin:
-                        # yield: a worker sharing this CPU may be the one
-                        # about to produce our next frames
-                        sched_yield()
-                        events = poll(0)
-                        if not events:
-                            continue
                     busy = False
-                    idle_since = 0.0
                     self.vq.set_notification(True)
-                    if self.active() and self.has_work():
-                        continue
-                elif self.active() and self.has_work():
+                if self.active() and self.has_work():
                     continue
                 events = poll(IDLE_POLL_MS)
                 if self.spsc is not None and not self.is_tx:
