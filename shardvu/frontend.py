@@ -918,7 +918,9 @@ class Frontend:
                 gpa, size, length = pending[0]
                 nbuf = 1
                 if mrg and length >= hlen:
-                    nbuf = max(1, _NET_HDR.unpack(self.read(gpa, 12))[6])
+                    nbuf = _NET_HDR.unpack(self.read(gpa, 12))[6]
+                    if nbuf == 0:       # strict, unlike DPDK's and Linux's drivers
+                        raise ValueError(f"queue {q}: device wrote num_buffers 0 with MRG_RXBUF")
                 if len(pending) < nbuf:
                     break
                 data = bytearray()

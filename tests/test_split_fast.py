@@ -12,6 +12,8 @@ from shardvu.memory import GuestMemory
 from shardvu.protocol import MemoryRegion, VringAddr
 from shardvu.virtqueue import VirtQueue
 from shardvu.workers import split_fast, split_fast_struct
+from shardvu.workers import spsc
+from shardvu.workers.spsc import SpscRing
 
 UVA = 0x7F00_0000_0000
 STYLES = [split_fast, split_fast_struct]
@@ -106,3 +108,152 @@ def test_rx_fill_takes_memoryview_frames_too(ring, style):
     src = memoryview(bytearray(b"loop" * 20))
     n, _, _ = style.rx_pass(vq, [src], split_fast.rx_header(12), split_fast.RegionCache(mem))
     assert n == 1 and mem.read(0x200000 + 12, 80) == b"loop" * 20
+
+
+# -- loopback hops: guest TX ring -> SPSC ring -> guest RX ring -----------------
+
+@pytest.fixture
+def pair():
+    """A TX and an RX queue in one guest memory, like a loopback pair."""
+    fd = os.memfd_create("fast-pair")
+    os.ftruncate(fd, 8 << 20)
+    mem = GuestMemory()
+    mem.add(MemoryRegion(0, 8 << 20, UVA, 0), fd)
+    queues = []
+    for index, gpa in ((1, 0x1000), (0, 0x10000)):
+        drv = DriverQueue(mem, gpa, 64, used_align=4096)
+        vq = VirtQueue(index)
+        vq.mem = mem
+        vq.num = 64
+        vq.features = P.bit(P.VIRTIO_F_VERSION_1)
+        vq.addr = VringAddr(index, 0, UVA + drv.desc_gpa, UVA + drv.used_gpa, UVA + drv.avail_gpa, 0)
+        vq.map_rings()
+        vq.started = vq.enable = True
+        queues += [drv, vq]
+    ring = SpscRing.create(16, 128)
+    yield mem, queues, ring
+    ring.close()
+    for drv, vq in (queues[:2], queues[2:]):
+        vq.unmap_rings()
+        drv.close()
+    mem.close()
+
+
+def _send(mem, drv, frames, hdr_len=12, base=0x100000):
+    for f in frames:
+        gpa = base + (drv.avail_idx % 64) * 2048
+        mem.write(gpa, bytes([0xEE]) * hdr_len + f)       # a TX header the RX side must not see
+        drv.add([(gpa, hdr_len + len(f))])
+    drv.publish()
+
+
+def _post_rx(drv, count, size=2048, base=0x400000):
+    """Post ``count`` RX buffers; returns {head: gpa}."""
+    where = {}
+    for _ in range(count):
+        gpa = base + (drv.avail_idx % 64) * 2048
+        where[drv.add([], [(gpa, size)])] = gpa
+    drv.publish()
+    return where
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("hdr_len", [12, 10])
+def test_loopback_hops_byte_exact_across_wraps(pair, style, hdr_len):
+    """Many rounds (the guest rings and the 16-slot ring wrap many times):
+    each frame arrives once, in order, after the RX header laid down in the
+    slot headroom, never after the guest's TX header."""
+    mem, (tdrv, tvq, rdrv, rvq), ring = pair
+    hdr = split_fast.rx_header(hdr_len)
+    ring.set_headroom(hdr)
+    tcache, rcache = split_fast.RegionCache(mem), split_fast.RegionCache(mem)
+    seq = 0
+    for rnd in range(40):
+        k = rnd % 13 + 1
+        frames = [s.to_bytes(4, "little") + bytes([rnd]) * (rnd % 50) for s in range(seq, seq + k)]
+        seq += k
+        _send(mem, tdrv, frames, hdr_len)
+        n, nbytes, dropped, more = style.tx_to_ring(tvq, hdr_len, 64, tcache, ring)
+        assert (n, nbytes, dropped, more) == (k, sum(map(len, frames)), 0, False)
+        assert len(tdrv.get_used()) == k
+        where = _post_rx(rdrv, k)
+        n, nbytes, more = style.rx_from_ring(rvq, ring, hdr_len, 64, rcache)
+        assert (n, nbytes, more) == (k, sum(map(len, frames)), False)
+        used = rdrv.get_used()
+        assert [ln for _, ln in used] == [hdr_len + len(f) for f in frames]
+        assert [mem.read(where[h], ln) for h, ln in used] == [hdr + f for f in frames]
+        assert ring.pending() == 0
+    assert not tvq.broken and not rvq.broken
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_loopback_tx_drops_what_the_ring_cannot_take(pair, style):
+    """Ring full, a frame longer than a slot, a buffer shorter than the
+    header: consumed from the guest (its buffers come back) and dropped."""
+    mem, (tdrv, tvq, rdrv, rvq), ring = pair
+    cache = split_fast.RegionCache(mem)
+    long_frame = b"L" * (ring.max_frame + 1)
+    _send(mem, tdrv, [b"a" * 60, long_frame, b"b" * 60])
+    gpa = 0x300000
+    tdrv.add([(gpa, 8)])                                   # shorter than the 12-byte header
+    tdrv.publish()
+    n, nbytes, dropped, more = style.tx_to_ring(tvq, 12, 64, cache, ring)
+    assert (n, nbytes, dropped, more) == (4, 120, 2, False)
+    assert len(tdrv.get_used()) == 4 and ring.pending() == 2
+    _send(mem, tdrv, [bytes([i]) * 20 for i in range(20)])  # 14 slots left
+    n, nbytes, dropped, more = style.tx_to_ring(tvq, 12, 64, cache, ring)
+    assert (n, dropped) == (20, 6) and ring.pending() == 16
+    assert [bytes(f) for f in ring.pop_batch(16)][2:] == [bytes([i]) * 20 for i in range(14)]
+    assert not tvq.broken
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_loopback_rx_leaves_frames_for_buffers_it_does_not_take(pair, style):
+    """A chained or too-small RX buffer ends the fused batch (``more``) and
+    the frames stay in the ring; no RX buffers: nothing is consumed."""
+    mem, (tdrv, tvq, rdrv, rvq), ring = pair
+    ring.set_headroom(split_fast.rx_header(12))
+    cache = split_fast.RegionCache(mem)
+    ring.push_batch([b"x" * 100, b"y" * 100, b"z" * 100])
+    assert style.rx_from_ring(rvq, ring, 12, 64, cache) == (0, 0, False)    # no buffers yet
+    _post_rx(rdrv, 1)
+    rdrv.add([], [(0x500000, 60)])                         # too small for 12 + 100
+    rdrv.publish()
+    n, nbytes, more = style.rx_from_ring(rvq, ring, 12, 64, cache)
+    assert (n, nbytes, more) == (1, 100, True) and ring.pending() == 2
+    assert len(rdrv.get_used()) == 1 and not rvq.broken
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("case", ["tx_address", "tx_head", "rx_address", "rx_head"])
+def test_loopback_hostile_rings_break_only_their_queue(pair, style, case):
+    mem, (tdrv, tvq, rdrv, rvq), ring = pair
+    cache = split_fast.RegionCache(mem)
+    ring.push_batch([b"q" * 64])
+    drv, vq = (tdrv, tvq) if case.startswith("tx") else (rdrv, rvq)
+    if case.endswith("address"):
+        drv.write_desc(0, 1 << 40, 76, 0 if drv is tdrv else 2, 0)
+        drv.push_avail(0)
+    else:
+        drv.push_avail(200)
+    drv.write_avail_idx(1)
+    if drv is tdrv:
+        n, _, _, _ = style.tx_to_ring(tvq, 12, 64, cache, ring)
+        assert ring.pending() == 1                         # nothing published
+    else:
+        n, _, _ = style.rx_from_ring(rvq, ring, 12, 64, cache)
+        assert ring.pending() == 1                         # nothing consumed
+    assert n == 0 and vq.broken
+    assert ("outside guest memory" if case.endswith("address") else "head index") in vq.broken_reason
+    other = rvq if vq is tvq else tvq
+    assert not other.broken
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_loopback_rx_rejects_a_corrupt_slot_length(pair, style):
+    mem, (tdrv, tvq, rdrv, rvq), ring = pair
+    ring.push_batch([b"x" * 10])
+    ring.len32[spsc.HEADER_SIZE >> 2] = ring.max_frame + 1
+    _post_rx(rdrv, 1)
+    with pytest.raises(RuntimeError, match="corrupt slot length"):
+        style.rx_from_ring(rvq, ring, 12, 64, split_fast.RegionCache(mem))
