@@ -479,23 +479,25 @@ class Worker:
 
     def probe(self) -> bool:
         """Cheap check, while spinning, that a pass would find work: the
-        guest made buffers available (and, loopback RX, frames wait in the
-        ring).  False negatives only cost the time until the next check."""
+        queue runs, the guest made buffers available and (RX) frames wait
+        in the loopback ring.  A wrong answer costs only time: the spin
+        deadline in :meth:`run` holds across passes that move nothing."""
         vq = self.vq
+        if not vq.started or (not self.is_tx and not vq.enabled):
+            return False
         if self.spsc is not None and not self.is_tx and not self.spsc.ready():
             return False
         return not vq.empty()
 
-    def _spin(self, limit: float) -> bool:
+    def _spin(self, deadline: float) -> bool:
         """After an empty pass while busy: give the CPU away (a worker
         sharing it may be the one about to produce our next frames) and
-        probe, until :meth:`probe` says there is work (True), or ``limit``
-        seconds pass or a command or kick arrives (False)."""
+        probe, until :meth:`probe` says there is work (True), or the
+        monotonic ``deadline`` passes or a command or kick arrives (False)."""
         probe = self.probe
         sched_yield = os.sched_yield
         poll = self._poller.poll
         monotonic = time.monotonic
-        deadline = monotonic() + limit
         i = 0
         while True:
             sched_yield()
@@ -514,23 +516,35 @@ class Worker:
         spin = SPIN_S
         busy = False
         passes = 0
+        deadline = 0.0       # end of the current spin; 0: frames moved since
+        rechecked = False    # has_work() said yes and no pass has moved frames since
         while self.running:
             if self.active() and self.pass_once():
                 if not busy:
                     busy = True
                     self.vq.set_notification(False)
+                deadline = 0.0
+                rechecked = False
                 passes += 1
                 if passes & (CHECK_EVERY - 1):
                     continue
                 events = poll(0)
-            elif busy and spin and self._spin(spin):
-                continue
             else:
+                if busy and spin:
+                    if not deadline:
+                        deadline = time.monotonic() + spin
+                    if self._spin(deadline):
+                        continue
+                deadline = 0.0
                 if busy:
                     busy = False
                     self.vq.set_notification(True)
-                if self.active() and self.has_work():
+                # Re-check once; work that a pass then cannot move (e.g.
+                # a frame waiting for more RX buffers) waits for a kick.
+                if not rechecked and self.active() and self.has_work():
+                    rechecked = True
                     continue
+                rechecked = False
                 events = poll(IDLE_POLL_MS)
                 if self.spsc is not None and not self.is_tx:
                     self.spsc.consumer_woke()
