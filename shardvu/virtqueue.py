@@ -204,10 +204,15 @@ class SplitRings:
     ``desc16[8*i+6]`` its flags and ``desc16[8*i+7]`` its next;
     ``avail16[1]`` is avail->idx, ``avail16[2+k]`` ring[k],
     ``avail16[2+num]`` used_event; ``used16[1]`` is used->idx,
-    ``used32[1+2*k]``/``used32[2+2*k]`` ring[k].id/len, ``used16[2+4*num]``
-    avail_event.  Valid until the queue's rings are unmapped."""
+    ``used32[1+2*k]``/``used32[2+2*k]`` ring[k].id/len, ``used64[k]``
+    ring[k] as one item ``id | len << 32`` (one store per element; the view
+    starts 4 bytes into the ring, so its items are 8-byte aligned only when
+    ``used`` is 4 mod 8: x86-64 takes the unaligned store, and an element
+    need not be stored atomically, the used->idx store after it publishes it),
+    ``used16[2+4*num]`` avail_event.  Valid until the queue's rings are
+    unmapped."""
 
-    __slots__ = ("num", "desc64", "desc32", "desc16", "avail16", "used16", "used32")
+    __slots__ = ("num", "desc64", "desc32", "desc16", "avail16", "used16", "used32", "used64")
 
     def __init__(self, num: int, desc: memoryview, avail: memoryview, used: memoryview):
         self.num = num
@@ -217,6 +222,7 @@ class SplitRings:
         self.avail16 = avail.cast("H")
         self.used16 = used.cast("H")
         self.used32 = used[:4 + 8 * num].cast("I")
+        self.used64 = used[4:4 + 8 * num].cast("Q")
 
     def release(self) -> None:
         for name in self.__slots__[1:]:

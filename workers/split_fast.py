@@ -19,6 +19,7 @@ is a single load/store of the field's width; ``struct`` costs 50–95 ns and
 """
 from __future__ import annotations
 
+from array import array
 from typing import Callable, List, Optional, Sequence, Tuple
 
 from shardvu.protocol import VIRTIO_RING_F_EVENT_IDX
@@ -94,6 +95,30 @@ def _publish(vq: VirtQueue, rings, old: int, count: int, last_avail: int) -> Non
     vq.notify()
 
 
+def _heads(avail16, last: int, n: int, num: int) -> List[int]:
+    """avail->ring entries ``last .. last+n-1`` (n <= num), loaded as one or
+    two slices (a C loop each) rather than one index at a time."""
+    s = last & (num - 1)
+    e = s + n
+    if e <= num:
+        return avail16[2 + s:2 + e].tolist()
+    return avail16[2 + s:2 + num].tolist() + avail16[2:2 + e - num].tolist()
+
+
+def _used_ids(used64, start: int, heads: List[int], num: int) -> None:
+    """Used elements ``(head, 0)`` for ``heads`` from used slot ``start``, as
+    one or two slice stores (TX buffers come back with length 0)."""
+    s = start & (num - 1)
+    e = s + len(heads)
+    vals = array("Q", heads)
+    if e <= num:
+        used64[s:e] = vals
+    else:
+        k = num - s
+        used64[s:num] = vals[:k]
+        used64[0:e - num] = vals[k:]
+
+
 def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
             on_frames: Optional[Callable[[List[memoryview]], None]] = None) -> Tuple[int, int, bool]:
     """Consume up to ``budget`` single-descriptor frames from the guest's TX
@@ -104,21 +129,17 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
     buffer this loop does not take (the caller runs the general path)."""
     rings = vq.rings
     num = rings.num
-    mask = num - 1
-    avail16 = rings.avail16
     last = vq.last_avail_idx
-    navail = batch_size(vq, avail16[1], budget)
+    navail = batch_size(vq, rings.avail16[1], budget)
     if not navail:
         return 0, 0, False
-    desc64, desc32, desc16, used32 = rings.desc64, rings.desc32, rings.desc16, rings.used32
-    used_idx = vq.used_idx
+    heads = _heads(rings.avail16, last, navail, num)
+    desc64, desc32, desc16 = rings.desc64, rings.desc32, rings.desc16
     out: Optional[List[memoryview]] = [] if on_frames is not None else None
     lo, hi, view = cache.lo, cache.hi, cache.view
-    nbytes = 0
-    n = 0
+    nbytes = n = 0
     more = False
-    while n < navail:
-        head = avail16[2 + ((last + n) & mask)]
+    for head in heads:
         if head >= num:
             vq.mark_broken(f"head index {head} >= queue size {num}")
             break
@@ -136,15 +157,13 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
             off = addr - lo
             out.append(view[off + hdr_len:off + length])
         nbytes += length - hdr_len
-        slot = ((used_idx + n) & mask) << 1
-        used32[slot + 1] = head
-        used32[slot + 2] = 0
         n += 1
     if n:
+        _used_ids(rings.used64, vq.used_idx, heads if n == navail else heads[:n], num)
         if out:
             on_frames(out)
             out = None
-        _publish(vq, rings, used_idx, n, (last + n) & 0xFFFF)
+        _publish(vq, rings, vq.used_idx, n, (last + n) & 0xFFFF)
     return n, nbytes, more
 
 
@@ -159,44 +178,40 @@ def rx_pass(vq: VirtQueue, frames: Sequence, hdr: bytes,
     rings = vq.rings
     num = rings.num
     mask = num - 1
-    avail16 = rings.avail16
     last = vq.last_avail_idx
-    navail = batch_size(vq, avail16[1], len(frames))
+    navail = batch_size(vq, rings.avail16[1], len(frames))
     if not navail:
         return 0, 0, False
-    desc64, desc32, desc16, used32 = rings.desc64, rings.desc32, rings.desc16, rings.used32
+    heads = _heads(rings.avail16, last, navail, num)
+    desc64, desc32, desc16, used64 = rings.desc64, rings.desc32, rings.desc16, rings.used64
     used_idx = vq.used_idx
+    ui = used_idx & mask
     hlen = len(hdr)
-    lo, hi, view = cache.lo, cache.hi, cache.view
-    nbytes = 0
-    n = 0
+    lo, hi, mm, base = cache.lo, cache.hi, cache.mm, cache.base
+    nbytes = n = 0
     more = False
-    while n < navail:
-        head = avail16[2 + ((last + n) & mask)]
+    for head in heads:
         if head >= num:
             vq.mark_broken(f"head index {head} >= queue size {num}")
             break
-        d = head << 3
         frame = frames[n]
-        flen = len(frame)
-        length = desc32[(head << 2) + 2]
-        if desc16[d + 6] & _SLOW_FLAGS or not desc16[d + 6] & _WRITE or length < hlen + flen:
+        total = hlen + len(frame)
+        flags = desc16[(head << 3) + 6]
+        if flags & _SLOW_FLAGS or not flags & _WRITE or desc32[(head << 2) + 2] < total:
             more = True
             break
         addr = desc64[head << 1]
-        if not (lo <= addr and addr + length <= hi):
-            view = translate(vq, cache, head, addr, length)
-            if view is None:
+        if not (lo <= addr and addr + total <= hi):
+            if translate(vq, cache, head, addr, total) is None:
                 break
-            lo, hi = cache.lo, cache.hi
-        off = addr - lo
+            lo, hi, mm, base = cache.lo, cache.hi, cache.mm, cache.base
+        off = base + addr - lo
         if hlen:
-            view[off:off + hlen] = hdr
-        view[off + hlen:off + hlen + flen] = frame
-        nbytes += flen
-        slot = ((used_idx + n) & mask) << 1
-        used32[slot + 1] = head
-        used32[slot + 2] = hlen + flen
+            mm[off:off + hlen] = hdr
+        mm[off + hlen:off + total] = frame
+        nbytes += total - hlen
+        used64[ui] = head | total << 32
+        ui = (ui + 1) & mask
         n += 1
     if n:
         _publish(vq, rings, used_idx, n, (last + n) & 0xFFFF)
@@ -220,21 +235,20 @@ def tx_to_ring(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
     Returns ``(frames taken, payload bytes forwarded, dropped, more)``."""
     rings = vq.rings
     num = rings.num
-    mask = num - 1
-    avail16 = rings.avail16
     last = vq.last_avail_idx
-    navail = batch_size(vq, avail16[1], budget)
+    navail = batch_size(vq, rings.avail16[1], budget)
     if not navail:
         return 0, 0, 0, False
-    desc64, desc32, desc16, used32 = rings.desc64, rings.desc32, rings.desc16, rings.used32
-    used_idx = vq.used_idx
-    lo, hi, view = cache.lo, cache.hi, cache.view
+    heads = _heads(rings.avail16, last, navail, num)
+    desc64, desc32, desc16 = rings.desc64, rings.desc32, rings.desc16
+    lo, hi, mm, base = cache.lo, cache.hi, cache.mm, cache.base
     prod, room = ring.produce_window()
-    sbuf, len32, smask, ssize, maxf = ring.buf, ring.len32, ring.mask, ring.slot_size, ring.max_frame
+    smm, len32, ssize, maxf = ring.mm, ring.len32, ring.slot_size, ring.max_frame
+    slot = SLOT0 + (prod & ring.mask) * ssize
+    send = SLOT0 + ring.slots * ssize
     nbytes = n = dropped = 0
     more = False
-    while n < navail:
-        head = avail16[2 + ((last + n) & mask)]
+    for head in heads:
         if head >= num:
             vq.mark_broken(f"head index {head} >= queue size {num}")
             break
@@ -246,26 +260,24 @@ def tx_to_ring(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
         if room and 0 <= flen <= maxf:
             addr = desc64[head << 1]
             if not (lo <= addr and addr + length <= hi):
-                view = translate(vq, cache, head, addr, length)
-                if view is None:
+                if translate(vq, cache, head, addr, length) is None:
                     break
-                lo, hi = cache.lo, cache.hi
-            off = addr - lo + hdr_len
-            slot = SLOT0 + (prod & smask) * ssize
+                lo, hi, mm, base = cache.lo, cache.hi, cache.mm, cache.base
+            off = base + addr - lo + hdr_len
             len32[slot >> 2] = flen
-            sbuf[slot + DATA_OFF:slot + DATA_OFF + flen] = view[off:off + flen]
-            prod += 1
+            smm[slot + DATA_OFF:slot + DATA_OFF + flen] = mm[off:off + flen]
+            slot += ssize
+            if slot == send:
+                slot = SLOT0
             room -= 1
             nbytes += flen
         else:
             dropped += 1
-        slot = ((used_idx + n) & mask) << 1
-        used32[slot + 1] = head
-        used32[slot + 2] = 0
         n += 1
     if n:
-        ring.publish(prod)
-        _publish(vq, rings, used_idx, n, (last + n) & 0xFFFF)
+        ring.publish(prod + n - dropped)
+        _used_ids(rings.used64, vq.used_idx, heads if n == navail else heads[:n], num)
+        _publish(vq, rings, vq.used_idx, n, (last + n) & 0xFFFF)
     return n, nbytes, dropped, more
 
 
@@ -284,45 +296,46 @@ def rx_from_ring(vq: VirtQueue, ring: SpscRing, hdr_len: int, budget: int,
     rings = vq.rings
     num = rings.num
     mask = num - 1
-    avail16 = rings.avail16
     last = vq.last_avail_idx
-    navail = batch_size(vq, avail16[1], ready)
+    navail = batch_size(vq, rings.avail16[1], ready)
     if not navail:
         return 0, 0, False
-    desc64, desc32, desc16, used32 = rings.desc64, rings.desc32, rings.desc16, rings.used32
+    heads = _heads(rings.avail16, last, navail, num)
+    desc64, desc32, desc16, used64 = rings.desc64, rings.desc32, rings.desc16, rings.used64
     used_idx = vq.used_idx
-    lo, hi, view = cache.lo, cache.hi, cache.view
-    sbuf, len32, smask, ssize, maxf = ring.buf, ring.len32, ring.mask, ring.slot_size, ring.max_frame
+    ui = used_idx & mask
+    lo, hi, mm, base = cache.lo, cache.hi, cache.mm, cache.base
+    smm, len32, ssize, maxf = ring.mm, ring.len32, ring.slot_size, ring.max_frame
+    slot = SLOT0 + (cons & ring.mask) * ssize
+    send = SLOT0 + ring.slots * ssize
     start = DATA_OFF - hdr_len
     nbytes = n = 0
     more = False
-    while n < navail:
-        head = avail16[2 + ((last + n) & mask)]
+    for head in heads:
         if head >= num:
             vq.mark_broken(f"head index {head} >= queue size {num}")
             break
-        slot = SLOT0 + ((cons + n) & smask) * ssize
         flen = len32[slot >> 2]
         if flen > maxf:
             raise RuntimeError(f"spsc: corrupt slot length {flen}")
         total = hdr_len + flen
-        d = head << 3
-        length = desc32[(head << 2) + 2]
-        if desc16[d + 6] & _SLOW_FLAGS or not desc16[d + 6] & _WRITE or length < total:
+        flags = desc16[(head << 3) + 6]
+        if flags & _SLOW_FLAGS or not flags & _WRITE or desc32[(head << 2) + 2] < total:
             more = True
             break
         addr = desc64[head << 1]
-        if not (lo <= addr and addr + length <= hi):
-            view = translate(vq, cache, head, addr, length)
-            if view is None:
+        if not (lo <= addr and addr + total <= hi):
+            if translate(vq, cache, head, addr, total) is None:
                 break
-            lo, hi = cache.lo, cache.hi
-        off = addr - lo
-        view[off:off + total] = sbuf[slot + start:slot + DATA_OFF + flen]
+            lo, hi, mm, base = cache.lo, cache.hi, cache.mm, cache.base
+        off = base + addr - lo
+        mm[off:off + total] = smm[slot + start:slot + DATA_OFF + flen]
+        used64[ui] = head | total << 32
+        ui = (ui + 1) & mask
+        slot += ssize
+        if slot == send:
+            slot = SLOT0
         nbytes += flen
-        slot = ((used_idx + n) & mask) << 1
-        used32[slot + 1] = head
-        used32[slot + 2] = total
         n += 1
     if n:
         ring.consumed(cons + n)
