@@ -42,8 +42,12 @@ and stores of the field's width (never pre-zeroed; no torn value seen in
 on PyPy these stores go through ``struct``.  PyPy's JIT does not reorder
 raw memory accesses to possibly aliasing addresses, so program order again
 reaches the hardware, and TSO does the rest.  (Used *elements* may still
-be packed with struct: the driver does not read them before the idx store
-that publishes them.)  Native order equals the ring's little-endian order
+be packed with struct, or stored in bulk -- the workers' CPython loops
+write a TX batch's elements with one slice assignment, a ``memcpy`` --
+because the driver does not read them before the idx store that publishes
+them; likewise those loops load a batch's avail entries with one slice
+copy, after the ``avail->idx`` load that published them, and the driver
+does not touch a published entry again.)  Native order equals the ring's little-endian order
 on every host shardvu supports (checked at import).  The only reordering
 TSO allows -- a later load passing an earlier store -- is the notify case;
 :func:`_smp_mb` closes it with an uncontended lock acquire/release, which is

@@ -50,7 +50,7 @@ def test_tx_frames_come_out_and_buffers_go_back(ring, style):
         bufs.append(drv.add([(gpa, 12 + len(f))]))
     drv.publish()
     got = []
-    cache = split_fast.RegionCache(mem)
+    cache = style.RegionCache(mem)
     n, nbytes, more = style.tx_pass(vq, 12, 64, cache, lambda views: got.extend(bytes(v) for v in views))
     assert (n, more) == (10, False) and got == frames and nbytes == sum(map(len, frames))
     assert sorted(h for h, _ in drv.get_used()) == sorted(bufs)
@@ -64,7 +64,7 @@ def test_rx_fill_writes_header_and_frame(ring, style):
     heads = [drv.add([], [(0x200000 + i * 2048, 2048)]) for i in range(4)]
     drv.publish()
     frames = [b"abc" * 30, b"xyz" * 20]
-    cache = split_fast.RegionCache(mem)
+    cache = style.RegionCache(mem)
     n, nbytes, more = style.rx_pass(vq, frames, split_fast.rx_header(12), cache)
     assert (n, nbytes, more) == (2, 150, False)
     used = drv.get_used()
@@ -77,7 +77,7 @@ def test_chains_are_left_to_the_general_path(ring, style):
     mem, drv, vq = ring
     drv.add([(0x100000, 12), (0x100100, 60)])        # two descriptors
     drv.publish()
-    n, _, more = style.tx_pass(vq, 12, 64, split_fast.RegionCache(mem))
+    n, _, more = style.tx_pass(vq, 12, 64, style.RegionCache(mem))
     assert (n, more) == (0, True) and not vq.broken
 
 
@@ -95,7 +95,7 @@ def test_hostile_rings_break_the_queue(ring, style, case):
     else:
         drv.write_avail_idx(500)
     seen = []
-    n, _, _ = style.tx_pass(vq, 12, 64, split_fast.RegionCache(mem), seen.extend)
+    n, _, _ = style.tx_pass(vq, 12, 64, style.RegionCache(mem), seen.extend)
     assert n == 0 and vq.broken and not seen
     assert {"head": "head index", "address": "outside guest memory", "jump": "moved by"}[case] in vq.broken_reason
 
@@ -106,7 +106,7 @@ def test_rx_fill_takes_memoryview_frames_too(ring, style):
     drv.add([], [(0x200000, 2048)])
     drv.publish()
     src = memoryview(bytearray(b"loop" * 20))
-    n, _, _ = style.rx_pass(vq, [src], split_fast.rx_header(12), split_fast.RegionCache(mem))
+    n, _, _ = style.rx_pass(vq, [src], split_fast.rx_header(12), style.RegionCache(mem))
     assert n == 1 and mem.read(0x200000 + 12, 80) == b"loop" * 20
 
 
@@ -166,7 +166,7 @@ def test_loopback_hops_byte_exact_across_wraps(pair, style, hdr_len):
     mem, (tdrv, tvq, rdrv, rvq), ring = pair
     hdr = split_fast.rx_header(hdr_len)
     ring.set_headroom(hdr)
-    tcache, rcache = split_fast.RegionCache(mem), split_fast.RegionCache(mem)
+    tcache, rcache = style.RegionCache(mem), style.RegionCache(mem)
     seq = 0
     for rnd in range(40):
         k = rnd % 13 + 1
@@ -191,7 +191,7 @@ def test_loopback_tx_drops_what_the_ring_cannot_take(pair, style):
     """Ring full, a frame longer than a slot, a buffer shorter than the
     header: consumed from the guest (its buffers come back) and dropped."""
     mem, (tdrv, tvq, rdrv, rvq), ring = pair
-    cache = split_fast.RegionCache(mem)
+    cache = style.RegionCache(mem)
     long_frame = b"L" * (ring.max_frame + 1)
     _send(mem, tdrv, [b"a" * 60, long_frame, b"b" * 60])
     gpa = 0x300000
@@ -213,7 +213,7 @@ def test_loopback_rx_leaves_frames_for_buffers_it_does_not_take(pair, style):
     the frames stay in the ring; no RX buffers: nothing is consumed."""
     mem, (tdrv, tvq, rdrv, rvq), ring = pair
     ring.set_headroom(split_fast.rx_header(12))
-    cache = split_fast.RegionCache(mem)
+    cache = style.RegionCache(mem)
     ring.push_batch([b"x" * 100, b"y" * 100, b"z" * 100])
     assert style.rx_from_ring(rvq, ring, 12, 64, cache) == (0, 0, False)    # no buffers yet
     _post_rx(rdrv, 1)
@@ -228,7 +228,7 @@ def test_loopback_rx_leaves_frames_for_buffers_it_does_not_take(pair, style):
 @pytest.mark.parametrize("case", ["tx_address", "tx_head", "rx_address", "rx_head"])
 def test_loopback_hostile_rings_break_only_their_queue(pair, style, case):
     mem, (tdrv, tvq, rdrv, rvq), ring = pair
-    cache = split_fast.RegionCache(mem)
+    cache = style.RegionCache(mem)
     ring.push_batch([b"q" * 64])
     drv, vq = (tdrv, tvq) if case.startswith("tx") else (rdrv, rvq)
     if case.endswith("address"):
@@ -256,4 +256,17 @@ def test_loopback_rx_rejects_a_corrupt_slot_length(pair, style):
     ring.len32[spsc.HEADER_SIZE >> 2] = ring.max_frame + 1
     _post_rx(rdrv, 1)
     with pytest.raises(RuntimeError, match="corrupt slot length"):
-        style.rx_from_ring(rvq, ring, 12, 64, split_fast.RegionCache(mem))
+        style.rx_from_ring(rvq, ring, 12, 64, style.RegionCache(mem))
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_zero_length_buffer_at_address_zero_before_any_lookup(ring, style):
+    """A fresh region cache must not match [0, 0): the first buffer always
+    goes through the region lookup (once it matched and then had no view)."""
+    mem, drv, vq = ring
+    drv.write_desc(0, 0, 0, 0, 0)
+    drv.push_avail(0)
+    drv.write_avail_idx(1)
+    seen = []
+    n, nbytes, more = style.tx_pass(vq, 12, 64, style.RegionCache(mem), seen.extend)
+    assert n == 1 and [bytes(v) for v in seen] == [b""] and not vq.broken

@@ -46,7 +46,7 @@ class RegionCache:
 
     def __init__(self, mem) -> None:
         self.mem = mem
-        self.lo = self.hi = self.base = 0
+        self.lo, self.hi, self.base = 1, 0, 0     # an empty range: misses until the first lookup
         self.view: Optional[memoryview] = None
         self.mm = None
 
