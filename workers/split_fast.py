@@ -105,6 +105,18 @@ def _heads(avail16, last: int, n: int, num: int) -> List[int]:
     return avail16[2 + s:2 + num].tolist() + avail16[2:2 + e - num].tolist()
 
 
+def _valid_heads(vq: VirtQueue, avail16, last: int, n: int, num: int) -> List[int]:
+    """:func:`_heads`, cut before the first index out of range (the queue
+    is then marked broken); one ``max`` over the batch in the common case."""
+    heads = _heads(avail16, last, n, num)
+    if max(heads) >= num:
+        for i, head in enumerate(heads):
+            if head >= num:
+                vq.mark_broken(f"head index {head} >= queue size {num}")
+                return heads[:i]
+    return heads
+
+
 def _used_ids(used64, start: int, heads: List[int], num: int) -> None:
     """Used elements ``(head, 0)`` for ``heads`` from used slot ``start``, as
     one or two slice stores (TX buffers come back with length 0)."""
@@ -133,16 +145,13 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
     navail = batch_size(vq, rings.avail16[1], budget)
     if not navail:
         return 0, 0, False
-    heads = _heads(rings.avail16, last, navail, num)
+    heads = _valid_heads(vq, rings.avail16, last, navail, num)
     desc64, desc32, desc16 = rings.desc64, rings.desc32, rings.desc16
     out: Optional[List[memoryview]] = [] if on_frames is not None else None
     lo, hi, view = cache.lo, cache.hi, cache.view
     nbytes = n = 0
     more = False
     for head in heads:
-        if head >= num:
-            vq.mark_broken(f"head index {head} >= queue size {num}")
-            break
         if desc16[(head << 3) + 6] & (_SLOW_FLAGS | _WRITE):
             more = True
             break
@@ -182,7 +191,7 @@ def rx_pass(vq: VirtQueue, frames: Sequence, hdr: bytes,
     navail = batch_size(vq, rings.avail16[1], len(frames))
     if not navail:
         return 0, 0, False
-    heads = _heads(rings.avail16, last, navail, num)
+    heads = _valid_heads(vq, rings.avail16, last, navail, num)
     desc64, desc32, desc16, used64 = rings.desc64, rings.desc32, rings.desc16, rings.used64
     used_idx = vq.used_idx
     ui = used_idx & mask
@@ -191,9 +200,6 @@ def rx_pass(vq: VirtQueue, frames: Sequence, hdr: bytes,
     nbytes = n = 0
     more = False
     for head in heads:
-        if head >= num:
-            vq.mark_broken(f"head index {head} >= queue size {num}")
-            break
         frame = frames[n]
         total = hlen + len(frame)
         flags = desc16[(head << 3) + 6]
@@ -239,36 +245,35 @@ def tx_to_ring(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
     navail = batch_size(vq, rings.avail16[1], budget)
     if not navail:
         return 0, 0, 0, False
-    heads = _heads(rings.avail16, last, navail, num)
+    heads = _valid_heads(vq, rings.avail16, last, navail, num)
     desc64, desc32, desc16 = rings.desc64, rings.desc32, rings.desc16
-    lo, hi, mm, base = cache.lo, cache.hi, cache.mm, cache.base
+    lo, hi, mm = cache.lo, cache.hi, cache.mm
+    delta = cache.base - lo + hdr_len          # mm offset of a frame = addr + delta
     prod, room = ring.produce_window()
     smm, len32, ssize, maxf = ring.mm, ring.len32, ring.slot_size, ring.max_frame
-    slot = SLOT0 + (prod & ring.mask) * ssize
-    send = SLOT0 + ring.slots * ssize
+    data = SLOT0 + (prod & ring.mask) * ssize + DATA_OFF      # this slot's frame bytes
+    end = SLOT0 + ring.slots * ssize + DATA_OFF
     nbytes = n = dropped = 0
     more = False
     for head in heads:
-        if head >= num:
-            vq.mark_broken(f"head index {head} >= queue size {num}")
-            break
         if desc16[(head << 3) + 6] & (_SLOW_FLAGS | _WRITE):
             more = True
             break
         length = desc32[(head << 2) + 2]
         flen = length - hdr_len
-        if room and 0 <= flen <= maxf:
+        if 0 <= flen <= maxf and room:
             addr = desc64[head << 1]
             if not (lo <= addr and addr + length <= hi):
                 if translate(vq, cache, head, addr, length) is None:
                     break
-                lo, hi, mm, base = cache.lo, cache.hi, cache.mm, cache.base
-            off = base + addr - lo + hdr_len
-            len32[slot >> 2] = flen
-            smm[slot + DATA_OFF:slot + DATA_OFF + flen] = mm[off:off + flen]
-            slot += ssize
-            if slot == send:
-                slot = SLOT0
+                lo, hi, mm = cache.lo, cache.hi, cache.mm
+                delta = cache.base - lo + hdr_len
+            off = addr + delta
+            len32[(data - DATA_OFF) >> 2] = flen
+            smm[data:data + flen] = mm[off:off + flen]
+            data += ssize
+            if data == end:
+                data = SLOT0 + DATA_OFF
             room -= 1
             nbytes += flen
         else:
@@ -300,7 +305,7 @@ def rx_from_ring(vq: VirtQueue, ring: SpscRing, hdr_len: int, budget: int,
     navail = batch_size(vq, rings.avail16[1], ready)
     if not navail:
         return 0, 0, False
-    heads = _heads(rings.avail16, last, navail, num)
+    heads = _valid_heads(vq, rings.avail16, last, navail, num)
     desc64, desc32, desc16, used64 = rings.desc64, rings.desc32, rings.desc16, rings.used64
     used_idx = vq.used_idx
     ui = used_idx & mask
@@ -312,9 +317,6 @@ def rx_from_ring(vq: VirtQueue, ring: SpscRing, hdr_len: int, budget: int,
     nbytes = n = 0
     more = False
     for head in heads:
-        if head >= num:
-            vq.mark_broken(f"head index {head} >= queue size {num}")
-            break
         flen = len32[slot >> 2]
         if flen > maxf:
             raise RuntimeError(f"spsc: corrupt slot length {flen}")

@@ -12,10 +12,15 @@ its channel closes, on an ``exit`` command, or when the control process dies
 (PR_SET_PDEATHSIG).
 
 Loop: adaptive polling.  While frames flow the worker keeps notifications
-off and polls the ring; when a pass finds nothing it re-enables
-notifications, re-checks the ring (so a buffer added in between is not
-missed), and only then sleeps in ``poll()`` on the kick fd, its command
-channel and (loopback RX) the pair's doorbell.
+off and polls the ring.  When a pass finds nothing it spins for up to
+``SPIN_S`` (``SHARDVU_SPIN_US``, default 200 µs): it yields the CPU
+(``sched_yield``: the worker sharing it may be the one about to produce its
+next frames) and probes the ring cheaply, because an eventfd wake-up costs
+~70 µs here and a probe ~1 µs.  Only then does it re-enable notifications,
+re-check the ring (so a buffer added in between is not missed) and sleep in
+``poll()`` on the kick fd, its command channel and (loopback RX) the pair's
+doorbell.  Whatever it does, it looks at the command channel at least every
+``CHECK_EVERY`` passes or 16 probes, so that it always answers.
 """
 from __future__ import annotations
 
