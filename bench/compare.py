@@ -392,10 +392,13 @@ class Measurement:
             res["cpu"] = cpu_percent(cpu_a or {}, cpu_b or {})
             res["others_cpu_percent"] = others_percent(busy_a, busy_b, res["cpu"])
             if rt is not None:
-                # each worker's resident memory as the control process saw it
+                # each worker's resident and private memory as the control
+                # process saw it (resident counts guest pages it touched)
+                last_queues = (be_sampler.last or {}).get("queues", ())
                 res["worker_rss_mib"] = {f"w{q['index']}": round(q["rss_bytes"] / 2**20, 1)
-                                         for q in (be_sampler.last or {}).get("queues", ())
-                                         if q.get("rss_bytes")}
+                                         for q in last_queues if q.get("rss_bytes")}
+                res["worker_private_mib"] = {f"w{q['index']}": round(q["private_bytes"] / 2**20, 1)
+                                             for q in last_queues if q.get("private_bytes")}
                 dead = [q["index"] for q in (be_sampler.last or {}).get("queues", ())
                         if q["state"] in ("dead", "broken")]
                 if dead:
@@ -491,7 +494,8 @@ def _cpu_summary(system: str, ok: List[Dict], measured: List[Dict]) -> Dict:
     d: Dict = {}
     if system in SHARDVU:
         workers: Dict[str, List[float]] = {}
-        rss: Dict[str, List[float]] = {}
+        rss: List[float] = []
+        private: List[float] = []
         totals = []
         for s in ok:
             ws = {k: v["percent"] for k, v in s.get("cpu", {}).items() if k.startswith("w")}
@@ -499,12 +503,13 @@ def _cpu_summary(system: str, ok: List[Dict], measured: List[Dict]) -> Dict:
                 workers.setdefault(k, []).append(v)
             if ws:
                 totals.append(sum(ws.values()))
-            for k, v in s.get("worker_rss_mib", {}).items():
-                rss.setdefault(k, []).append(v)
+            rss.extend(s.get("worker_rss_mib", {}).values())
+            private.extend(s.get("worker_private_mib", {}).values())
         d["cpu_workers"] = {k: med(v) for k, v in sorted(workers.items(), key=lambda kv: int(kv[0][1:]))}
         d["cpu_total"] = med(totals)
         d["cpu_control"] = med([s["cpu"]["control"]["percent"] for s in ok if "control" in s.get("cpu", {})])
-        d["rss_mib_max"] = max((x for v in rss.values() for x in v), default=None)
+        d["rss_mib_max"] = max(rss, default=None)
+        d["private_mib_max"] = max(private, default=None)
     else:
         d["cpu_total"] = med([s["cpu"]["be"]["percent"] for s in ok if "be" in s.get("cpu", {})])
         d["cpu_fwd_lcore"] = med([v for s in ok for n, v in

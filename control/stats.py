@@ -240,28 +240,32 @@ class StatsCollector:
                 q = self._queues[index] = _Queue(time.monotonic())
             q.exitcode = exitcode
 
-    def _proc_usage(self, pid: int) -> Tuple[float, int]:
-        """(cpu_percent since the previous snapshot, rss bytes) of ``pid``;
-        zeros if it is gone.  Process objects are cached so the cpu deltas
-        work."""
+    def _proc_usage(self, pid: int) -> Tuple[float, int, int]:
+        """(cpu_percent since the previous snapshot, rss bytes, private
+        bytes) of ``pid``; zeros if it is gone.  Private = resident less
+        shared pages (psutil's ``shared``: file and shmem pages, which for a
+        worker are mostly the guest memory it touched through the
+        front-end's memfds — the front-end's memory, not the worker's).
+        Process objects are cached so the cpu deltas work."""
         p = self._procs.get(pid)
         try:
             if p is None:
                 p = self._procs[pid] = psutil.Process(pid)
             with p.oneshot():
-                return float(p.cpu_percent(None)), int(p.memory_info().rss)
+                mem = p.memory_info()
+                return float(p.cpu_percent(None)), int(mem.rss), int(mem.rss - getattr(mem, "shared", 0))
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             self._procs.pop(pid, None)
-            return 0.0, 0
+            return 0.0, 0, 0
 
     def snapshot(self) -> Dict[str, Any]:
         """The aggregate, as served on the query socket::
 
             {"queues": [{"index", "direction", <COUNTER_FIELDS>, "state",
                          "broken_reason", "exitcode", "worker_pid",
-                         "cpu_percent", "rss_bytes", "age_s"}, ...],
-             "totals": {<COUNTER_FIELDS>, "cpu_percent", "rss_bytes"},
-                        # cpu/rss summed over distinct live worker pids
+                         "cpu_percent", "rss_bytes", "private_bytes", "age_s"}, ...],
+             "totals": {<COUNTER_FIELDS>, "cpu_percent", "rss_bytes", "private_bytes"},
+                        # cpu/memory summed over distinct live worker pids
              "time": <unix time>, "socket": <vhost socket path or "">}
 
         Queues are sorted by index.  ``state`` is the worker's own
@@ -269,11 +273,13 @@ class StatsCollector:
         message, or "dead" after :meth:`mark_dead` (``exitcode`` is None
         otherwise).  ``age_s`` is seconds since the last message was
         received, or since the queue was named if none has been.
+        ``private_bytes`` is ``rss_bytes`` less shared pages (see
+        :meth:`_proc_usage`): what the worker itself holds.
         """
         now = time.monotonic()
         with self._lock:
             rows: List[Dict[str, Any]] = []
-            usage: Dict[int, Tuple[float, int]] = {}   # live pid -> (cpu, rss), once each
+            usage: Dict[int, Tuple[float, int, int]] = {}   # live pid -> (cpu, rss, private), once each
             for index in sorted(self._queues):
                 q = self._queues[index]
                 counters = q.msg["counters"] if q.msg is not None else {}
@@ -285,11 +291,11 @@ class StatsCollector:
                 else:
                     state = "starting"
                 if q.pid is None or dead:
-                    cpu, rss = 0.0, 0
+                    cpu, rss, private = 0.0, 0, 0
                 else:
                     if q.pid not in usage:
                         usage[q.pid] = self._proc_usage(q.pid)
-                    cpu, rss = usage[q.pid]
+                    cpu, rss, private = usage[q.pid]
                 row: Dict[str, Any] = {"index": index, "direction": direction_of(index)}
                 for f in COUNTER_FIELDS:
                     v = counters.get(f, 0)
@@ -301,6 +307,7 @@ class StatsCollector:
                     worker_pid=q.pid,
                     cpu_percent=cpu,
                     rss_bytes=rss,
+                    private_bytes=private,
                     age_s=round(now - (q.heard if q.heard is not None else q.named), 3),
                 )
                 rows.append(row)
@@ -310,5 +317,6 @@ class StatsCollector:
         # Per process, not per row: queues sharing a pid are counted once.
         totals["cpu_percent"] = round(sum(u[0] for u in usage.values()), 1)
         totals["rss_bytes"] = sum(u[1] for u in usage.values())
+        totals["private_bytes"] = sum(u[2] for u in usage.values())
         return {"queues": rows, "totals": totals, "time": time.time(),
                 "socket": self.socket_path}

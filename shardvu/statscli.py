@@ -69,7 +69,7 @@ def _human_bytes(n: float) -> str:
 
 
 _COLS = ("idx", "dir", "state", "packets", "Mpps", "bytes", "drops", "kicks",
-         "calls", "pid", "cpu%", "rssMiB")
+         "calls", "pid", "cpu%", "rssMiB", "privMiB")
 
 
 def format_table(snap: Dict[str, Any], prev: Optional[Dict[str, Any]] = None) -> str:
@@ -94,12 +94,14 @@ def format_table(snap: Dict[str, Any], prev: Optional[Dict[str, Any]] = None) ->
                      rate(q["packets"], old["packets"] if old else None),
                      _human_bytes(q["bytes"]), str(q["drops"]), str(q["kicks"]),
                      str(q["calls"]), str(q["worker_pid"] or "-"),
-                     f"{q['cpu_percent']:.1f}", f"{q['rss_bytes'] / 2**20:.1f}"))
+                     f"{q['cpu_percent']:.1f}", f"{q['rss_bytes'] / 2**20:.1f}",
+                     f"{q.get('private_bytes', 0) / 2**20:.1f}"))
     t = snap["totals"]
     old_total = prev["totals"]["packets"] if prev else None
     rows.append(("all", "", "", str(t["packets"]), rate(t["packets"], old_total),
                  _human_bytes(t["bytes"]), str(t["drops"]), str(t["kicks"]), str(t["calls"]),
-                 "", f"{t['cpu_percent']:.1f}", f"{t['rss_bytes'] / 2**20:.1f}"))
+                 "", f"{t['cpu_percent']:.1f}", f"{t['rss_bytes'] / 2**20:.1f}",
+                 f"{t.get('private_bytes', 0) / 2**20:.1f}"))
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(_COLS)]
     left = {1, 2}                     # text columns; the rest are right-aligned
 

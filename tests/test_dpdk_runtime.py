@@ -66,6 +66,10 @@ def test_io_forwarding_through_loopback(runtime, queues):
     assert pmd["rx_packets"] > 1000
     stats = settled_stats(rt)
     assert all(stats[2 * p]["packets"] > 0 for p in range(queues))
+    # RSS counts the guest pages the copies touched; the worker's own
+    # memory (private) stays small (~15 MiB here; the bound is 40 MB)
+    assert all(0 < q["private_bytes"] < 40 << 20 for q in stats.values()), \
+        {i: q["private_bytes"] for i, q in stats.items()}
 
 
 @pytest.mark.parametrize("queues", [1, 8])

@@ -21,8 +21,8 @@ from shardvu.workers.stats import COUNTER_FIELDS, Counters, StatsPublisher
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 QUEUE_KEYS = {"index", "direction", *COUNTER_FIELDS, "state", "broken_reason", "exitcode",
-              "worker_pid", "cpu_percent", "rss_bytes", "age_s"}
-TOTAL_KEYS = {*COUNTER_FIELDS, "cpu_percent", "rss_bytes"}
+              "worker_pid", "cpu_percent", "rss_bytes", "private_bytes", "age_s"}
+TOTAL_KEYS = {*COUNTER_FIELDS, "cpu_percent", "rss_bytes", "private_bytes"}
 
 
 @pytest.fixture
@@ -68,16 +68,18 @@ def check_shape(snap):
     for q in snap["queues"]:
         assert set(q) == QUEUE_KEYS
         assert q["direction"] == ("rx" if q["index"] % 2 == 0 else "tx")
-        for f in COUNTER_FIELDS + ("rss_bytes",):
+        for f in COUNTER_FIELDS + ("rss_bytes", "private_bytes"):
             assert isinstance(q[f], int)
+        assert 0 <= q["private_bytes"] <= q["rss_bytes"]
         assert isinstance(q["cpu_percent"], float) and isinstance(q["age_s"], float)
         assert isinstance(q["state"], str)
     assert set(snap["totals"]) == TOTAL_KEYS
     for f in COUNTER_FIELDS:
         assert snap["totals"][f] == sum(q[f] for q in snap["queues"])
     # Process figures are summed once per live worker process.
-    per_pid = {q["worker_pid"]: q["rss_bytes"] for q in snap["queues"] if q["state"] != "dead"}
-    assert snap["totals"]["rss_bytes"] == sum(per_pid.values())
+    for key in ("rss_bytes", "private_bytes"):
+        per_pid = {q["worker_pid"]: q[key] for q in snap["queues"] if q["state"] != "dead"}
+        assert snap["totals"][key] == sum(per_pid.values())
 
 
 def test_endpoints_convention(tmp_path):
@@ -118,7 +120,7 @@ def test_in_process_round_trip(collector, sock_path):
     q0, q1 = queue(snap, 0), queue(snap, 1)
     assert (q0["bytes"], q0["kicks"], q0["calls"], q0["batches"]) == (640, 2, 3, 4)
     assert q0["state"] == "running" and q0["worker_pid"] == os.getpid()
-    assert q0["rss_bytes"] > 0 and q0["exitcode"] is None
+    assert q0["rss_bytes"] > 0 and q0["private_bytes"] > 0 and q0["exitcode"] is None
     assert q1["broken_reason"] == "descriptor loop" and q1["ring_errors"] == 1
     assert snap["totals"]["packets"] == 10 and snap["socket"] == sock_path
     assert q0["age_s"] < 5
