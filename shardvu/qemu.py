@@ -152,7 +152,7 @@ class Guest:
             chardev = f"socket,id=c0,path={self.sock},server=on,wait=off"
         else:
             chardev = f"socket,id=c0,path={self.sock}" + (",reconnect=1" if self.reconnect else "")
-        dev = f"virtio-net-pci,netdev=n0,mq=on,vectors=0,romfile="
+        dev = "virtio-net-pci,netdev=n0,mq=on,vectors=0,romfile="
         if self.mac:
             dev += f",mac={self.mac}"
         return [

@@ -10,7 +10,6 @@ best), so these tests prove correctness, not speed.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 import time

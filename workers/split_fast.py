@@ -29,6 +29,7 @@ from .spsc import DATA_OFF, HEADER_SIZE as SLOT0, SpscRing
 
 _SLOW_FLAGS = 1 | 4          # NEXT | INDIRECT
 _WRITE = 2
+_ANY_FLAGS = _SLOW_FLAGS | _WRITE
 
 
 def eligible(vq: VirtQueue) -> bool:
@@ -117,12 +118,13 @@ def _valid_heads(vq: VirtQueue, avail16, last: int, n: int, num: int) -> List[in
     return heads
 
 
-def _used_ids(used64, start: int, heads: List[int], num: int) -> None:
-    """Used elements ``(head, 0)`` for ``heads`` from used slot ``start``, as
-    one or two slice stores (TX buffers come back with length 0)."""
+def _used_store(used64, start: int, elems: List[int], num: int) -> None:
+    """Used elements from used slot ``start`` on, each ``id | len << 32``
+    (a TX buffer's is just its head: length 0), as one or two slice
+    stores."""
     s = start & (num - 1)
-    e = s + len(heads)
-    vals = array("Q", heads)
+    e = s + len(elems)
+    vals = array("Q", elems)
     if e <= num:
         used64[s:e] = vals
     else:
@@ -168,7 +170,7 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
         nbytes += length - hdr_len
         n += 1
     if n:
-        _used_ids(rings.used64, vq.used_idx, heads if n == navail else heads[:n], num)
+        _used_store(rings.used64, vq.used_idx, heads if n == navail else heads[:n], num)
         if out:
             on_frames(out)
             out = None
@@ -186,42 +188,43 @@ def rx_pass(vq: VirtQueue, frames: Sequence, hdr: bytes,
     needs the general path (a chain, or too small for the frame)."""
     rings = vq.rings
     num = rings.num
-    mask = num - 1
     last = vq.last_avail_idx
     navail = batch_size(vq, rings.avail16[1], len(frames))
     if not navail:
         return 0, 0, False
     heads = _valid_heads(vq, rings.avail16, last, navail, num)
-    desc64, desc32, desc16, used64 = rings.desc64, rings.desc32, rings.desc16, rings.used64
-    used_idx = vq.used_idx
-    ui = used_idx & mask
+    desc64, desc32, desc16 = rings.desc64, rings.desc32, rings.desc16
     hlen = len(hdr)
-    lo, hi, mm, base = cache.lo, cache.hi, cache.mm, cache.base
-    nbytes = n = 0
+    lo, hi, mm = cache.lo, cache.hi, cache.mm
+    delta = cache.base - lo                   # mm offset of guest address a = a + delta
+    elems: List[int] = []                     # used elements, id | len << 32
+    put = elems.append
     more = False
-    for head in heads:
-        frame = frames[n]
+    for head, frame in zip(heads, frames):
         total = hlen + len(frame)
-        flags = desc16[(head << 3) + 6]
-        if flags & _SLOW_FLAGS or not flags & _WRITE or desc32[(head << 2) + 2] < total:
-            more = True
+        if desc16[(head << 3) + 6] & _ANY_FLAGS != _WRITE or desc32[(head << 2) + 2] < total:
+            more = True                       # chained, indirect, read-only or too small
             break
         addr = desc64[head << 1]
         if not (lo <= addr and addr + total <= hi):
             if translate(vq, cache, head, addr, total) is None:
                 break
-            lo, hi, mm, base = cache.lo, cache.hi, cache.mm, cache.base
-        off = base + addr - lo
+            lo, hi, mm = cache.lo, cache.hi, cache.mm
+            delta = cache.base - lo
+        off = addr + delta
         if hlen:
             mm[off:off + hlen] = hdr
         mm[off + hlen:off + total] = frame
-        nbytes += total - hlen
-        used64[ui] = head | total << 32
-        ui = (ui + 1) & mask
-        n += 1
-    if n:
-        _publish(vq, rings, used_idx, n, (last + n) & 0xFFFF)
-    return n, nbytes, more
+        put(head | total << 32)
+    n = len(elems)
+    if not n:
+        return 0, 0, more
+    _used_store(rings.used64, vq.used_idx, elems, num)
+    _publish(vq, rings, vq.used_idx, n, (last + n) & 0xFFFF)
+    nbytes = 0
+    for e in elems:
+        nbytes += e >> 32
+    return n, nbytes - n * hlen, more
 
 
 def rx_header(hdr_len: int) -> bytes:
@@ -281,7 +284,7 @@ def tx_to_ring(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
         n += 1
     if n:
         ring.publish(prod + n - dropped)
-        _used_ids(rings.used64, vq.used_idx, heads if n == navail else heads[:n], num)
+        _used_store(rings.used64, vq.used_idx, heads if n == navail else heads[:n], num)
         _publish(vq, rings, vq.used_idx, n, (last + n) & 0xFFFF)
     return n, nbytes, dropped, more
 
@@ -300,46 +303,48 @@ def rx_from_ring(vq: VirtQueue, ring: SpscRing, hdr_len: int, budget: int,
         return 0, 0, False
     rings = vq.rings
     num = rings.num
-    mask = num - 1
     last = vq.last_avail_idx
     navail = batch_size(vq, rings.avail16[1], ready)
     if not navail:
         return 0, 0, False
     heads = _valid_heads(vq, rings.avail16, last, navail, num)
-    desc64, desc32, desc16, used64 = rings.desc64, rings.desc32, rings.desc16, rings.used64
-    used_idx = vq.used_idx
-    ui = used_idx & mask
-    lo, hi, mm, base = cache.lo, cache.hi, cache.mm, cache.base
+    desc64, desc32, desc16 = rings.desc64, rings.desc32, rings.desc16
+    lo, hi, mm = cache.lo, cache.hi, cache.mm
+    delta = cache.base - lo                   # mm offset of guest address a = a + delta
     smm, len32, ssize, maxf = ring.mm, ring.len32, ring.slot_size, ring.max_frame
     slot = SLOT0 + (cons & ring.mask) * ssize
     send = SLOT0 + ring.slots * ssize
     start = DATA_OFF - hdr_len
-    nbytes = n = 0
+    elems: List[int] = []                     # used elements, id | len << 32
+    put = elems.append
     more = False
     for head in heads:
         flen = len32[slot >> 2]
         if flen > maxf:
             raise RuntimeError(f"spsc: corrupt slot length {flen}")
         total = hdr_len + flen
-        flags = desc16[(head << 3) + 6]
-        if flags & _SLOW_FLAGS or not flags & _WRITE or desc32[(head << 2) + 2] < total:
-            more = True
+        if desc16[(head << 3) + 6] & _ANY_FLAGS != _WRITE or desc32[(head << 2) + 2] < total:
+            more = True                       # chained, indirect, read-only or too small
             break
         addr = desc64[head << 1]
         if not (lo <= addr and addr + total <= hi):
             if translate(vq, cache, head, addr, total) is None:
                 break
-            lo, hi, mm, base = cache.lo, cache.hi, cache.mm, cache.base
-        off = base + addr - lo
+            lo, hi, mm = cache.lo, cache.hi, cache.mm
+            delta = cache.base - lo
+        off = addr + delta
         mm[off:off + total] = smm[slot + start:slot + DATA_OFF + flen]
-        used64[ui] = head | total << 32
-        ui = (ui + 1) & mask
+        put(head | total << 32)
         slot += ssize
         if slot == send:
             slot = SLOT0
-        nbytes += flen
-        n += 1
-    if n:
-        ring.consumed(cons + n)
-        _publish(vq, rings, used_idx, n, (last + n) & 0xFFFF)
-    return n, nbytes, more
+    n = len(elems)
+    if not n:
+        return 0, 0, more
+    ring.consumed(cons + n)
+    _used_store(rings.used64, vq.used_idx, elems, num)
+    _publish(vq, rings, vq.used_idx, n, (last + n) & 0xFFFF)
+    nbytes = 0
+    for e in elems:
+        nbytes += e >> 32
+    return n, nbytes - n * hdr_len, more
