@@ -19,20 +19,31 @@ UVA = 0x7F00_0000_0000
 STYLES = [split_fast, split_fast_struct]
 
 
-@pytest.fixture
-def ring():
+def _memory(size: int) -> GuestMemory:
     fd = os.memfd_create("fast")
-    os.ftruncate(fd, 4 << 20)
+    os.ftruncate(fd, size)
     mem = GuestMemory()
-    mem.add(MemoryRegion(0, 4 << 20, UVA, 0), fd)
-    drv = DriverQueue(mem, 0x1000, 64, used_align=4096)
-    vq = VirtQueue(1)
+    mem.add(MemoryRegion(0, size, UVA, 0), fd)
+    return mem
+
+
+def _queue(mem, index: int, gpa: int, features: int):
+    """A started 64-entry queue at ``gpa``: (driver side, back-end side)."""
+    drv = DriverQueue(mem, gpa, 64, used_align=4096)
+    vq = VirtQueue(index)
     vq.mem = mem
     vq.num = 64
-    vq.features = P.bit(P.VIRTIO_F_VERSION_1) | P.bit(P.VIRTIO_RING_F_EVENT_IDX)
-    vq.addr = VringAddr(1, 0, UVA + drv.desc_gpa, UVA + drv.used_gpa, UVA + drv.avail_gpa, 0)
+    vq.features = features
+    vq.addr = VringAddr(index, 0, UVA + drv.desc_gpa, UVA + drv.used_gpa, UVA + drv.avail_gpa, 0)
     vq.map_rings()
     vq.started = vq.enable = True
+    return drv, vq
+
+
+@pytest.fixture
+def ring():
+    mem = _memory(4 << 20)
+    drv, vq = _queue(mem, 1, 0x1000, P.bit(P.VIRTIO_F_VERSION_1) | P.bit(P.VIRTIO_RING_F_EVENT_IDX))
     yield mem, drv, vq
     vq.unmap_rings()
     drv.close()
@@ -115,21 +126,9 @@ def test_rx_fill_takes_memoryview_frames_too(ring, style):
 @pytest.fixture
 def pair():
     """A TX and an RX queue in one guest memory, like a loopback pair."""
-    fd = os.memfd_create("fast-pair")
-    os.ftruncate(fd, 8 << 20)
-    mem = GuestMemory()
-    mem.add(MemoryRegion(0, 8 << 20, UVA, 0), fd)
-    queues = []
-    for index, gpa in ((1, 0x1000), (0, 0x10000)):
-        drv = DriverQueue(mem, gpa, 64, used_align=4096)
-        vq = VirtQueue(index)
-        vq.mem = mem
-        vq.num = 64
-        vq.features = P.bit(P.VIRTIO_F_VERSION_1)
-        vq.addr = VringAddr(index, 0, UVA + drv.desc_gpa, UVA + drv.used_gpa, UVA + drv.avail_gpa, 0)
-        vq.map_rings()
-        vq.started = vq.enable = True
-        queues += [drv, vq]
+    mem = _memory(8 << 20)
+    queues = [*_queue(mem, 1, 0x1000, P.bit(P.VIRTIO_F_VERSION_1)),
+              *_queue(mem, 0, 0x10000, P.bit(P.VIRTIO_F_VERSION_1))]
     ring = SpscRing.create(16, 128)
     yield mem, queues, ring
     ring.close()

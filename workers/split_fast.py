@@ -133,6 +133,18 @@ def _used_store(used64, start: int, elems: List[int], num: int) -> None:
         used64[0:e - num] = vals[k:]
 
 
+def _publish_rx(vq: VirtQueue, rings, elems: List[int], last: int, hdr_len: int) -> Tuple[int, int]:
+    """Store an RX batch's used elements (``id | len << 32``) and publish
+    them; returns ``(buffers, payload bytes)``."""
+    n = len(elems)
+    _used_store(rings.used64, vq.used_idx, elems, rings.num)
+    _publish(vq, rings, vq.used_idx, n, (last + n) & 0xFFFF)
+    nbytes = 0
+    for e in elems:
+        nbytes += e >> 32
+    return n, nbytes - n * hdr_len
+
+
 def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
             on_frames: Optional[Callable[[List[memoryview]], None]] = None) -> Tuple[int, int, bool]:
     """Consume up to ``budget`` single-descriptor frames from the guest's TX
@@ -216,15 +228,10 @@ def rx_pass(vq: VirtQueue, frames: Sequence, hdr: bytes,
             mm[off:off + hlen] = hdr
         mm[off + hlen:off + total] = frame
         put(head | total << 32)
-    n = len(elems)
-    if not n:
+    if not elems:
         return 0, 0, more
-    _used_store(rings.used64, vq.used_idx, elems, num)
-    _publish(vq, rings, vq.used_idx, n, (last + n) & 0xFFFF)
-    nbytes = 0
-    for e in elems:
-        nbytes += e >> 32
-    return n, nbytes - n * hlen, more
+    n, nbytes = _publish_rx(vq, rings, elems, last, hlen)
+    return n, nbytes, more
 
 
 def rx_header(hdr_len: int) -> bytes:
@@ -338,13 +345,8 @@ def rx_from_ring(vq: VirtQueue, ring: SpscRing, hdr_len: int, budget: int,
         slot += ssize
         if slot == send:
             slot = SLOT0
-    n = len(elems)
-    if not n:
+    if not elems:
         return 0, 0, more
-    ring.consumed(cons + n)
-    _used_store(rings.used64, vq.used_idx, elems, num)
-    _publish(vq, rings, vq.used_idx, n, (last + n) & 0xFFFF)
-    nbytes = 0
-    for e in elems:
-        nbytes += e >> 32
-    return n, nbytes - n * hdr_len, more
+    ring.consumed(cons + len(elems))
+    n, nbytes = _publish_rx(vq, rings, elems, last, hdr_len)
+    return n, nbytes, more
