@@ -352,3 +352,34 @@ def test_unpeek_returns_undelivered_frames_again():
     finally:
         ring.release(0)
         ring.close()
+
+
+def test_headroom_prefix_sits_right_before_each_frame(ring):
+    """set_headroom() lays a prefix down in every slot, right-aligned
+    before the data, and pushes never overwrite it."""
+    ring.set_headroom(b"HDR")
+    ring.push_batch([b"one", b"two"])
+    ring.pop_batch(2)
+    ring.push_batch([b"three"])
+    for k in range(ring.slots):
+        data = spsc.HEADER_SIZE + k * ring.slot_size + spsc.DATA_OFF
+        assert bytes(ring.buf[data - 3:data]) == b"HDR"
+        assert bytes(ring.buf[data - spsc.HEADROOM:data - 3]) == bytes(spsc.HEADROOM - 3)
+    assert [bytes(v) for v in ring.peek(4)] == [b"three"]
+    with pytest.raises(ValueError):
+        ring.set_headroom(bytes(spsc.HEADROOM + 1))
+
+
+def test_fused_windows_publish_and_release(ring):
+    """produce_window/publish and consume_window/consumed: the producer
+    sees the room the consumer gave back, indices wrap the slots."""
+    prod, room = ring.produce_window()
+    assert room == ring.slots
+    for i in range(5):
+        ring.len32[(spsc.HEADER_SIZE + ((prod + i) & ring.mask) * ring.slot_size) >> 2] = 1
+    ring.publish(prod + 5)
+    cons, n = ring.consume_window(3)
+    assert (cons, n) == (prod, 3) and ring.ready()
+    ring.consumed(cons + 3)
+    assert ring.produce_window() == (prod + 5, ring.slots - 2)
+    assert ring.consume_window(10) == (prod + 3, 2)

@@ -14,9 +14,12 @@ rather than memoryviews, and copies frames with ``ffi.memmove`` between
 no intermediate object, 10 ns for 76 bytes against 16 for an mmap slice
 assignment from bytes, 37 for mmap to mmap and 49 through memoryviews.
 
-The pointers do not keep a mapping alive: :class:`RegionCache` takes one
-per region it caches, and the worker drops its cache before any region
-is unmapped (as it already must for the views).
+:class:`RegionCache` takes one pointer per region it caches.  On PyPy a
+pointer does not keep the mapping alive (it would dangle after an
+unmap); on CPython (where only tests and bench/ringloop.py run these
+loops) it holds a buffer export, which makes closing the mapping fail.
+Either way the rule is the one the views already impose: the worker drops
+its cache before any region is unmapped.
 """
 from __future__ import annotations
 

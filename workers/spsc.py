@@ -41,9 +41,12 @@ x86-64 because:
   the producer cannot see a slot released before the consumer has read it.
 * The interpreter does not reorder these accesses: in CPython each access
   is a separate opaque C call (``struct.pack_into``/``unpack_from``,
-  memoryview slice assignment = ``memcpy``); PyPy's JIT does not cache or
-  sink raw loads/stores to buffer memory across those operations (the
-  two-process tests also run under PyPy).
+  memoryview item stores and slice assignment = ``memcpy``); PyPy's JIT
+  does not cache or sink raw loads/stores to buffer memory across those
+  operations, nor across the external call that cffi's ``memmove`` is (the
+  loopback's fused loops in ``split_fast*.py`` copy frames that way and
+  publish through :meth:`SpscRing.publish` / :meth:`SpscRing.consumed`
+  like the methods here; the two-process tests also run under PyPy).
 * Each index is loaded and stored with a single aligned 8-byte move
   (single-copy atomic on x86-64), through a ``ctypes.c_uint64`` view of the
   mapping: CPython's ctypes copies the field with an 8-byte ``memcpy``
