@@ -25,6 +25,7 @@ import shutil
 import statistics
 import sys
 import time
+import traceback
 from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import psutil
@@ -185,6 +186,14 @@ def run_plan(args, plan: Plan, meta: Dict, base: str, *, key: str,
 
 
 # -- summary --------------------------------------------------------------------------
+
+def record_failure(res: Dict, exc: BaseException, rate_key: str) -> None:
+    """Mark measurement ``res`` failed by ``exc`` (call inside the
+    ``except``): its first line, the traceback's tail, no rate."""
+    res["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    res["traceback"] = traceback.format_exc()[-3000:]
+    res.pop(rate_key, None)
+
 
 def med(xs):
     """Median of the values that are not None; None if there are none."""

@@ -96,7 +96,6 @@ import socket
 import sys
 import tempfile
 import time
-import traceback
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import psutil
@@ -406,16 +405,13 @@ class Measurement:
             if res["pps"] <= 0:
                 raise RuntimeError("no packets counted in the window")
         except Exception as exc:                       # noqa: BLE001 — recorded, run goes on
-            res["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            res["traceback"] = traceback.format_exc()[-3000:]
-            res.pop("mpps", None)
+            abrun.record_failure(res, exc, "mpps")
             for name, pmd in (("fe_log_tail", fe), ("be_log_tail", be)):
                 if pmd is not None:
                     res[name] = pmd.log()[-2000:]
             if rt is not None:
                 try:
-                    with open(rt.log_path, errors="replace") as f:
-                        res["shardvu_log_tail"] = f.read()[-3000:]
+                    res["shardvu_log_tail"] = rt.log()[-3000:]
                 except OSError:
                     pass
         finally:
@@ -460,8 +456,7 @@ class Measurement:
             except Exception as exc:           # noqa: BLE001
                 out["stop_error"] = str(exc)[:500]
             try:
-                with open(rt.log_path, errors="replace") as f:
-                    log = f.read()
+                log = rt.log()
             except OSError:
                 log = ""
             if "broken" in log:

@@ -61,7 +61,6 @@ import shutil
 import sys
 import tempfile
 import time
-import traceback
 from typing import Dict, List, Optional, Tuple
 
 import psutil
@@ -196,9 +195,7 @@ class Measurement:
                 # rings are QEMU's to drop (link down): guest >= back-end
                 res["guest_minus_backend"] = sent - res["backend_total"]
         except Exception as exc:                       # noqa: BLE001 — recorded, the run goes on
-            res["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            res["traceback"] = traceback.format_exc()[-3000:]
-            res.pop("kpps", None)
+            abrun.record_failure(res, exc, "kpps")
             if g is not None:
                 res["serial_tail"] = g.serial()[-2000:]
                 res["qemu_stderr_tail"] = g.stderr()[-1500:]
@@ -206,8 +203,7 @@ class Measurement:
                 res["be_log_tail"] = be.log()[-2500:]
             if rt is not None:
                 try:
-                    with open(rt.log_path, errors="replace") as f:
-                        res["shardvu_log_tail"] = f.read()[-3000:]
+                    res["shardvu_log_tail"] = rt.log()[-3000:]
                 except OSError:
                     pass
         finally:
@@ -281,8 +277,7 @@ class Measurement:
             except Exception as exc:           # noqa: BLE001
                 out["stop_error"] = str(exc)[:500]
             try:
-                with open(rt.log_path, errors="replace") as f:
-                    errs = [line for line in f.read().splitlines() if "ERROR" in line or "broken" in line]
+                errs = [line for line in rt.log().splitlines() if "ERROR" in line or "broken" in line]
                 if errs:
                     out["shardvu_errors"] = errs[:20]
             except OSError:

@@ -88,9 +88,11 @@ class Runtime:
         return {q["index"]: q for q in self.stats()["queues"]}
 
     def log(self) -> str:
+        """Everything the runtime logged so far (undecodable bytes
+        replaced); OSError if the log file is gone."""
         if not self._log.closed:
             self._log.flush()
-        with open(self.log_path) as f:
+        with open(self.log_path, errors="replace") as f:
             return f.read()
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:

@@ -187,18 +187,12 @@ class Guest:
         return self.proc is not None and self.proc.poll() is None
 
     def serial(self) -> str:
-        try:
-            with open(self.serial_log, errors="replace") as f:
-                return f.read()
-        except OSError:
-            return ""
+        """The guest's serial console so far ("" before QEMU made the file)."""
+        return _read_text(self.serial_log)
 
     def stderr(self) -> str:
-        try:
-            with open(self.stderr_path, errors="replace") as f:
-                return f.read()
-        except OSError:
-            return ""
+        """QEMU's stderr so far ("" before it started)."""
+        return _read_text(self.stderr_path)
 
     def wait_for(self, regex: str, timeout: float = 60.0, start: int = 0) -> "re.Match":
         """The first match of ``regex`` in the serial output (from offset
@@ -339,3 +333,11 @@ class Guest:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
