@@ -195,6 +195,15 @@ def record_failure(res: Dict, exc: BaseException, rate_key: str) -> None:
     res.pop(rate_key, None)
 
 
+def raise_if_dead(snapshot: Optional[Dict]) -> None:
+    """RuntimeError if a ``Runtime.stats()`` snapshot shows a dead or broken
+    shardvu queue (the measurement is then not one of shardvu working)."""
+    dead = [q["index"] for q in (snapshot or {}).get("queues", ())
+            if q["state"] in ("dead", "broken")]
+    if dead:
+        raise RuntimeError(f"shardvu queue(s) {dead} dead or broken (see its log)")
+
+
 def med(xs):
     """Median of the values that are not None; None if there are none."""
     xs = [x for x in xs if x is not None]

@@ -398,10 +398,7 @@ class Measurement:
                                          for q in last_queues if q.get("rss_bytes")}
                 res["worker_private_mib"] = {f"w{q['index']}": round(q["private_bytes"] / 2**20, 1)
                                              for q in last_queues if q.get("private_bytes")}
-                dead = [q["index"] for q in (be_sampler.last or {}).get("queues", ())
-                        if q["state"] in ("dead", "broken")]
-                if dead:
-                    raise RuntimeError(f"shardvu queue(s) {dead} dead or broken (see its log)")
+                abrun.raise_if_dead(be_sampler.last)
             if res["pps"] <= 0:
                 raise RuntimeError("no packets counted in the window")
         except Exception as exc:                       # noqa: BLE001 — recorded, run goes on

@@ -180,10 +180,7 @@ class Measurement:
             res["cpu"] = cpu_percent(cpu_a or {}, cpu_b or {})
             res["others_cpu_percent"] = others_percent(busy_a, busy_b, res["cpu"])
             if rt is not None:
-                dead = [x["index"] for x in (sampler.last or {}).get("queues", ())
-                        if x["state"] in ("dead", "broken")]
-                if dead:
-                    raise RuntimeError(f"shardvu queue(s) {dead} dead or broken (see its log)")
+                abrun.raise_if_dead(sampler.last)
             if res["pps"] <= 0:
                 raise RuntimeError("no packets counted in the window")
             # stop the guest's traffic: link down → pktgen stops → the guest reports
