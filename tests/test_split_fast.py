@@ -7,7 +7,7 @@ import os
 import pytest
 
 from shardvu import protocol as P
-from shardvu.driver import DriverQueue
+from shardvu.driver import VRING_DESC_F_WRITE, DriverQueue
 from shardvu.memory import GuestMemory
 from shardvu.protocol import MemoryRegion, VringAddr
 from shardvu.virtqueue import VirtQueue
@@ -269,3 +269,31 @@ def test_zero_length_buffer_at_address_zero_before_any_lookup(ring, style):
     seen = []
     n, nbytes, more = style.tx_pass(vq, 12, 64, style.RegionCache(mem), seen.extend)
     assert n == 1 and [bytes(v) for v in seen] == [b""] and not vq.broken
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("loop", ["tx_pass", "rx_pass", "tx_to_ring", "rx_from_ring"])
+def test_descriptor_address_above_2_63_is_refused(pair, style, loop):
+    """The PyPy loops read a descriptor's address as a signed field (a "Q"
+    field is a big integer there): an address >= 2**63 reads as negative
+    and must be refused like any other address outside guest memory, and
+    reported unsigned."""
+    mem, (tdrv, tvq, rdrv, rvq), ring = pair
+    cache = style.RegionCache(mem)
+    top = (1 << 64) - 64
+    tx = loop.startswith("tx")
+    drv, vq = (tdrv, tvq) if tx else (rdrv, rvq)
+    drv.write_desc(0, top, 76, 0 if tx else VRING_DESC_F_WRITE, 0)
+    drv.push_avail(0)
+    drv.write_avail_idx(1)
+    if loop == "tx_pass":
+        n, _, _ = style.tx_pass(vq, 12, 64, cache, [].extend)
+    elif loop == "rx_pass":
+        n, _, _ = style.rx_pass(vq, [b"f" * 64], split_fast.rx_header(12), cache)
+    elif loop == "tx_to_ring":
+        n, _, _, _ = style.tx_to_ring(vq, 12, 64, cache, ring)
+    else:
+        ring.push_batch([b"f" * 64])
+        n, _, _ = style.rx_from_ring(vq, ring, 12, 64, cache)
+    assert n == 0 and vq.broken
+    assert f"{top:#x}" in vq.broken_reason and "outside guest memory" in vq.broken_reason

@@ -78,7 +78,8 @@ def translate(vq: VirtQueue, cache: RegionCache, head: int, addr: int, length: i
     None after marking the queue broken."""
     view = cache.lookup(addr, length)
     if view is None:
-        vq.mark_broken(f"descriptor {head} buffer {addr:#x}+{length:#x} is outside guest memory")
+        vq.mark_broken(f"descriptor {head} buffer {addr & 0xFFFFFFFFFFFFFFFF:#x}+{length:#x} "
+                       f"is outside guest memory")
     return view
 
 

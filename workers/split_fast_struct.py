@@ -39,7 +39,12 @@ __all__ = ["tx_pass", "rx_pass", "tx_to_ring", "rx_from_ring", "eligible", "Regi
 
 _H = struct.Struct("H")
 _U32 = struct.Struct("I")
-_DESC = struct.Struct("QIHH")
+# The descriptor's address is read as a *signed* 64-bit field: on PyPy a
+# "Q" field comes back as a big integer, and every address computation of
+# the loop then ran big-integer arithmetic and allocated for each frame.
+# A (hostile) address >= 2**63 reads as negative, which no region covers:
+# it is refused exactly as an out-of-range one (see translate()).
+_DESC = struct.Struct("qIHH")
 _ELEM = struct.Struct("II")
 _ffi = cffi.FFI()
 _memmove = _ffi.memmove

@@ -110,6 +110,22 @@ _SLEEP_OFF = 192
 _MAX_SLOTS = 1 << 20
 _MAX_SLOT_SIZE = 1 << 20
 _MASK64 = (1 << 64) - 1
+_WRAP = 1 << 64
+
+
+# Index arithmetic mod 2**64 that stays on machine-word ints.  ``x &
+# _MASK64`` would make every result a big integer on PyPy (the mask does
+# not fit in a word), and the fused loops then did big-integer arithmetic
+# and allocated for every frame.
+def _dist(a: int, b: int) -> int:
+    """``(a - b) mod 2**64`` for indices a, b in [0, 2**64)."""
+    d = a - b
+    return d + _WRAP if d < 0 else d
+
+
+def _wrap(i: int) -> int:
+    """``i mod 2**64`` for an index advanced past 2**64 by less than 2**64."""
+    return i - _WRAP if i >> 64 else i
 
 _HDR = struct.Struct("=8sIII")        # magic, version, slots, slot_size
 _U64 = struct.Struct("Q")             # header images / tests only: not atomic on PyPy
@@ -237,7 +253,7 @@ class SpscRing:
                 raise ValueError(f"spsc: size {st.st_size} does not match {slots}x{slot_size}")
             prod = _load64(mm, _PROD_OFF)
             cons = _load64(mm, _CONS_OFF)
-            if (prod - cons) & _MASK64 > slots:
+            if _dist(prod, cons) > slots:
                 raise ValueError(f"spsc: corrupt indices prod={prod} cons={cons}")
         except BaseException:
             mm.close()
@@ -284,7 +300,7 @@ class SpscRing:
         """Frames published and not yet released (either side may ask;
         exact for the consumer, a lower bound of the truth for the producer
         is ``slots - free()``)."""
-        return (self._pi.value - self._ci.value) & _MASK64
+        return _dist(self._pi.value, self._ci.value)
 
     def _fence(self) -> None:
         # Full barrier: a locked RMW in libc (see module docstring).
@@ -296,7 +312,7 @@ class SpscRing:
 
     def free(self) -> int:
         """Slots the producer may fill now."""
-        return max(0, self.slots - ((self._prod - self._ci.value) & _MASK64))
+        return max(0, self.slots - _dist(self._prod, self._ci.value))
 
     def push_batch(self, frames: Sequence[Frame]) -> int:
         """Copy frames from the front of ``frames`` into the ring, as many as
@@ -309,7 +325,7 @@ class SpscRing:
         Call :meth:`producer_notify` afterwards."""
         buf = self._buf
         prod = self._prod
-        room = self.slots - ((prod - self._ci.value) & _MASK64)
+        room = self.slots - _dist(prod, self._ci.value)
         if room < 0:
             raise RuntimeError(f"spsc: corrupt consumer index (prod={prod})")
         mask, ssize, hdr, maxf = self._mask, self.slot_size, HEADER_SIZE, self.max_frame
@@ -356,7 +372,7 @@ class SpscRing:
         slot ``prod + i`` (length at 0, data at DATA_OFF) for i < count,
         then :meth:`publish` ``prod + count``."""
         prod = self._prod
-        room = self.slots - ((prod - self._ci.value) & _MASK64)
+        room = self.slots - _dist(prod, self._ci.value)
         if room < 0:
             raise RuntimeError(f"spsc: corrupt consumer index (prod={prod})")
         return prod, room
@@ -364,7 +380,7 @@ class SpscRing:
     def publish(self, prod: int) -> None:
         """Producer: make every slot before index ``prod`` visible (one
         index store, after the slot stores); then :meth:`producer_notify`."""
-        prod &= _MASK64
+        prod = _wrap(prod)
         self._prod = prod
         self._pi.value = prod
 
@@ -385,12 +401,12 @@ class SpscRing:
     def ready(self) -> bool:
         """Consumer: True if frames beyond those peeked are published (one
         index load; for a spinning consumer)."""
-        return self._pi.value != (self._cons + self._peeked) & _MASK64
+        return self._pi.value != _wrap(self._cons + self._peeked)
 
     def _ready(self, cons: int, max_n: int) -> int:
         """Frames published after consumer position ``cons`` (one producer
         index load), at most ``max_n``; RuntimeError on a corrupt index."""
-        avail = (self._pi.value - cons) & _MASK64
+        avail = _dist(self._pi.value, cons)
         if avail > self.slots:
             raise RuntimeError(f"spsc: corrupt producer index (cons={cons})")
         return avail if avail < max_n else max_n
@@ -408,7 +424,7 @@ class SpscRing:
     def consumed(self, cons: int) -> None:
         """Consumer: give every slot before index ``cons`` back (one index
         store, after the slot loads)."""
-        cons &= _MASK64
+        cons = _wrap(cons)
         self._cons = cons
         self._ci.value = cons
 
@@ -445,7 +461,7 @@ class SpscRing:
         until the matching :meth:`release`; copy from them (e.g. slice
         assignment into a guest buffer) and drop them before releasing."""
         mm, buf = self._mm, self._buf
-        cons = (self._cons + self._peeked) & _MASK64
+        cons = _wrap(self._cons + self._peeked)
         n = self._ready(cons, max_n)
         if n <= 0:
             return []
@@ -489,7 +505,7 @@ class SpscRing:
         mm = self._mm
         _U32.pack_into(mm, _SLEEP_OFF, 1)
         self._fence()                                  # flag store before index load
-        if (self._pi.value - self._cons - self._peeked) & _MASK64:
+        if _dist(self._pi.value, _wrap(self._cons + self._peeked)):
             _U32.pack_into(mm, _SLEEP_OFF, 0)
             return False
         return True
@@ -510,7 +526,7 @@ class SpscRing:
             except InterruptedError:       # pragma: no cover (PEP 475 retries)
                 pass
             self.consumer_woke()
-        return ((self._pi.value - self._cons - self._peeked) & _MASK64) > 0
+        return _dist(self._pi.value, _wrap(self._cons + self._peeked)) > 0
 
 
 def _load64(mm: mmap.mmap, off: int) -> int:
