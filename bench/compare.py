@@ -45,7 +45,11 @@ telemetry socket, below).  shardvu's
 workers all go on CPU 0 (``--cpus 0``), its control process is left
 unpinned (idle after set-up, apart from answering stats queries).  With
 more CPUs, ``--fe-cpus``/``--be-cpus`` move them, and ``--shardvu-cpus``
-gives shardvu's workers a CPU list of their own.  Every queue count gets
+gives shardvu's workers a CPU list of their own.  The forwarding part of
+``--fe-cpus``/``--be-cpus`` may be a range (``0,2-9``): testpmd then gets
+``--nb-cores`` forwarding lcores and spreads the queues over them, at
+most one lcore per queue — to give the front-end enough CPU to feed 8
+queues, or DPDK's vhost as many CPUs as shardvu's workers.  Every queue count gets
 the same one CPU on the back-end side (DPDK's one forwarding lcore serves
 all N queues; all 2N shardvu workers share CPU 0), so a rate at N queues
 against the rate at 1 queue measures what N× the processes cost.  Note
@@ -320,6 +324,7 @@ class Measurement:
             else:
                 be = TestPmd.vhost(sock, self.queues, mode=be_mode, cores=a.be_lcores,
                                    extra_eal=["--main-lcore", a.be_main],
+                                   extra_app=[f"--nb-cores={a.be_nb_cores}"],
                                    txpkts=self.size if be_mode == "txonly" else None,
                                    mem_mb=1024, total_mbufs=32768, stats_period=0,
                                    log_path=os.path.join(tmp, "be.log"))
@@ -330,6 +335,7 @@ class Measurement:
             # front-end
             fe = TestPmd.virtio_user(sock, self.queues, mode=fe_mode, cores=a.fe_lcores,
                                      extra_eal=["--main-lcore", a.fe_main],
+                                     extra_app=[f"--nb-cores={a.fe_nb_cores}"],
                                      tx_first=fe_mode == "io",
                                      txpkts=self.size if fe_mode in ("txonly", "io") else None,
                                      mem_mb=1024, total_mbufs=32768, stats_period=0,
@@ -633,9 +639,12 @@ def parse_args(argv=None):
     ap.add_argument("--worker-python", metavar="PATH", default=os.path.join(REPO, ".venv-pypy", "bin", "python"),
                     help="the workers' interpreter for shardvu-pypy (default <repo>/.venv-pypy/bin/python)")
     ap.add_argument("--fe-cpus", default="0,1",
-                    help="front-end testpmd: MAIN,FWD cpus (default 0,1: forwarding on CPU 1)")
+                    help="front-end testpmd: MAIN,FWD cpus (default 0,1: forwarding on CPU 1); "
+                         "FWD may be a range, e.g. 0,2-9: testpmd then spreads the queues over "
+                         "those forwarding lcores (machines with more CPUs)")
     ap.add_argument("--be-cpus", default="1,0",
-                    help="back-end: MAIN,FWD cpus for DPDK vhost (default 1,0: forwarding on CPU 0); "
+                    help="back-end: MAIN,FWD cpus for DPDK vhost (default 1,0: forwarding on CPU 0; "
+                         "FWD may be a range, as for --fe-cpus); "
                          "shardvu's workers go on FWD unless --shardvu-cpus says otherwise")
     ap.add_argument("--shardvu-cpus", metavar="LIST",
                     help="shardvu run --cpus for the workers, e.g. 0 or 2-5; worker i goes on "
@@ -657,15 +666,8 @@ def parse_args(argv=None):
     args.sizes = abrun.ints(args.sizes)
     args.queues = abrun.ints(args.queues)
     args.systems = abrun.parse_systems(ap, args.systems)
-    fe = args.fe_cpus.split(",")
-    be = args.be_cpus.split(",")
-    if len(fe) != 2 or len(be) != 2:
-        ap.error("--fe-cpus/--be-cpus take MAIN,FWD")
-    args.fe_main, fe_fwd = fe
-    args.be_main, be_fwd = be
-    # -l lists both lcores of a testpmd; --main-lcore picks which is main.
-    args.fe_lcores = ",".join(sorted({args.fe_main, fe_fwd}, key=int))
-    args.be_lcores = ",".join(sorted({args.be_main, be_fwd}, key=int))
+    args.fe_main, args.fe_nb_cores, args.fe_lcores, _ = _lcores(ap, "--fe-cpus", args.fe_cpus)
+    args.be_main, args.be_nb_cores, args.be_lcores, be_fwd = _lcores(ap, "--be-cpus", args.be_cpus)
     args.be_fwd = be_fwd
     args.shardvu_cpus = args.shardvu_cpus or be_fwd    # shardvu run --cpus
     if "shardvu-pypy" in args.systems and not args.summarize and not os.access(args.worker_python, os.X_OK):
@@ -673,6 +675,23 @@ def parse_args(argv=None):
     if args.rounds < 1 or args.seconds <= 0:
         ap.error("--rounds >= 1 and --seconds > 0")
     return args
+
+
+def _lcores(ap, opt: str, spec: str) -> Tuple[str, int, str, str]:
+    """``MAIN,FWD`` (FWD a CPU or a range ``LO-HI``) → (main lcore, number
+    of forwarding lcores, testpmd's ``-l`` list, FWD).  With several
+    forwarding lcores testpmd spreads the queues over them (``--nb-cores``;
+    it uses at most one per queue)."""
+    main, _, fwd_spec = spec.partition(",")
+    lo, _, hi = fwd_spec.partition("-")
+    try:
+        fwd = list(range(int(lo), int(hi or lo) + 1))
+        main_cpu = int(main)
+    except ValueError:
+        ap.error(f"{opt} takes MAIN,FWD (FWD a CPU or a range LO-HI), not {spec!r}")
+    if not fwd or main_cpu in fwd:
+        ap.error(f"{opt}: MAIN must not be among the forwarding CPUs")
+    return main, len(fwd), ",".join(str(c) for c in sorted([main_cpu] + fwd)), fwd_spec
 
 
 def _configs(a) -> List[Tuple[str, int, int]]:
