@@ -124,7 +124,7 @@ def torn(fd: int, seconds: float) -> str:
     import mmap
     mm = mmap.mmap(fd, 4096)
     idx = spsc_mod._C64.from_buffer(mm, 64)
-    a, b = 0x00FF00FF00FF00FF, 0xFF00FF00FF00FF00
+    a, b = (spsc_mod._s64(v) for v in (0x00FF00FF00FF00FF, 0xFF00FF00FF00FF00))   # as stored
     end = time.monotonic() + seconds
     n = 0
     while time.monotonic() < end:
@@ -143,7 +143,7 @@ def tornread(fd: int) -> str:
     import mmap
     mm = mmap.mmap(fd, 4096)
     idx = spsc_mod._C64.from_buffer(mm, 64)
-    allowed = {1, 0x00FF00FF00FF00FF, 0xFF00FF00FF00FF00}     # the test starts it at a: no 0
+    allowed = {spsc_mod._s64(v) for v in (1, 0x00FF00FF00FF00FF, 0xFF00FF00FF00FF00)}   # as stored; no 0
     seen = set()
     end = time.monotonic() + 30
     reads = 0
@@ -155,7 +155,7 @@ def tornread(fd: int) -> str:
             break
     bad = seen - allowed
     if bad:
-        return "TORN " + " ".join(hex(x) for x in sorted(bad)[:5])
+        return "TORN " + " ".join(hex(spsc_mod._u64(x)) for x in sorted(bad)[:5])
     if len(seen) < 2:
         return f"NOOVERLAP {sorted(seen)}"
     return f"ok read {reads}"

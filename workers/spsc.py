@@ -48,7 +48,7 @@ x86-64 because:
   publish through :meth:`SpscRing.publish` / :meth:`SpscRing.consumed`
   like the methods here; the two-process tests also run under PyPy).
 * Each index is loaded and stored with a single aligned 8-byte move
-  (single-copy atomic on x86-64), through a ``ctypes.c_uint64`` view of the
+  (single-copy atomic on x86-64), through a ``ctypes.c_int64`` view of the
   mapping: CPython's ctypes copies the field with an 8-byte ``memcpy``
   (one ``mov``), PyPy's ``_rawffi`` does one typed raw load/store.  *Not*
   ``struct.pack_into``, in any format: CPython's ``s_pack_internal``
@@ -123,13 +123,25 @@ def _dist(a: int, b: int) -> int:
     return d + _WRAP if d < 0 else d
 
 
+def _u64(v: int) -> int:
+    """A signed 64-bit load as the unsigned index it holds."""
+    return v + _WRAP if v < 0 else v
+
+
+def _s64(i: int) -> int:
+    """An index in [0, 2**64) as the signed value to store."""
+    return i - _WRAP if i >> 63 else i
+
+
 def _wrap(i: int) -> int:
     """``i mod 2**64`` for an index advanced past 2**64 by less than 2**64."""
     return i - _WRAP if i >> 64 else i
 
 _HDR = struct.Struct("=8sIII")        # magic, version, slots, slot_size
 _U64 = struct.Struct("Q")             # header images / tests only: not atomic on PyPy
-_C64 = ctypes.c_uint64                 # the shared indices: one 8-byte load/store
+# The shared indices: one 8-byte load/store each.  Signed, because PyPy
+# returns a c_uint64's value as a big integer; _u64/_s64 convert.
+_C64 = ctypes.c_int64
 _U32 = struct.Struct("I")
 
 # memfd sealing (fcntl's names are missing on PyPy 3.9).
@@ -179,8 +191,8 @@ class SpscRing:
         # ctypes views of the two indices: .value is a single 8-byte access.
         self._pi = _C64.from_buffer(mm, _PROD_OFF)
         self._ci = _C64.from_buffer(mm, _CONS_OFF)
-        self._prod = self._pi.value
-        self._cons = self._ci.value
+        self._prod = _u64(self._pi.value)
+        self._cons = _u64(self._ci.value)
         self._peeked = 0
         self._fence_lock = threading.Lock()
         self._closed = False
@@ -300,7 +312,7 @@ class SpscRing:
         """Frames published and not yet released (either side may ask;
         exact for the consumer, a lower bound of the truth for the producer
         is ``slots - free()``)."""
-        return _dist(self._pi.value, self._ci.value)
+        return _dist(_u64(self._pi.value), _u64(self._ci.value))
 
     def _fence(self) -> None:
         # Full barrier: a locked RMW in libc (see module docstring).
@@ -312,7 +324,7 @@ class SpscRing:
 
     def free(self) -> int:
         """Slots the producer may fill now."""
-        return max(0, self.slots - _dist(self._prod, self._ci.value))
+        return max(0, self.slots - _dist(self._prod, _u64(self._ci.value)))
 
     def push_batch(self, frames: Sequence[Frame]) -> int:
         """Copy frames from the front of ``frames`` into the ring, as many as
@@ -325,7 +337,7 @@ class SpscRing:
         Call :meth:`producer_notify` afterwards."""
         buf = self._buf
         prod = self._prod
-        room = self.slots - _dist(prod, self._ci.value)
+        room = self.slots - _dist(prod, _u64(self._ci.value))
         if room < 0:
             raise RuntimeError(f"spsc: corrupt consumer index (prod={prod})")
         mask, ssize, hdr, maxf = self._mask, self.slot_size, HEADER_SIZE, self.max_frame
@@ -372,7 +384,7 @@ class SpscRing:
         slot ``prod + i`` (length at 0, data at DATA_OFF) for i < count,
         then :meth:`publish` ``prod + count``."""
         prod = self._prod
-        room = self.slots - _dist(prod, self._ci.value)
+        room = self.slots - _dist(prod, _u64(self._ci.value))
         if room < 0:
             raise RuntimeError(f"spsc: corrupt consumer index (prod={prod})")
         return prod, room
@@ -382,7 +394,7 @@ class SpscRing:
         index store, after the slot stores); then :meth:`producer_notify`."""
         prod = _wrap(prod)
         self._prod = prod
-        self._pi.value = prod
+        self._pi.value = _s64(prod)
 
     def producer_notify(self) -> bool:
         """Ring the doorbell if the consumer is asleep (and clear its flag).
@@ -401,12 +413,12 @@ class SpscRing:
     def ready(self) -> bool:
         """Consumer: True if frames beyond those peeked are published (one
         index load; for a spinning consumer)."""
-        return self._pi.value != _wrap(self._cons + self._peeked)
+        return _u64(self._pi.value) != _wrap(self._cons + self._peeked)
 
     def _ready(self, cons: int, max_n: int) -> int:
         """Frames published after consumer position ``cons`` (one producer
         index load), at most ``max_n``; RuntimeError on a corrupt index."""
-        avail = _dist(self._pi.value, cons)
+        avail = _dist(_u64(self._pi.value), cons)
         if avail > self.slots:
             raise RuntimeError(f"spsc: corrupt producer index (cons={cons})")
         return avail if avail < max_n else max_n
@@ -426,7 +438,7 @@ class SpscRing:
         store, after the slot loads)."""
         cons = _wrap(cons)
         self._cons = cons
-        self._ci.value = cons
+        self._ci.value = _s64(cons)
 
     def pop_batch(self, max_n: int) -> List[bytes]:
         """Copy out up to ``max_n`` frames (oldest first) and release their
@@ -505,7 +517,7 @@ class SpscRing:
         mm = self._mm
         _U32.pack_into(mm, _SLEEP_OFF, 1)
         self._fence()                                  # flag store before index load
-        if _dist(self._pi.value, _wrap(self._cons + self._peeked)):
+        if _dist(_u64(self._pi.value), _wrap(self._cons + self._peeked)):
             _U32.pack_into(mm, _SLEEP_OFF, 0)
             return False
         return True
@@ -526,16 +538,16 @@ class SpscRing:
             except InterruptedError:       # pragma: no cover (PEP 475 retries)
                 pass
             self.consumer_woke()
-        return _dist(self._pi.value, _wrap(self._cons + self._peeked)) > 0
+        return _dist(_u64(self._pi.value), _wrap(self._cons + self._peeked)) > 0
 
 
 def _load64(mm: mmap.mmap, off: int) -> int:
     """One 8-byte load (the temporary ctypes export dies at once on CPython)."""
-    return _C64.from_buffer(mm, off).value
+    return _u64(_C64.from_buffer(mm, off).value)
 
 
 def _store64(mm: mmap.mmap, off: int, value: int) -> None:
-    _C64.from_buffer(mm, off).value = value
+    _C64.from_buffer(mm, off).value = _s64(value)
 
 
 def _check_geometry(slots: int, slot_size: int) -> None:
