@@ -158,11 +158,18 @@ def _post_rx(drv, count, size=2048, base=0x400000):
 
 @pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("hdr_len", [12, 10])
-def test_loopback_hops_byte_exact_across_wraps(pair, style, hdr_len):
-    """Many rounds (the guest rings and the 16-slot ring wrap many times):
-    each frame arrives once, in order, after the RX header laid down in the
-    slot headroom, never after the guest's TX header."""
-    mem, (tdrv, tvq, rdrv, rvq), ring = pair
+@pytest.mark.parametrize("start", [0, (1 << 64) - 100])
+def test_loopback_hops_byte_exact_across_wraps(pair, style, hdr_len, start):
+    """Many rounds (the guest rings and the 16-slot ring wrap many times,
+    and from ``start`` the ring's 64-bit indices pass 2**64): each frame
+    arrives once, in order, after the RX header laid down in the slot
+    headroom, never after the guest's TX header."""
+    mem, (tdrv, tvq, rdrv, rvq), _ = pair
+    with SpscRing.create(16, 128, initial_index=start) as ring:
+        _loopback_rounds(mem, tdrv, tvq, rdrv, rvq, ring, style, hdr_len)
+
+
+def _loopback_rounds(mem, tdrv, tvq, rdrv, rvq, ring, style, hdr_len):
     hdr = split_fast.rx_header(hdr_len)
     ring.set_headroom(hdr)
     tcache, rcache = style.RegionCache(mem), style.RegionCache(mem)
