@@ -49,9 +49,10 @@ gives shardvu's workers a CPU list of their own.  The forwarding part of
 ``--fe-cpus``/``--be-cpus`` may be a range (``0,2-9``): testpmd then gets
 ``--nb-cores`` forwarding lcores and spreads the queues over them, at
 most one lcore per queue — to give the front-end enough CPU to feed 8
-queues, or DPDK's vhost as many CPUs as shardvu's workers.  Every queue count gets
-the same one CPU on the back-end side (DPDK's one forwarding lcore serves
-all N queues; all 2N shardvu workers share CPU 0), so a rate at N queues
+queues, or DPDK's vhost as many CPUs as shardvu's workers.  By default
+every queue count gets the same one CPU on the back-end side (DPDK's one
+forwarding lcore serves all N queues; all 2N shardvu workers share CPU
+0), so a rate at N queues
 against the rate at 1 queue measures what N× the processes cost.  Note
 that ``shardvu run --cpus`` pins worker *i* to ``cpus[i % len(cpus)]``:
 ``--shardvu-cpus 0,1`` puts every RX worker on CPU 0 and every TX worker
