@@ -304,3 +304,138 @@ def test_descriptor_address_above_2_63_is_refused(pair, style, loop):
         n, _, _ = style.rx_from_ring(vq, ring, 12, 64, cache)
     assert n == 0 and vq.broken
     assert f"{top:#x}" in vq.broken_reason and "outside guest memory" in vq.broken_reason
+
+
+# -- RX: the consecutive-heads batch (checked with slices, not per buffer) ------
+
+def _rx_batch(mem, drv, count=8, size=2048, base=0x200000):
+    heads = [drv.add([], [(base + i * 2048, size)]) for i in range(count)]
+    drv.publish()
+    return heads
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("hdr_len", [12, 0])
+def test_rx_consecutive_batch_matches_the_per_buffer_loop(ring, style, hdr_len, monkeypatch):
+    """Frames of several lengths into 8 consecutive buffers: the used
+    lengths, the bytes and the payload count are the per-buffer loop's
+    (the CPython loop takes its slice-checked path here)."""
+    mem, drv, vq = ring
+    taken = []
+    real = split_fast._rx_consecutive
+    monkeypatch.setattr(split_fast, "_rx_consecutive", lambda *a: taken.append(real(*a)) or taken[-1])
+    heads = _rx_batch(mem, drv)
+    assert heads == list(range(heads[0], heads[0] + 8))
+    hdr = split_fast.rx_header(hdr_len) if hdr_len else b""
+    frames = [bytes([i]) * (60 + 7 * i) for i in range(8)]
+    cache = style.RegionCache(mem)
+    cache.lookup(0x200000, 2048)            # as after a worker's first pass
+    n, nbytes, more = style.rx_pass(vq, frames, hdr, cache)
+    assert (n, nbytes, more) == (8, sum(map(len, frames)), False)
+    used = drv.get_used()
+    assert [h for h, _ in used] == heads
+    assert [ln for _, ln in used] == [len(hdr) + len(f) for f in frames]
+    assert [mem.read(0x200000 + i * 2048, len(hdr) + len(f)) for i, f in enumerate(frames)] == \
+        [hdr + f for f in frames]
+    if style is split_fast:
+        assert len(taken) == 1 and taken[0] is not None
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("case", ["address", "chained", "short", "readonly"])
+def test_rx_consecutive_batch_with_one_bad_buffer(ring, style, case):
+    """One buffer in the middle of consecutive heads spoils the slice check:
+    the per-buffer loop then delivers the three before it and stops there,
+    breaking the queue for a hostile address, leaving the rest to the
+    general path (``more``) for a chain, a short or a read-only buffer."""
+    mem, drv, vq = ring
+    heads = _rx_batch(mem, drv)
+    bad = heads[3]
+    if case == "address":
+        drv.write_desc(bad, 1 << 40, 2048, VRING_DESC_F_WRITE, 0)
+    elif case == "chained":
+        drv.write_desc(bad, 0x200000 + 3 * 2048, 2048, VRING_DESC_F_WRITE | 1, heads[4])
+    elif case == "short":
+        drv.write_desc(bad, 0x200000 + 3 * 2048, 40, VRING_DESC_F_WRITE, 0)
+    else:
+        drv.write_desc(bad, 0x200000 + 3 * 2048, 2048, 0, 0)
+    frame = b"\xab" * 64
+    cache = style.RegionCache(mem)
+    cache.lookup(0x200000, 2048)            # warm: the slice check itself must refuse
+    n, _, more = style.rx_pass(vq, [frame] * 8, b"", cache)
+    assert n == 3 and [h for h, _ in drv.get_used()] == heads[:3]
+    assert mem.read(0x200000 + 2 * 2048, 64) == frame and mem.read(0x200000 + 3 * 2048, 64) != frame
+    if case == "address":
+        assert vq.broken and "outside guest memory" in vq.broken_reason and not more
+    else:
+        assert more and not vq.broken
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_rx_batch_out_of_order_heads(ring, style):
+    """Heads not consecutive (a front-end that reuses buffers out of order):
+    the per-buffer loop, same results."""
+    mem, drv, vq = ring
+    gpas = {}
+    for i in range(6):
+        gpas[drv.add([], [(0x200000 + i * 2048, 2048)])] = 0x200000 + i * 2048
+    drv.publish()
+    cache = style.RegionCache(mem)
+    assert style.rx_pass(vq, [b"a" * 64] * 6, b"", cache)[0] == 6
+    drv.get_used()
+    # give back heads 4, 1, 5 in that order: the avail ring now holds them
+    for h in (4, 1, 5):
+        drv.push_avail(h)
+    drv.write_avail_idx(drv.avail_idx)
+    frames = [b"x" * 70, b"y" * 71, b"z" * 72]
+    n, nbytes, more = style.rx_pass(vq, frames, b"", cache)
+    assert (n, nbytes, more) == (3, 213, False)
+    assert drv.get_used() == [(4, 70), (1, 71), (5, 72)]
+    assert [mem.read(gpas[h], 70 + i) for i, h in enumerate((4, 1, 5))] == frames
+
+
+def test_loopback_hops_take_the_batch_path(pair, monkeypatch):
+    """Consecutive buffers, warm caches, a ring with room: both CPython hops
+    check the batch with slices (:func:`split_fast._columns`), and the bytes,
+    used lengths and counts are exact."""
+    mem, (tdrv, tvq, rdrv, rvq), ring = pair
+    ring.set_headroom(split_fast.rx_header(12))
+    seen = []
+    real = split_fast._columns
+    monkeypatch.setattr(split_fast, "_columns", lambda *a: seen.append(real(*a)) or seen[-1])
+    tcache, rcache = split_fast.RegionCache(mem), split_fast.RegionCache(mem)
+    tcache.lookup(0x100000, 2048)
+    rcache.lookup(0x400000, 2048)
+    frames = [bytes([i]) * (60 + i) for i in range(6)]
+    _send(mem, tdrv, frames)
+    assert split_fast.tx_to_ring(tvq, 12, 64, tcache, ring) == (6, sum(map(len, frames)), 0, False)
+    where = _post_rx(rdrv, 6)
+    assert split_fast.rx_from_ring(rvq, ring, 12, 64, rcache) == (6, sum(map(len, frames)), False)
+    assert len(seen) == 2 and None not in seen
+    used = rdrv.get_used()
+    assert [ln for _, ln in used] == [12 + len(f) for f in frames]
+    assert [mem.read(where[h], ln) for h, ln in used] == [split_fast.rx_header(12) + f for f in frames]
+    assert ring.pending() == 0 and not tvq.broken and not rvq.broken
+
+
+@pytest.mark.parametrize("hop", ["tx", "rx"])
+def test_loopback_batch_with_a_hostile_buffer_in_the_middle(pair, hop):
+    """A buffer outside guest memory among consecutive ones: the batch check
+    refuses, the per-buffer loop moves the two before it and breaks the
+    queue there."""
+    mem, (tdrv, tvq, rdrv, rvq), ring = pair
+    cache = split_fast.RegionCache(mem)
+    cache.lookup(0x100000, 2048)
+    frames = [b"m" * 64] * 5
+    _send(mem, tdrv, frames)
+    if hop == "tx":
+        tdrv.write_desc(2, 1 << 40, 76, 0, 0)
+        n, _, _, _ = split_fast.tx_to_ring(tvq, 12, 64, cache, ring)
+        assert n == 2 and tvq.broken and ring.pending() == 2
+    else:
+        assert split_fast.tx_to_ring(tvq, 12, 64, cache, ring)[0] == 5
+        _post_rx(rdrv, 5)
+        rdrv.write_desc(2, 1 << 40, 2048, VRING_DESC_F_WRITE, 0)
+        n, _, _ = split_fast.rx_from_ring(rvq, ring, 12, 64, cache)
+        assert n == 2 and rvq.broken and ring.pending() == 3
+    assert "outside guest memory" in (tvq.broken_reason or rvq.broken_reason)
