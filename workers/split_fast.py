@@ -134,12 +134,19 @@ def _used_store(used64, start: int, elems: List[int], num: int) -> None:
         used64[0:e - num] = vals[k:]
 
 
-def _publish_rx(vq: VirtQueue, rings, elems: List[int], last: int, hdr_len: int) -> Tuple[int, int]:
-    """Store an RX batch's used elements (``id | len << 32``) and publish
-    them; returns ``(buffers, payload bytes)``."""
+def _give_back(vq: VirtQueue, rings, elems: List[int], last: int) -> None:
+    """Store a batch's used elements (``id | len << 32``, or bare heads) and
+    publish them: the avail entries from ``last`` on are consumed."""
     n = len(elems)
     _used_store(rings.used64, vq.used_idx, elems, rings.num)
     _publish(vq, rings, vq.used_idx, n, (last + n) & 0xFFFF)
+
+
+def _publish_rx(vq: VirtQueue, rings, elems: List[int], last: int, hdr_len: int) -> Tuple[int, int]:
+    """:func:`_give_back` for an RX batch whose payload bytes are not known
+    yet; returns ``(buffers, payload bytes)``."""
+    n = len(elems)
+    _give_back(vq, rings, elems, last)
     nbytes = 0
     for e in elems:
         nbytes += e >> 32
@@ -273,10 +280,8 @@ def rx_pass(vq: VirtQueue, frames: Sequence, hdr: bytes,
     done = _rx_consecutive(rings, heads, frames, hdr, lo, hi, delta, mm)
     if done is not None:
         elems, nbytes = done
-        n = len(elems)
-        _used_store(rings.used64, vq.used_idx, elems, num)
-        _publish(vq, rings, vq.used_idx, n, (last + n) & 0xFFFF)
-        return n, nbytes, False
+        _give_back(vq, rings, elems, last)
+        return len(elems), nbytes, False
     elems: List[int] = []                     # used elements, id | len << 32
     put = elems.append
     more = False
@@ -340,8 +345,9 @@ def tx_to_ring(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
         # each frame fits a slot, all inside the cached region
         flags, lens, addrs = cols
         k = len(heads)
-        if (flags.count(0) == k and min(lens) >= hdr_len and max(lens) - hdr_len <= maxf
-                and min(addrs) >= lo and max(addrs) + max(lens) <= hi):
+        longest = max(lens)
+        if (flags.count(0) == k and min(lens) >= hdr_len and longest - hdr_len <= maxf
+                and min(addrs) >= lo and max(addrs) + longest <= hi):
             for addr, length in zip(addrs, lens):
                 flen = length - hdr_len
                 len32[(data - DATA_OFF) >> 2] = flen
@@ -378,8 +384,7 @@ def tx_to_ring(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
         n += 1
     if n:
         ring.publish(prod + n - dropped)
-        _used_store(rings.used64, vq.used_idx, heads if n == navail else heads[:n], num)
-        _publish(vq, rings, vq.used_idx, n, (last + n) & 0xFFFF)
+        _give_back(vq, rings, heads if n == navail else heads[:n], last)
     return n, nbytes, dropped, more
 
 
@@ -418,16 +423,16 @@ def rx_from_ring(vq: VirtQueue, ring: SpscRing, hdr_len: int, budget: int,
         if cols is not None:
             flags, dlens, addrs = cols
             flens = len32[slot >> 2:(slot + k * ssize) >> 2:ssize >> 2].tolist()
-            need = hdr_len + max(flens)
-            if (max(flens) <= maxf and flags.count(_WRITE) == k and min(dlens) >= need
+            longest = max(flens)
+            need = hdr_len + longest
+            if (longest <= maxf and flags.count(_WRITE) == k and min(dlens) >= need
                     and min(addrs) >= lo and max(addrs) + need <= hi):
                 for addr, flen in zip(addrs, flens):
                     off = addr + delta
                     mm[off:off + hdr_len + flen] = smm[slot + start:slot + DATA_OFF + flen]
                     slot += ssize
                 ring.consumed(cons + k)
-                _used_store(rings.used64, vq.used_idx, _rx_elems(heads, flens, hdr_len), num)
-                _publish(vq, rings, vq.used_idx, k, (last + k) & 0xFFFF)
+                _give_back(vq, rings, _rx_elems(heads, flens, hdr_len), last)
                 return k, sum(flens), False
     elems: List[int] = []                     # used elements, id | len << 32
     put = elems.append
