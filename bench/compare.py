@@ -107,7 +107,7 @@ import psutil
 
 import abrun
 from abrun import LABELS, SHARDVU, SYSTEMS, machine_busy, med
-from shardvu.testpmd import RUNTIME_DIR, TestPmd, have_testpmd, leftover_testpmds
+from shardvu.testing.testpmd import RUNTIME_DIR, TestPmd, have_testpmd, leftover_testpmds
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKLOADS = {
@@ -316,7 +316,7 @@ class Measurement:
         try:
             # back-end
             if self.system in SHARDVU:
-                from shardvu.control.launcher import Runtime
+                from shardvu.testing.runtime import Runtime
                 extra = ["--worker-python", a.worker_python] if self.system == "shardvu-pypy" else []
                 rt = Runtime(sock, self.queues, port, "--frame-size", str(self.size),
                              "--cpus", a.shardvu_cpus, "--log-level", "WARNING", *extra,

@@ -22,8 +22,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from shardvu.control.launcher import Runtime  # noqa: E402
-from shardvu.testpmd import TestPmd  # noqa: E402
+from shardvu.testing.runtime import Runtime  # noqa: E402
+from shardvu.testing.testpmd import TestPmd  # noqa: E402
 
 
 def _mib(stats, key):

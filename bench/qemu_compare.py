@@ -4,8 +4,8 @@
     python3 bench/qemu_compare.py [--queues 1,2,4] [--rounds 3] [--seconds 10]
         [--warmup 2] [--size 64] [--out bench/out] [--wait-idle S]
 
-The same guest — shardvu's test guest (:mod:`shardvu.guest`) in QEMU under
-TCG (:mod:`shardvu.qemu`: ``-smp`` = queues, multiqueue virtio-net-pci
+The same guest — shardvu's test guest (:mod:`shardvu.testing.guest`) in QEMU under
+TCG (:mod:`shardvu.testing.qemu`: ``-smp`` = queues, multiqueue virtio-net-pci
 with ``vectors=0``, memory from a shared memfd) — runs the kernel's pktgen
 on every vCPU, each on its own TX queue, 64-byte frames, no count limit
 (``shardvu.mode=pktgen shardvu.count=0``), served in turn by two
@@ -76,8 +76,8 @@ from abrun import LABELS, SHARDVU, machine_busy, med  # noqa: E402
 from compare import (POLL_S, backend_pids, ShardvuSampler, TelemetrySampler, cpu_percent,  # noqa: E402
                      cpu_snapshot, others_percent, shardvu_tx_rate, window_rate)
 
-from shardvu.qemu import Guest, have_qemu, leftover_qemus  # noqa: E402
-from shardvu.testpmd import TestPmd, have_testpmd, leftover_testpmds  # noqa: E402
+from shardvu.testing.qemu import Guest, have_qemu, leftover_qemus  # noqa: E402
+from shardvu.testing.testpmd import TestPmd, have_testpmd, leftover_testpmds  # noqa: E402
 
 
 # -- one measurement -------------------------------------------------------------
@@ -97,7 +97,7 @@ class Measurement:
         try:
             # back-end first: QEMU (the socket client) connects at start-up
             if self.system in SHARDVU:
-                from shardvu.control.launcher import Runtime
+                from shardvu.testing.runtime import Runtime
                 extra = ["--worker-python", a.worker_python] if self.system == "shardvu-pypy" else []
                 rt = Runtime(sock, q, "sink", "--cpus", a.shardvu_cpus, "--log-level", "WARNING",
                              *extra, log_path=os.path.join(tmp, "shardvu.log"))
@@ -431,7 +431,7 @@ def main(argv=None) -> int:
     if "dpdk" in args.systems and not have_testpmd():
         print("qemu_compare.py: dpdk-testpmd not found (apt-get install dpdk)", file=sys.stderr)
         return 2
-    from shardvu.guest import build_guest, have_guest_tools
+    from shardvu.testing.guest import build_guest, have_guest_tools
     ok, why = have_guest_tools()
     if not ok:
         print(f"qemu_compare.py: {why}", file=sys.stderr)

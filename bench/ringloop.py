@@ -4,7 +4,7 @@ workers' split-ring loops, in one process, no front-end process involved.
     python3 bench/ringloop.py [--size 256] [--batches 2000] [--frame 64]
     .venv-pypy/bin/python bench/ringloop.py     # shardvu installed there (.ci/run)
 
-A driver-side ring (shardvu.driver) is laid out in a memfd once; every
+A driver-side ring (shardvu.testing.driver) is laid out in a memfd once; every
 "batch" the driver just advances avail->idx by the ring size (the avail
 entries and descriptors stay valid), so the timings are the back-end's
 work only.  Reports, per packet:
@@ -29,7 +29,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from shardvu import protocol as P  # noqa: E402
-from shardvu.driver import VRING_DESC_F_WRITE, DriverQueue  # noqa: E402
+from shardvu.testing.driver import VRING_DESC_F_WRITE, DriverQueue  # noqa: E402
 from shardvu.memory import GuestMemory  # noqa: E402
 from shardvu.protocol import MemoryRegion, VringAddr  # noqa: E402
 from shardvu.virtqueue import VirtQueue  # noqa: E402

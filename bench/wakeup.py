@@ -30,8 +30,8 @@ import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from shardvu.control.launcher import Runtime  # noqa: E402
-from shardvu.frontend import Frontend  # noqa: E402
+from shardvu.testing.runtime import Runtime  # noqa: E402
+from shardvu.testing.frontend import Frontend  # noqa: E402
 
 
 def main() -> None:

@@ -27,27 +27,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import psutil
 import zmq
 
+from shardvu.statsapi import _IPC, endpoints  # noqa: F401  (endpoints re-exported)
 from shardvu.workers.stats import COUNTER_FIELDS
-
-_IPC = "ipc://"
-_SUN_PATH_MAX = 107          # sockaddr_un.sun_path holds 108 bytes incl. NUL
-
-
-def endpoints(socket_path: str) -> Tuple[str, str]:
-    """``(pub_endpoint, query_endpoint)`` for the vhost-user socket
-    ``socket_path``: ``ipc://<abs path>.pub`` and ``ipc://<abs path>.stats``.
-
-    The path is made absolute so workers, control and the CLI agree
-    whatever their working directory.  Raises ValueError if the result is
-    too long for a Unix socket address.
-    """
-    base = os.path.abspath(socket_path)
-    pub, query = base + ".pub", base + ".stats"
-    if len(query.encode()) > _SUN_PATH_MAX:
-        raise ValueError(f"stats endpoint path too long for a Unix socket "
-                         f"({len(query.encode())} > {_SUN_PATH_MAX} bytes): {query}")
-    return _IPC + pub, _IPC + query
-
 
 def direction_of(index: int) -> str:
     """The guest's view of queue ``index``: even = "rx", odd = "tx"."""

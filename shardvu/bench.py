@@ -23,7 +23,7 @@ import tempfile
 import time
 from typing import Dict, List, Optional
 
-from .frontend import Frontend
+from .testing.frontend import Frontend
 
 
 def run(queues: int = 2, seconds: float = 5.0, port: str = "loopback", frame_size: int = 64,
@@ -31,7 +31,7 @@ def run(queues: int = 2, seconds: float = 5.0, port: str = "loopback", frame_siz
     """Run the benchmark and print a report to ``out``.  Returns ``{"port",
     "queues": [{"index", "direction", "packets", "pps"}...], "seconds",
     "total_pps", "frontend": {"sent", "received"}}``."""
-    from .control.launcher import Runtime
+    from .testing.runtime import Runtime
 
     tmp = tempfile.mkdtemp(prefix="shardvu-bench-")
     sock = os.path.join(tmp, "vhost.sock")

@@ -18,9 +18,7 @@ from typing import Any, Dict, Optional, TextIO
 
 import zmq
 
-
-class NoAnswer(Exception):
-    """No control process answered the stats query in time."""
+from .statsapi import NoAnswer, endpoints, query  # noqa: F401  (re-exported)
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -34,30 +32,6 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="print one snapshot as JSON and exit")
     ap.add_argument("--timeout", type=float, default=2.0,
                     help="seconds to wait for the control process (default 2)")
-
-
-def query(endpoint: str, timeout: float, context: Optional[zmq.Context] = None) -> Dict[str, Any]:
-    """One REQ/REP round trip to ``endpoint``; returns the decoded snapshot.
-
-    Uses a fresh socket per call (a REQ socket whose reply never came is
-    unusable) and never waits longer than ``timeout`` seconds in total.
-    Raises :class:`NoAnswer` on timeout.
-    """
-    ctx = context or zmq.Context.instance()
-    sock = ctx.socket(zmq.REQ)
-    try:
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(endpoint)
-        deadline = time.monotonic() + timeout
-        for event in (zmq.POLLOUT, zmq.POLLIN):
-            ms = max(0, int((deadline - time.monotonic()) * 1000))
-            if not sock.poll(ms, event):
-                raise NoAnswer(endpoint)
-            if event == zmq.POLLOUT:
-                sock.send(b"stats", zmq.NOBLOCK)
-        return json.loads(sock.recv())
-    finally:
-        sock.close(linger=0)
 
 
 def _human_bytes(n: float) -> str:
@@ -125,7 +99,6 @@ def command(args, out: Optional[TextIO] = None, err: Optional[TextIO] = None) ->
     to sys.stdout/sys.stderr.  Returns the exit status."""
     out = out or sys.stdout
     err = err or sys.stderr
-    from shardvu.control.stats import endpoints
     try:
         _, endpoint = endpoints(args.socket)
     except ValueError as e:

@@ -8,8 +8,8 @@ import threading
 import time
 
 from shardvu.echo import EchoBackend
-from shardvu.frontend import Frontend
-from shardvu.driver import VRING_DESC_F_NEXT
+from shardvu.testing.frontend import Frontend
+from shardvu.testing.driver import VRING_DESC_F_NEXT
 
 path = os.path.join(tempfile.mkdtemp(), "pypy.sock")
 backend = EchoBackend(2)

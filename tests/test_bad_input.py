@@ -11,8 +11,8 @@ import time
 import pytest
 
 from shardvu import protocol as P
-from shardvu.driver import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT
-from shardvu.frontend import Frontend, FrontendError
+from shardvu.testing.driver import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT
+from shardvu.testing.frontend import Frontend, FrontendError
 from shardvu.protocol import Request as R
 from util import memfd, wait_for
 

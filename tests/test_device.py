@@ -1,4 +1,4 @@
-"""The Device driven by shardvu.frontend over a real Unix socket."""
+"""The Device driven by shardvu.testing.frontend over a real Unix socket."""
 from __future__ import annotations
 
 import os
@@ -9,7 +9,7 @@ import pytest
 
 from shardvu import protocol as P
 from shardvu.device import Device
-from shardvu.frontend import DEFAULT_FEATURES, DEFAULT_PROTOCOL_FEATURES, Frontend, FrontendError
+from shardvu.testing.frontend import DEFAULT_FEATURES, DEFAULT_PROTOCOL_FEATURES, Frontend, FrontendError
 from shardvu.net import NetIface
 from shardvu.protocol import ProtocolFeature as PF, Request as R, bit
 from shardvu.runner import Runner
@@ -364,7 +364,7 @@ def test_log_fd_is_kicked_when_the_log_changes(served):
 
 
 def test_inband_error_notification(served):
-    from shardvu.driver import VRING_DESC_F_NEXT
+    from shardvu.testing.driver import VRING_DESC_F_NEXT
     b = served()
     pf = (bit(PF.MQ) | bit(PF.REPLY_ACK) | bit(PF.BACKEND_REQ) | bit(PF.INBAND_NOTIFICATIONS))
     with Frontend(b.path, protocol_features=pf) as fe:

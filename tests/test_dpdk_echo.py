@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from shardvu.testpmd import TestPmd, have_testpmd, leftover_testpmds, parse_stats, run_testpmd
+from shardvu.testing.testpmd import TestPmd, have_testpmd, leftover_testpmds, parse_stats, run_testpmd
 
 pytestmark = pytest.mark.skipif(not have_testpmd(), reason="dpdk-testpmd not installed (apt-get install dpdk)")
 
@@ -129,7 +129,7 @@ def test_queue_pairs_beyond_rxq_are_not_enabled(echo):
 def test_no_backend_fails_cleanly(tmp_path):
     """No socket: testpmd exits at probe; the harness reports it and
     leaves nothing behind."""
-    from shardvu.testpmd import TestPmdError
+    from shardvu.testing.testpmd import TestPmdError
     pmd = TestPmd.virtio_user(str(tmp_path / "nobody.sock"), 1)
     pmd.start()
     with pytest.raises(TestPmdError):

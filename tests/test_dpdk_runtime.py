@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from shardvu.control.launcher import Runtime
+from shardvu.testing.runtime import Runtime
 
-from shardvu.testpmd import have_testpmd, leftover_testpmds, run_testpmd
+from shardvu.testing.testpmd import have_testpmd, leftover_testpmds, run_testpmd
 
 pytestmark = pytest.mark.skipif(not have_testpmd(),
                                 reason="dpdk-testpmd not installed (apt-get install dpdk-dev)")

@@ -1,4 +1,4 @@
-"""Unit tests of shardvu.driver: the driver side of a split virtqueue."""
+"""Unit tests of shardvu.testing.driver: the driver side of a split virtqueue."""
 from __future__ import annotations
 
 import os
@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from shardvu.driver import (DESC_SIZE, VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT,
+from shardvu.testing.driver import (DESC_SIZE, VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT,
                             VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY,
                             DriverError, DriverQueue, QueueFull, need_event, ring_layout)
 from shardvu.memory import GuestMemory

@@ -10,8 +10,8 @@ import os
 import psutil
 import pytest
 
-from shardvu.control.launcher import Runtime
-from shardvu.frontend import Frontend
+from shardvu.testing.runtime import Runtime
+from shardvu.testing.frontend import Frontend
 
 from util import wait_for
 

@@ -1,8 +1,8 @@
 """Real QEMU guests (Linux under TCG, virtio-net over vhost-user) against
 `shardvu run`.
 
-The guest is built by :mod:`shardvu.guest` (Debian's linux-image-amd64 +
-busybox-static) and run by :mod:`shardvu.qemu`.  Skipped only when
+The guest is built by :mod:`shardvu.testing.guest` (Debian's linux-image-amd64 +
+busybox-static) and run by :mod:`shardvu.testing.qemu`.  Skipped only when
 qemu-system-x86_64 or the guest packages are missing (.ci/run installs
 them).  Under TCG the guest is the bottleneck (pktgen: ~100 kpps per vCPU at
 best), so these tests prove correctness, not speed.
@@ -17,9 +17,9 @@ import time
 import psutil
 import pytest
 
-from shardvu.control.launcher import Runtime
-from shardvu.guest import build_guest, have_guest_tools
-from shardvu.qemu import Guest, have_qemu, leftover_qemus
+from shardvu.testing.runtime import Runtime
+from shardvu.testing.guest import build_guest, have_guest_tools
+from shardvu.testing.qemu import Guest, have_qemu, leftover_qemus
 
 _qemu_ok, _qemu_why = have_qemu()
 _guest_ok, _guest_why = have_guest_tools() if _qemu_ok else (False, "")

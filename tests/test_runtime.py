@@ -14,11 +14,11 @@ import psutil
 import pytest
 
 from shardvu import protocol as P
-from shardvu.driver import VRING_DESC_F_NEXT
-from shardvu.frontend import Frontend, FrontendError
+from shardvu.testing.driver import VRING_DESC_F_NEXT
+from shardvu.testing.frontend import Frontend, FrontendError
 from shardvu.protocol import Request as R
 
-from shardvu.control.launcher import Runtime
+from shardvu.testing.runtime import Runtime
 from util import wait_for
 
 

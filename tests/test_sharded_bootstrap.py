@@ -10,7 +10,7 @@ import threading
 from shardvu.control.pool import WorkerPool
 from shardvu.control.server import ControlRunner
 from shardvu.control.sharded import ShardedDevice
-from shardvu.frontend import Frontend
+from shardvu.testing.frontend import Frontend
 from shardvu.net import NetIface
 
 from util import wait_for

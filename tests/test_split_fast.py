@@ -7,7 +7,7 @@ import os
 import pytest
 
 from shardvu import protocol as P
-from shardvu.driver import VRING_DESC_F_WRITE, DriverQueue
+from shardvu.testing.driver import VRING_DESC_F_WRITE, DriverQueue
 from shardvu.memory import GuestMemory
 from shardvu.protocol import MemoryRegion, VringAddr
 from shardvu.virtqueue import VirtQueue

@@ -66,7 +66,7 @@ import time  # noqa: E402
 
 from shardvu import eventfd  # noqa: E402
 from shardvu import protocol as P  # noqa: E402
-from shardvu.driver import DriverQueue  # noqa: E402
+from shardvu.testing.driver import DriverQueue  # noqa: E402
 from shardvu.memory import GuestMemory  # noqa: E402
 from shardvu.protocol import MemoryRegion  # noqa: E402
 

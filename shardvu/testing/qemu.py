@@ -1,4 +1,4 @@
-"""Run the test guest (:mod:`shardvu.guest`) in QEMU against a vhost-user
+"""Run the test guest (:mod:`shardvu.testing.guest`) in QEMU against a vhost-user
 back-end.
 
 ::
@@ -107,7 +107,7 @@ class Guest:
     back-end connects.
 
     ``mode`` and ``cmdline_extra`` make the kernel command line (see
-    :mod:`shardvu.guest`)."""
+    :mod:`shardvu.testing.guest`)."""
 
     def __init__(self, sock: str, queues: int = 1, mode: str = "up", cmdline_extra: str = "", *,
                  client: bool = False, reconnect: bool = True, smp: Optional[int] = None,

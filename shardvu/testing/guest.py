@@ -9,7 +9,7 @@ Debian packages:
   and unpacked with ``dpkg-deb`` into the build directory (nothing is
   installed into ``/boot``).
 - ``busybox-static`` — ``/bin/busybox`` and its applets.
-- ``qemu-system-x86`` — not needed to build, only to run (:mod:`shardvu.qemu`).
+- ``qemu-system-x86`` — not needed to build, only to run (:mod:`shardvu.testing.qemu`).
 
 The initramfs is written here in Python (newc cpio, gzip): busybox, the
 modules (decompressed if the package ships them compressed), ``/dev/console``
@@ -46,7 +46,7 @@ off.  Events: ``boot``, ``ready`` (cpus, txq, rxq, mac), ``pktgen`` (one per
 queue per round: cpu, round, sent, errors, pps), ``round``, ``stats``
 (tx_packets, rx_packets, tx_dropped, rx_dropped, ...), ``ping``, ``error``.
 
-``python3 -m shardvu.guest build [--force]`` builds it and prints the paths.
+``python3 -m shardvu.testing.guest build [--force]`` builds it and prints the paths.
 """
 from __future__ import annotations
 
@@ -527,7 +527,7 @@ def build_guest(force: bool = False, build_dir: Optional[str] = None) -> Tuple[s
 
 def main(argv: Optional[List[str]] = None) -> int:
     import argparse
-    ap = argparse.ArgumentParser(prog="python3 -m shardvu.guest",
+    ap = argparse.ArgumentParser(prog="python3 -m shardvu.testing.guest",
                                  description="Build the test guest (kernel + initramfs).")
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build (or reuse) the guest; prints the two paths")

@@ -11,9 +11,8 @@ from typing import Dict, List, Optional
 
 import psutil
 
-from shardvu.statscli import query
+from shardvu.statsapi import endpoints, query
 
-from .stats import endpoints
 
 
 class Runtime:

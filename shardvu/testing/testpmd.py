@@ -2,7 +2,7 @@
 vhost-user front-end (virtio-user) or back-end (net_vhost), without
 hugepages.  No pytest in here: tests/, bench/ and users all use it.
 
-    from shardvu.testpmd import TestPmd, run_testpmd, have_testpmd
+    from shardvu.testing.testpmd import TestPmd, run_testpmd, have_testpmd
     stats = run_testpmd(sock, queues=2, mode="io", seconds=5, tx_first=True)
     stats["rx_packets"], stats["tx_packets"], stats["ports"][0]["rx_packets"]
 

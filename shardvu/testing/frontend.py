@@ -2,7 +2,7 @@
 
 :class:`Frontend` owns a made-up guest: memfd-backed guest memory split into
 regions whose front-end virtual addresses differ from their guest-physical
-ones, one :class:`~shardvu.driver.DriverQueue` per virtqueue, and the
+ones, one :class:`~shardvu.testing.driver.DriverQueue` per virtqueue, and the
 kick/call/err eventfds.  It negotiates with a back-end over its Unix socket
 as QEMU does, then sends and receives virtio-net frames.
 
@@ -34,13 +34,13 @@ import threading
 import time
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from . import protocol as P
-from .dirtylog import DirtyLog
+from .. import protocol as P
+from ..dirtylog import DirtyLog
 from .driver import DriverError, DriverQueue, QueueFull, ring_layout
-from .eventfd import drain, eventfd, signal
-from .memory import GuestMemory
-from .transport import recv_with_fds, send_with_fds
-from .protocol import (BackendRequest, ConfigMsg, InflightDesc, LogArea, MemoryRegion,
+from ..eventfd import drain, eventfd, signal
+from ..memory import GuestMemory
+from ..transport import recv_with_fds, send_with_fds
+from ..protocol import (BackendRequest, ConfigMsg, InflightDesc, LogArea, MemoryRegion,
                        MemoryTable, MemRegMsg, Message, MessageReader, ProtocolFeature,
                        Request, VringAddr, VringState, bit, pack_u64)
 
