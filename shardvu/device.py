@@ -94,6 +94,12 @@ class DeviceIface:
         the library implements (GET_FEATURES)."""
         return 0
 
+    def check_features(self, dev: "Device", features: int) -> Optional[str]:
+        """Why ``features`` (all offered) cannot be accepted together, e.g.
+        a feature without one it depends on; None to accept them.  A
+        reason fails SET_FEATURES and leaves the features unchanged."""
+        return None
+
     def set_features(self, dev: "Device", features: int) -> None:
         """The front-end acknowledged ``features`` (SET_FEATURES)."""
 
@@ -459,6 +465,9 @@ class Device:
         extra = features & ~self.offered_features()
         if extra:
             raise RequestError(f"features {extra:#x} were not offered")
+        why = self.iface.check_features(self, features)
+        if why:
+            raise RequestError(why)
         self.features = features
         for vq in self.vqs:
             vq.features = features

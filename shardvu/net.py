@@ -15,9 +15,40 @@ from .device import Device, DeviceIface
 from .protocol import ProtocolFeature as PF
 from .virtqueue import VirtQueue
 
-__all__ = ["NetIface", "net_hdr_len", "pop_tx_frames", "push_rx_frames", "parse_mac"]
+__all__ = ["NetIface", "net_hdr_len", "pop_tx_frames", "push_rx_frames", "parse_mac",
+           "OFFLOADS", "offload_dependency_error"]
 
 VIRTIO_NET_S_LINK_UP = 1
+
+# virtio-net offload feature bits (virtio 1.2, 5.1.3)
+F_CSUM, F_GUEST_CSUM = 0, 1
+F_GUEST_TSO4, F_GUEST_TSO6, F_GUEST_ECN, F_GUEST_UFO = 7, 8, 9, 10
+F_HOST_TSO4, F_HOST_TSO6, F_HOST_ECN, F_HOST_UFO = 11, 12, 13, 14
+#: every offload bit a port may carry (USO is not supported)
+OFFLOADS = sum(1 << b for b in (F_CSUM, F_GUEST_CSUM, F_GUEST_TSO4, F_GUEST_TSO6, F_GUEST_ECN,
+                                F_GUEST_UFO, F_HOST_TSO4, F_HOST_TSO6, F_HOST_ECN, F_HOST_UFO))
+_NAMES = {F_CSUM: "CSUM", F_GUEST_CSUM: "GUEST_CSUM", F_GUEST_TSO4: "GUEST_TSO4",
+          F_GUEST_TSO6: "GUEST_TSO6", F_GUEST_ECN: "GUEST_ECN", F_GUEST_UFO: "GUEST_UFO",
+          F_HOST_TSO4: "HOST_TSO4", F_HOST_TSO6: "HOST_TSO6", F_HOST_ECN: "HOST_ECN",
+          F_HOST_UFO: "HOST_UFO"}
+#: the spec's "requires" rules: feature -> any one of these must be present
+_REQUIRES = {
+    F_GUEST_TSO4: (F_GUEST_CSUM,), F_GUEST_TSO6: (F_GUEST_CSUM,), F_GUEST_UFO: (F_GUEST_CSUM,),
+    F_GUEST_ECN: (F_GUEST_TSO4, F_GUEST_TSO6),
+    F_HOST_TSO4: (F_CSUM,), F_HOST_TSO6: (F_CSUM,), F_HOST_UFO: (F_CSUM,),
+    F_HOST_ECN: (F_HOST_TSO4, F_HOST_TSO6),
+}
+
+
+def offload_dependency_error(features: int) -> Optional[str]:
+    """The first offload in ``features`` lacking what the spec says it
+    requires (e.g. GUEST_TSO4 without GUEST_CSUM), as a sentence; None if
+    the set is consistent."""
+    for bit, needs in _REQUIRES.items():
+        if features >> bit & 1 and not any(features >> n & 1 for n in needs):
+            return (f"VIRTIO_NET_F_{_NAMES[bit]} requires "
+                    + " or ".join(f"VIRTIO_NET_F_{_NAMES[n]}" for n in needs))
+    return None
 _CONFIG = struct.Struct("<6sHHH")   # mac, status, max_virtqueue_pairs, mtu
 
 
@@ -39,10 +70,18 @@ def net_hdr_len(features: int) -> int:
 
 class NetIface(DeviceIface):
     """A virtio-net device's callbacks: features, and a config space holding
-    the MAC address, link status, queue-pair count and MTU."""
+    the MAC address, link status, queue-pair count and MTU.
+
+    ``offloads``: the offload feature bits (a subset of :data:`OFFLOADS`)
+    the port can carry; only those are offered, and SET_FEATURES is refused
+    when the acknowledged set breaks a spec dependency
+    (:func:`offload_dependency_error`)."""
 
     def __init__(self, queue_pairs: int, mac: Optional[bytes] = None, mtu: int = 0,
-                 in_order: bool = False):
+                 in_order: bool = False, offloads: int = 0):
+        if offloads & ~OFFLOADS:
+            raise ValueError(f"not offload features: {offloads & ~OFFLOADS:#x}")
+        self.offloads = offloads
         self.queue_pairs = queue_pairs
         #: offer VIRTIO_F_IN_ORDER: only for a data path that completes every
         #: queue's buffers in the order it popped them
@@ -58,7 +97,10 @@ class NetIface(DeviceIface):
             f |= P.bit(P.VIRTIO_NET_F_MTU)
         if self.in_order:
             f |= P.bit(P.VIRTIO_F_IN_ORDER)
-        return f
+        return f | self.offloads
+
+    def check_features(self, dev: Device, features: int) -> Optional[str]:
+        return offload_dependency_error(features)
 
     def queue_is_processed_in_order(self, dev: Device, qidx: int) -> bool:
         return self.in_order
