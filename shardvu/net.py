@@ -8,11 +8,13 @@ sends).  "rx" and "tx" are always the guest's view.
 from __future__ import annotations
 
 import struct
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple
 
 from . import protocol as P
 from .device import Device, DeviceIface
 from .protocol import ProtocolFeature as PF
+from .reasons import BrokenReason, DropReason
+from .ringrules import MAX_FRAME
 from .virtqueue import VirtQueue
 
 __all__ = ["NetIface", "net_hdr_len", "pop_tx_frames", "push_rx_frames", "parse_mac",
@@ -124,20 +126,40 @@ class NetIface(DeviceIface):
         return True
 
 
-def pop_tx_frames(vq: VirtQueue, hdr_len: int, limit: int = 256) -> List[bytes]:
-    """Take up to ``limit`` frames the guest sent on TX queue ``vq``, return
+def pop_tx_frames(vq: VirtQueue, hdr_len: int, limit: int = 256, drops=None,
+                  max_frame: int = MAX_FRAME) -> List[bytes]:
+    """Take up to ``limit`` chains the guest sent on TX queue ``vq``, return
     their used buffers (length 0), and return the frames without the
-    virtio-net header.  A disabled-but-started ring is drained the same way
-    and its frames dropped (the spec's rule); the caller decides by
-    ``vq.enabled`` whether to forward.  Does not notify."""
+    virtio-net header, following :mod:`shardvu.ringrules`: a chain with a
+    device-writable descriptor breaks the queue (WRONG_DIRECTION, the chain
+    is not consumed); a chain shorter than the header or a frame longer
+    than ``max_frame`` is consumed and dropped, counted through
+    ``drops.drop(reason)`` when ``drops`` is given.  A disabled-but-started
+    ring is drained the same way and its frames dropped (the spec's rule);
+    the caller decides by ``vq.enabled`` whether to forward.  Does not
+    notify."""
     frames: List[bytes] = []
     n = 0
     while n < limit:
         elem = vq.pop()
         if elem is None:
             break
-        data = b"".join(elem.out_sg)
-        frames.append(data[hdr_len:])
+        if elem.in_descs:
+            vq.unpop(elem)
+            vq.mark_broken(f"descriptor chain {elem.index} has a device-writable buffer "
+                           "in a TX queue", BrokenReason.WRONG_DIRECTION)
+            break
+        sg = elem.out_sg
+        data = b"".join(sg) if len(sg) != 1 else bytes(sg[0])
+        flen = len(data) - hdr_len
+        if flen < 0:
+            if drops is not None:
+                drops.drop(DropReason.SHORT_FRAME)
+        elif flen > max_frame:
+            if drops is not None:
+                drops.drop(DropReason.OVERSIZE_FRAME)
+        else:
+            frames.append(data[hdr_len:])
         vq.fill(elem, 0, n)
         n += 1
     if n:
@@ -145,54 +167,85 @@ def pop_tx_frames(vq: VirtQueue, hdr_len: int, limit: int = 256) -> List[bytes]:
     return frames
 
 
-def push_rx_frames(vq: VirtQueue, frames: List[bytes], hdr_len: int, mergeable: bool) -> int:
-    """Write frames into the guest's RX buffers on ``vq``, each after a zeroed
-    virtio-net header; with ``mergeable`` (MRG_RXBUF) a frame may span several
-    buffers and ``num_buffers`` says how many.  Returns how many frames were
-    delivered; the rest did not fit (no buffers posted).  Does not notify."""
-    delivered = 0
+def push_rx_frames(vq: VirtQueue, frames: Sequence, hdr_len: int, mergeable: bool,
+                   drops=None, max_frame: int = MAX_FRAME) -> int:
+    """Write frames, in order, into the guest's RX buffers on ``vq``, each
+    after a zeroed virtio-net header; with ``mergeable`` (MRG_RXBUF) a frame
+    may span several buffers and ``num_buffers`` says how many.
+
+    Follows :mod:`shardvu.ringrules`: a chain with a device-readable
+    descriptor breaks the queue (WRONG_DIRECTION); a frame longer than
+    ``max_frame``, or (without ``mergeable``) longer than its buffer, is
+    dropped and counted through ``drops.drop(reason)`` while the buffer
+    stays posted for the next frame.  Returns how many frames were consumed
+    (delivered or dropped: a prefix of ``frames``); the rest found no
+    buffers (or the queue broke).  Does not notify."""
+    return push_rx_frames_counted(vq, frames, hdr_len, mergeable, drops, max_frame)[0]
+
+
+def push_rx_frames_counted(vq: VirtQueue, frames: Sequence, hdr_len: int, mergeable: bool,
+                           drops=None, max_frame: int = MAX_FRAME) -> Tuple[int, int]:
+    """:func:`push_rx_frames`, returning ``(frames consumed, payload bytes
+    delivered)``."""
+    consumed = nbytes = 0
     used = 0
     for frame in frames:
-        data = bytes(hdr_len) + frame
+        elem = vq.pop()
+        if elem is None:
+            break
+        if elem.out_descs:
+            vq.unpop(elem)
+            vq.mark_broken(f"descriptor chain {elem.index} has a device-readable buffer "
+                           "in an RX queue", BrokenReason.WRONG_DIRECTION)
+            break
+        if len(frame) > max_frame:
+            vq.unpop(elem)
+            if drops is not None:
+                drops.drop(DropReason.OVERSIZE_FRAME)
+            consumed += 1
+            continue
+        data = bytes(hdr_len) + bytes(frame)
+        room = sum(len(v) for v in elem.in_sg)
+        if not mergeable and room < len(data):
+            vq.unpop(elem)
+            if drops is not None:
+                drops.drop(DropReason.RX_BUFFER_TOO_SMALL)
+            consumed += 1
+            continue
         elems = []
         pos = 0
-        while pos < len(data):
+        while True:
+            take = min(room, len(data) - pos)
+            _scatter_at(elem.in_sg, 0, data[pos:pos + take])
+            elems.append((elem, take))
+            pos += take
+            if pos == len(data):
+                break
             elem = vq.pop()
             if elem is None:
                 break
-            room = sum(len(v) for v in elem.in_sg)
-            take = min(room, len(data) - pos)
-            _scatter(elem.in_sg, data[pos:pos + take])
-            elems.append((elem, take))
-            pos += take
-            if not mergeable:
-                break
-        if pos < len(data):
-            # Out of buffers (or a buffer too small without MRG_RXBUF):
-            # give back what this frame took and stop.
-            for elem, _ in reversed(elems):
+            if elem.out_descs:
                 vq.unpop(elem)
-            if elems and not mergeable:
-                # a too-small buffer would block the ring forever: consume it
-                elem = vq.pop()
-                if elem is not None:
-                    vq.fill(elem, 0, used)
-                    used += 1
+                vq.mark_broken(f"descriptor chain {elem.index} has a device-readable buffer "
+                               "in an RX queue", BrokenReason.WRONG_DIRECTION)
+                elem = None
+                break
+            room = sum(len(v) for v in elem.in_sg)
+        if pos < len(data):
+            # out of buffers, or the queue broke: this frame is not delivered
+            vq.rewind(len(elems))
             break
         if hdr_len == 12:
             # num_buffers is bytes 10..11 of the header, which may straddle buffers.
             _scatter_at(elems[0][0].in_sg, 10, struct.pack("<H", len(elems)))
-        for elem, take in elems:
-            vq.fill(elem, take, used)
+        for e, take in elems:
+            vq.fill(e, take, used)
             used += 1
-        delivered += 1
+        consumed += 1
+        nbytes += len(frame)
     if used:
         vq.flush(used)
-    return delivered
-
-
-def _scatter(sg: List[memoryview], data: bytes) -> None:
-    _scatter_at(sg, 0, data)
+    return consumed, nbytes
 
 
 def _scatter_at(sg: List[memoryview], offset: int, data: bytes) -> None:

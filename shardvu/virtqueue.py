@@ -70,6 +70,7 @@ from . import eventfd
 from .dirtylog import DirtyLog
 from .inflight import InflightQueue
 from .memory import GuestMemory
+from .reasons import BrokenReason
 from .protocol import (VHOST_F_LOG_ALL, VHOST_VRING_F_LOG, VIRTIO_F_NOTIFY_ON_EMPTY,
                        VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
                        VIRTQUEUE_MAX_SIZE, VringAddr)
@@ -95,6 +96,7 @@ _U16 = struct.Struct("H")
 _USED_ELEM = struct.Struct("II")
 
 
+B = BrokenReason
 _FENCE = threading.Lock()
 
 
@@ -128,7 +130,12 @@ class RingError(Exception):
 
 
 class _Hostile(Exception):
-    """Internal: the driver wrote something invalid; becomes mark_broken()."""
+    """Internal: the driver wrote something invalid; becomes mark_broken()
+    with ``kind`` (a :class:`BrokenReason`)."""
+
+    def __init__(self, kind: BrokenReason, detail: str):
+        super().__init__(detail)
+        self.kind = kind
 
 
 class VirtqElement:
@@ -140,11 +147,13 @@ class VirtqElement:
     device-writable ones, each in chain order; a buffer that spans two
     guest memory regions appears as several consecutive views.
     ``in_addr``/``out_addr`` give the guest-physical ``(gpa, len)`` of each
-    view.  The views alias guest memory: they stay valid only while the
+    view; ``in_descs``/``out_descs`` count the chain's descriptors of each
+    direction (a zero-length one has no view).  The views alias guest memory: they stay valid only while the
     memory table is unchanged.
     """
 
-    __slots__ = ("index", "out_sg", "in_sg", "in_addr", "out_addr", "_resubmit")
+    __slots__ = ("index", "out_sg", "in_sg", "in_addr", "out_addr", "_resubmit",
+                 "in_descs", "out_descs")
 
     def __init__(self, index: int, out_sg: List[memoryview], in_sg: List[memoryview],
                  in_addr: List[Tuple[int, int]], out_addr: List[Tuple[int, int]]):
@@ -154,6 +163,10 @@ class VirtqElement:
         self.in_addr = in_addr
         self.out_addr = out_addr
         self._resubmit: Optional[Tuple[int, int]] = None
+        #: descriptors of each direction in the chain, zero-length ones
+        #: included (they have no view): what the direction rules look at
+        self.in_descs = len(in_sg)
+        self.out_descs = len(out_sg)
 
     @property
     def out_num(self) -> int:
@@ -295,6 +308,8 @@ class VirtQueue:
         self.started = False
         self.broken = False
         self.broken_reason = ""
+        #: why, as one of the bounded set of reasons (None while not broken)
+        self.broken_kind: Optional[BrokenReason] = None
         #: Inflight counter (order in which heads were fetched).
         self.counter = 0
         # (counter, head) awaiting resubmission, highest counter first.
@@ -397,16 +412,19 @@ class VirtQueue:
         self.last_avail_idx = self.shadow_avail_idx = idx & 0xFFFF
 
     # -- breaking -----------------------------------------------------------------
-    def mark_broken(self, reason: str) -> None:
-        """Stop using the queue: sets ``broken``/``broken_reason``, logs
-        ``queue N broken: reason`` at ERROR and signals ``err_fd`` (or calls
+    def mark_broken(self, reason: str, kind: Optional[BrokenReason] = None) -> None:
+        """Stop using the queue: sets ``broken``, ``broken_reason`` (the
+        text) and ``broken_kind`` (``kind``; None means the caller's own
+        code failed: :attr:`BrokenReason.PORT_FAILED`), logs ``queue N
+        broken: kind: reason`` at ERROR and signals ``err_fd`` (or calls
         ``inband_err``).  Only the first reason is kept.  Never raises."""
         if self.broken:
             return
         self.broken = True
         self.broken_reason = reason
+        self.broken_kind = kind = kind if kind is not None else B.PORT_FAILED
         try:
-            self.logger.error("queue %d broken: %s", self.index, reason)
+            self.logger.error("queue %d broken: %s: %s", self.index, kind.value, reason)
         except Exception:  # pragma: no cover - a broken handler must not break us
             pass
         if self.err_fd >= 0:
@@ -465,14 +483,14 @@ class VirtQueue:
             self.shadow_avail_idx = self._avail_idx()
         n = (self.shadow_avail_idx - self.last_avail_idx) & 0xFFFF
         if n > self.num:
-            self.mark_broken(f"avail idx moved by {n} > queue size {self.num}")
+            self.mark_broken(f"avail idx moved by {n} > queue size {self.num}", B.AVAIL_IDX_JUMP)
             return 0
         return n
 
     def _head_at(self, avail_idx: int) -> int:
         head = _U16.unpack_from(self._avail, 4 + 2 * (avail_idx % self.num))[0]
         if head >= self.num:
-            raise _Hostile(f"head index {head} >= queue size {self.num}")
+            raise _Hostile(B.INDEX_OUT_OF_RANGE, f"head index {head} >= queue size {self.num}")
         return head
 
     def _check_mapped(self, gpa: int, length: int) -> None:
@@ -481,7 +499,7 @@ class VirtQueue:
         while gpa < end:
             r = mem.find_gpa(gpa)  # type: ignore[union-attr]
             if r is None:
-                raise _Hostile(f"indirect table {gpa:#x}+{length:#x} is outside guest memory")
+                raise _Hostile(B.OUTSIDE_MEMORY, f"indirect table {gpa:#x}+{length:#x} is outside guest memory")
             gpa = r.gpa_end
 
     def _walk(self, head: int, build: bool):
@@ -498,38 +516,39 @@ class VirtQueue:
         in_addr: List[Tuple[int, int]] = []
         out_addr: List[Tuple[int, int]] = []
         total = in_bytes = out_bytes = 0
+        n_in = n_out = 0
         seen_write = False
         i = head
         count = 0
         while True:
             if i >= table_len:
                 where = "indirect table" if indirect else "queue"
-                raise _Hostile(f"next index {i} >= {where} size {table_len}")
+                raise _Hostile(B.INDEX_OUT_OF_RANGE, f"next index {i} >= {where} size {table_len}")
             count += 1
             if count > table_len:
-                raise _Hostile(f"descriptor loop: chain longer than {table_len} entries"
+                raise _Hostile(B.CHAIN_LOOP, f"descriptor loop: chain longer than {table_len} entries"
                                + (" in indirect table" if indirect else ""))
             if count > VIRTQUEUE_MAX_SIZE:
-                raise _Hostile(f"indirect chain longer than {VIRTQUEUE_MAX_SIZE} descriptors")
+                raise _Hostile(B.CHAIN_LOOP, f"indirect chain longer than {VIRTQUEUE_MAX_SIZE} descriptors")
             if table is not None:
                 addr, length, flags, nxt = _DESC.unpack_from(table, DESC_SIZE * i)
             else:
                 try:
                     raw = mem.read(table_gpa + DESC_SIZE * i, DESC_SIZE)  # type: ignore[union-attr]
                 except ValueError:
-                    raise _Hostile("indirect table is no longer inside guest memory") from None
+                    raise _Hostile(B.OUTSIDE_MEMORY, "indirect table is no longer inside guest memory") from None
                 addr, length, flags, nxt = _DESC.unpack(raw)
 
             if flags & VRING_DESC_F_INDIRECT:
                 if not can_indirect:
-                    raise _Hostile("indirect descriptor but VIRTIO_RING_F_INDIRECT_DESC "
+                    raise _Hostile(B.INDIRECT_MISUSE, "indirect descriptor but VIRTIO_RING_F_INDIRECT_DESC "
                                    "not negotiated")
                 if indirect:
-                    raise _Hostile("nested indirect descriptor")
+                    raise _Hostile(B.INDIRECT_MISUSE, "nested indirect descriptor")
                 if flags & VRING_DESC_F_NEXT:
-                    raise _Hostile("indirect descriptor with VRING_DESC_F_NEXT")
+                    raise _Hostile(B.INDIRECT_MISUSE, "indirect descriptor with VRING_DESC_F_NEXT")
                 if length == 0 or length % DESC_SIZE:
-                    raise _Hostile(f"indirect table length {length} is not a non-zero "
+                    raise _Hostile(B.INDIRECT_MISUSE, f"indirect table length {length} is not a non-zero "
                                    f"multiple of {DESC_SIZE}")
                 self._check_mapped(addr, length)
                 found = mem.gpa_range(addr, length)  # type: ignore[union-attr]
@@ -547,19 +566,21 @@ class VirtQueue:
 
             total += length
             if total > MAX_CHAIN_LEN:
-                raise _Hostile(f"chain length overflow: {total} bytes > 2**32-1")
+                raise _Hostile(B.CHAIN_LOOP, f"chain length overflow: {total} bytes > 2**32-1")
             if flags & VRING_DESC_F_WRITE:
                 seen_write = True
                 in_bytes += length
+                n_in += 1
             else:
+                n_out += 1
                 if seen_write:
-                    raise _Hostile(f"device-readable descriptor {i} after a device-writable one")
+                    raise _Hostile(B.WRONG_DIRECTION, f"device-readable descriptor {i} after a device-writable one")
                 out_bytes += length
             a, left = addr, length
             while left:
                 r = mem.find_gpa(a)  # type: ignore[union-attr]
                 if r is None:
-                    raise _Hostile(f"descriptor {i} buffer {addr:#x}+{length:#x} "
+                    raise _Hostile(B.OUTSIDE_MEMORY, f"descriptor {i} buffer {addr:#x}+{length:#x} "
                                    "is outside guest memory")
                 off = a - r.gpa
                 n = min(left, r.size - off)
@@ -577,14 +598,16 @@ class VirtQueue:
                 break
             i = nxt
         if build:
-            return VirtqElement(head, out_sg, in_sg, in_addr, out_addr)
+            elem = VirtqElement(head, out_sg, in_sg, in_addr, out_addr)
+            elem.in_descs, elem.out_descs = n_in, n_out
+            return elem
         return in_bytes, out_bytes
 
     def _map_head(self, head: int) -> Optional[VirtqElement]:
         try:
             return self._walk(head, True)
         except _Hostile as exc:
-            self.mark_broken(str(exc))
+            self.mark_broken(str(exc), exc.kind)
             return None
 
     # -- the vu_queue_* API -------------------------------------------------------
@@ -605,7 +628,8 @@ class VirtQueue:
         """``vu_queue_pop``: the next available element, or None if the queue
         is empty, not started, unmapped or broken.  Elements awaiting
         resubmission after :meth:`check_inflight` come first, oldest first.
-        Hostile ring contents mark the queue broken and return None."""
+        Hostile ring contents mark the queue broken and return None without
+        consuming the chain (``last_avail_idx`` stays on it)."""
         if self.broken or not self.started or self._used is None:
             return None
         if self._resubmit:
@@ -617,19 +641,20 @@ class VirtQueue:
         if self._num_heads() == 0:
             return None
         if self.inuse >= self.num:
-            self.mark_broken(f"virtqueue size exceeded: {self.inuse} elements in use")
+            self.mark_broken(f"virtqueue size exceeded: {self.inuse} elements in use",
+                             B.AVAIL_IDX_JUMP)
             return None
         try:
             head = self._head_at(self.last_avail_idx)
         except _Hostile as exc:
-            self.mark_broken(str(exc))
+            self.mark_broken(str(exc), exc.kind)
             return None
+        elem = self._map_head(head)
+        if elem is None:
+            return None         # the hostile chain is not consumed (batch rule)
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         if self.notification and self.has_feature(VIRTIO_RING_F_EVENT_IDX):
             self._set_avail_event(self.last_avail_idx)
-        elem = self._map_head(head)
-        if elem is None:
-            return None
         self.inuse += 1
         inf = self.inflight
         if inf is not None and head < inf.capacity:
@@ -666,9 +691,11 @@ class VirtQueue:
         When dirty logging is on, marks the pages of the first ``length``
         bytes of ``elem.in_sg`` and, if the ring is logged
         (``VHOST_VRING_F_LOG``), the used element, then kicks the log.
-        No-op on a broken or unmapped queue.  ``length`` must fit in 32
-        bits (ValueError otherwise: a caller bug)."""
-        if self.broken or self._used is None:
+        No-op on an unmapped queue.  On a broken queue it still completes
+        elements popped before the break (the batch rule of
+        :mod:`shardvu.ringrules`).  ``length`` must fit in 32 bits
+        (ValueError otherwise: a caller bug)."""
+        if self._used is None:
             return
         if not 0 <= length <= 0xFFFFFFFF:
             raise ValueError(f"used length {length} does not fit in 32 bits")
@@ -699,9 +726,10 @@ class VirtQueue:
         Inflight bookkeeping follows the spec: the batch is linked through
         ``next``/``last_batch_head`` before the idx store, its ``inflight``
         flags are cleared and ``used_idx`` recorded after it.  Logs the
-        idx write when the ring is logged.  No-op on a broken or unmapped
-        queue."""
-        if self.broken or self._used is None or count <= 0:
+        idx write when the ring is logged.  No-op on an unmapped queue;
+        publishes on a broken one too (elements popped before the break,
+        see :meth:`fill`)."""
+        if self._used is None or count <= 0:
             return
         old = self.used_idx
         new = (old + count) & 0xFFFF
@@ -831,7 +859,7 @@ class VirtQueue:
                 if in_total >= max_in and out_total >= max_out:
                     break
         except _Hostile as exc:
-            self.mark_broken(str(exc))
+            self.mark_broken(str(exc), exc.kind)
             return 0, 0
         return in_total, out_total
 

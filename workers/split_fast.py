@@ -8,10 +8,17 @@ buffer ends the fast batch and the caller finishes with the general
 :class:`~shardvu.virtqueue.VirtQueue` API (:mod:`.split_loop`), which
 validates everything.
 
-Safety: a head index is checked against the ring size before use; a buffer
-the loop copies from or into must lie inside one guest region; a sink that
-only counts never dereferences the guest's addresses.  Anything hostile
-marks the queue broken, like the general path.
+Rules: those of :mod:`shardvu.ringrules`, inlined (no helper call per
+descriptor).  A head index is checked against the ring size before use;
+every buffer, even one a sink only counts, must lie inside guest memory
+(else the queue is broken); a buffer that lies inside guest memory but
+not inside one region (it spans adjacent regions) is handed to the
+general path, which translates it piecewise.  Short and oversize TX
+frames are taken and dropped, counted through ``drops.drop(reason)``;
+an RX buffer too small, or a frame too long, goes to the general path,
+which applies the policy.  The batch rule (ringrules.BATCH_RULE): what
+came before the first bad chain is published, the bad chain is not
+consumed.
 
 Why typed views: ``memoryview.cast("H")[i]`` costs ~25 ns on CPython and
 is a single load/store of the field's width; ``struct`` costs 50–95 ns and
@@ -23,6 +30,8 @@ from array import array
 from typing import Callable, List, Optional, Sequence, Tuple
 
 from shardvu.protocol import VIRTIO_RING_F_EVENT_IDX
+from shardvu.reasons import BrokenReason, DropReason
+from shardvu.ringrules import MAX_FRAME, covered
 from shardvu.virtqueue import VirtQueue
 
 from .spsc import DATA_OFF, HEADER_SIZE as SLOT0, SpscRing
@@ -68,18 +77,21 @@ def batch_size(vq: VirtQueue, avail_idx: int, limit: int) -> int:
     vq.shadow_avail_idx = avail_idx
     navail = (avail_idx - vq.last_avail_idx) & 0xFFFF
     if navail > vq.num:
-        vq.mark_broken(f"avail idx moved by {navail} > queue size {vq.num}")
+        vq.mark_broken(f"avail idx moved by {navail} > queue size {vq.num}",
+                       BrokenReason.AVAIL_IDX_JUMP)
         return 0
     return navail if navail < limit else limit
 
 
 def translate(vq: VirtQueue, cache: RegionCache, head: int, addr: int, length: int) -> Optional[memoryview]:
     """The region view holding ``[addr, addr+length)`` (cache updated), or
-    None after marking the queue broken."""
+    None: after marking the queue broken when the buffer is outside guest
+    memory, without when it spans adjacent regions (the caller leaves it
+    to the general path: ``more = not vq.broken``)."""
     view = cache.lookup(addr, length)
-    if view is None:
+    if view is None and not (addr >= 0 and covered(cache.mem, addr, length)):
         vq.mark_broken(f"descriptor {head} buffer {addr & 0xFFFFFFFFFFFFFFFF:#x}+{length:#x} "
-                       f"is outside guest memory")
+                       f"is outside guest memory", BrokenReason.OUTSIDE_MEMORY)
     return view
 
 
@@ -114,7 +126,8 @@ def _valid_heads(vq: VirtQueue, avail16, last: int, n: int, num: int) -> List[in
     if max(heads) >= num:
         for i, head in enumerate(heads):
             if head >= num:
-                vq.mark_broken(f"head index {head} >= queue size {num}")
+                vq.mark_broken(f"head index {head} >= queue size {num}",
+                               BrokenReason.INDEX_OUT_OF_RANGE)
                 return heads[:i]
     return heads
 
@@ -154,13 +167,16 @@ def _publish_rx(vq: VirtQueue, rings, elems: List[int], last: int, hdr_len: int)
 
 
 def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
-            on_frames: Optional[Callable[[List[memoryview]], None]] = None) -> Tuple[int, int, bool]:
+            on_frames: Optional[Callable[[List[memoryview]], None]] = None, drops=None,
+            max_frame: int = MAX_FRAME) -> Tuple[int, int, bool]:
     """Consume up to ``budget`` single-descriptor frames from the guest's TX
     ring.  With ``on_frames``, it is called once with views of the frames
     (without the virtio-net header) in guest memory, before the buffers go
-    back to the guest: the views are valid only during that call.  Returns
-    ``(frames, payload bytes, more)``; ``more`` means the batch stopped at a
-    buffer this loop does not take (the caller runs the general path)."""
+    back to the guest: the views are valid only during that call.  A frame
+    shorter than the header or longer than ``max_frame`` is taken and
+    dropped (``drops.drop(reason)``).  Returns ``(chains taken, payload
+    bytes, more)``; ``more`` means the batch stopped at a buffer this loop
+    does not take (the caller runs the general path)."""
     rings = vq.rings
     num = rings.num
     last = vq.last_avail_idx
@@ -168,9 +184,23 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
     if not navail:
         return 0, 0, False
     heads = _valid_heads(vq, rings.avail16, last, navail, num)
+    lo, hi, view = cache.lo, cache.hi, cache.view
+    cols = _columns(rings, heads)
+    if cols is not None:
+        # the whole batch checked at once: device-readable single buffers,
+        # no frame short or oversize, all inside the cached region
+        flags, lens, addrs = cols
+        k = len(heads)
+        longest = max(lens)
+        if (flags.count(0) == k and min(lens) >= hdr_len and longest - hdr_len <= max_frame
+                and min(addrs) >= lo and max(addrs) + longest <= hi):
+            if on_frames is not None:
+                d = hdr_len - lo
+                on_frames([view[a + d:a - lo + ln] for a, ln in zip(addrs, lens)])
+            _give_back(vq, rings, heads, last)
+            return k, sum(lens) - k * hdr_len, False
     desc64, desc32, desc16 = rings.desc64, rings.desc32, rings.desc16
     out: Optional[List[memoryview]] = [] if on_frames is not None else None
-    lo, hi, view = cache.lo, cache.hi, cache.view
     nbytes = n = 0
     more = False
     for head in heads:
@@ -178,16 +208,21 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
             more = True
             break
         length = desc32[(head << 2) + 2]
-        if out is not None:
-            addr = desc64[head << 1]
-            if not (lo <= addr and addr + length <= hi):
-                view = translate(vq, cache, head, addr, length)
-                if view is None:
-                    break
-                lo, hi = cache.lo, cache.hi
-            off = addr - lo
-            out.append(view[off + hdr_len:off + length])
-        nbytes += length - hdr_len
+        addr = desc64[head << 1]
+        if not (lo <= addr and addr + length <= hi):
+            view = translate(vq, cache, head, addr, length)
+            if view is None:
+                more = not vq.broken
+                break
+            lo, hi = cache.lo, cache.hi
+        flen = length - hdr_len
+        if 0 <= flen <= max_frame:
+            if out is not None:
+                off = addr - lo
+                out.append(view[off + hdr_len:off + length])
+            nbytes += flen
+        elif drops is not None:
+            drops.drop(DropReason.SHORT_FRAME if flen < 0 else DropReason.OVERSIZE_FRAME)
         n += 1
     if n:
         _used_store(rings.used64, vq.used_idx, heads if n == navail else heads[:n], num)
@@ -227,11 +262,11 @@ def _rx_elems(heads: List[int], lens: List[int], extra: int) -> List[int]:
 
 
 def _rx_consecutive(rings, heads: List[int], frames: Sequence, hdr: bytes, lo: int, hi: int,
-                    delta: int, mm) -> Optional[Tuple[List[int], int]]:
+                    delta: int, mm, max_len: int) -> Optional[Tuple[List[int], int]]:
     """:func:`rx_pass`'s common case, checked per batch (:func:`_columns`):
     consecutive heads, each exactly device-writable (no NEXT or INDIRECT),
-    each long enough for the longest frame with its header, all inside the
-    cached region ``[lo, hi)``.  Copies the frames and returns ``(used
+    each long enough for the longest frame with its header (at most
+    ``max_len``), all inside the cached region ``[lo, hi)``.  Copies the frames and returns ``(used
     elements, payload bytes)``; else None, having written nothing."""
     n = len(heads)
     fl = frames[:n] if len(frames) > n else frames
@@ -244,7 +279,8 @@ def _rx_consecutive(rings, heads: List[int], frames: Sequence, hdr: bytes, lo: i
     lens = list(map(len, fl))
     hlen = len(hdr)
     need = hlen + max(lens)
-    if flags.count(_WRITE) != n or min(dlens) < need or min(addrs) < lo or max(addrs) + need > hi:
+    if (need > max_len or flags.count(_WRITE) != n or min(dlens) < need or min(addrs) < lo
+            or max(addrs) + max(dlens) > hi):
         return None
     if hlen:
         for addr, frame in zip(addrs, fl):
@@ -259,13 +295,15 @@ def _rx_consecutive(rings, heads: List[int], frames: Sequence, hdr: bytes, lo: i
 
 
 def rx_pass(vq: VirtQueue, frames: Sequence, hdr: bytes,
-            cache: RegionCache) -> Tuple[int, int, bool]:
+            cache: RegionCache, max_len: int = 12 + MAX_FRAME) -> Tuple[int, int, bool]:
     """Write ``frames`` into single-descriptor RX buffers, each after the
     virtio-net header ``hdr`` (``num_buffers`` already 1 where present).
     ``hdr`` may be empty when the frames already start with it (a
     generator's constant frame: one copy per buffer instead of two).
     Returns ``(delivered, payload bytes, more)``; ``more`` means a buffer
-    needs the general path (a chain, or too small for the frame)."""
+    needs the general path (a chain, too small for the frame, spanning
+    regions, read-only) or a frame does (header + frame longer than
+    ``max_len``: the general path drops it)."""
     rings = vq.rings
     num = rings.num
     last = vq.last_avail_idx
@@ -277,7 +315,7 @@ def rx_pass(vq: VirtQueue, frames: Sequence, hdr: bytes,
     hlen = len(hdr)
     lo, hi, mm = cache.lo, cache.hi, cache.mm
     delta = cache.base - lo                   # mm offset of guest address a = a + delta
-    done = _rx_consecutive(rings, heads, frames, hdr, lo, hi, delta, mm)
+    done = _rx_consecutive(rings, heads, frames, hdr, lo, hi, delta, mm, max_len)
     if done is not None:
         elems, nbytes = done
         _give_back(vq, rings, elems, last)
@@ -287,12 +325,15 @@ def rx_pass(vq: VirtQueue, frames: Sequence, hdr: bytes,
     more = False
     for head, frame in zip(heads, frames):
         total = hlen + len(frame)
-        if desc16[(head << 3) + 6] & _ANY_FLAGS != _WRITE or desc32[(head << 2) + 2] < total:
-            more = True                       # chained, indirect, read-only or too small
+        if (desc16[(head << 3) + 6] & _ANY_FLAGS != _WRITE or desc32[(head << 2) + 2] < total
+                or total > max_len):
+            more = True                       # chained, indirect, read-only, too small or long
             break
         addr = desc64[head << 1]
-        if not (lo <= addr and addr + total <= hi):
-            if translate(vq, cache, head, addr, total) is None:
+        length = desc32[(head << 2) + 2]
+        if not (lo <= addr and addr + length <= hi):
+            if translate(vq, cache, head, addr, length) is None:
+                more = not vq.broken
                 break
             lo, hi, mm = cache.lo, cache.hi, cache.mm
             delta = cache.base - lo
@@ -315,12 +356,14 @@ def rx_header(hdr_len: int) -> bytes:
 # -- loopback: guest TX ring -> SPSC slots -> guest RX ring, one copy per hop --
 
 def tx_to_ring(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
-               ring: SpscRing) -> Tuple[int, int, int, bool]:
+               ring: SpscRing, drops=None) -> Tuple[int, int, int, bool]:
     """Move up to ``budget`` single-descriptor frames from the guest's TX
     ring straight into ``ring``'s slots (one copy each: no views, no list)
     and publish them with one producer-index store; the caller rings the
-    doorbell.  A frame that finds the ring full, is longer than
-    ``ring.max_frame`` or shorter than the header is consumed and dropped.
+    doorbell.  A frame shorter than the header, longer than
+    ``ring.max_frame`` or finding the ring full is consumed and dropped
+    (``drops.drop(reason)``: SHORT_FRAME, OVERSIZE_FRAME, PORT_FULL); its
+    buffer must still lie inside guest memory.
     Returns ``(frames taken, payload bytes forwarded, dropped, more)``."""
     rings = vq.rings
     num = rings.num
@@ -363,14 +406,15 @@ def tx_to_ring(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
             more = True
             break
         length = desc32[(head << 2) + 2]
+        addr = desc64[head << 1]
+        if not (lo <= addr and addr + length <= hi):
+            if translate(vq, cache, head, addr, length) is None:
+                more = not vq.broken
+                break
+            lo, hi, mm = cache.lo, cache.hi, cache.mm
+            delta = cache.base - lo + hdr_len
         flen = length - hdr_len
         if 0 <= flen <= maxf and room:
-            addr = desc64[head << 1]
-            if not (lo <= addr and addr + length <= hi):
-                if translate(vq, cache, head, addr, length) is None:
-                    break
-                lo, hi, mm = cache.lo, cache.hi, cache.mm
-                delta = cache.base - lo + hdr_len
             off = addr + delta
             len32[(data - DATA_OFF) >> 2] = flen
             smm[data:data + flen] = mm[off:off + flen]
@@ -381,6 +425,9 @@ def tx_to_ring(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
             nbytes += flen
         else:
             dropped += 1
+            if drops is not None:
+                drops.drop(DropReason.SHORT_FRAME if flen < 0 else
+                           DropReason.OVERSIZE_FRAME if flen > maxf else DropReason.PORT_FULL)
         n += 1
     if n:
         ring.publish(prod + n - dropped)
@@ -426,7 +473,7 @@ def rx_from_ring(vq: VirtQueue, ring: SpscRing, hdr_len: int, budget: int,
             longest = max(flens)
             need = hdr_len + longest
             if (longest <= maxf and flags.count(_WRITE) == k and min(dlens) >= need
-                    and min(addrs) >= lo and max(addrs) + need <= hi):
+                    and min(addrs) >= lo and max(addrs) + max(dlens) <= hi):
                 for addr, flen in zip(addrs, flens):
                     off = addr + delta
                     mm[off:off + hdr_len + flen] = smm[slot + start:slot + DATA_OFF + flen]
@@ -446,8 +493,10 @@ def rx_from_ring(vq: VirtQueue, ring: SpscRing, hdr_len: int, budget: int,
             more = True                       # chained, indirect, read-only or too small
             break
         addr = desc64[head << 1]
-        if not (lo <= addr and addr + total <= hi):
-            if translate(vq, cache, head, addr, total) is None:
+        length = desc32[(head << 2) + 2]
+        if not (lo <= addr and addr + length <= hi):
+            if translate(vq, cache, head, addr, length) is None:
+                more = not vq.broken
                 break
             lo, hi, mm = cache.lo, cache.hi, cache.mm
             delta = cache.base - lo

@@ -29,6 +29,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import cffi
 
 from shardvu.protocol import VIRTIO_RING_F_EVENT_IDX
+from shardvu.reasons import BrokenReason, DropReason
+from shardvu.ringrules import MAX_FRAME
 from shardvu.virtqueue import VirtQueue
 
 from .spsc import DATA_OFF, HEADER_SIZE as SLOT0, SpscRing
@@ -46,6 +48,7 @@ _U32 = struct.Struct("I")
 # it is refused exactly as an out-of-range one (see translate()).
 _DESC = struct.Struct("qIHH")
 _ELEM = struct.Struct("II")
+_OUT_OF_RANGE = BrokenReason.INDEX_OUT_OF_RANGE
 _ffi = cffi.FFI()
 _memmove = _ffi.memmove
 _pointer = _ffi.from_buffer
@@ -82,7 +85,8 @@ def _publish(vq: VirtQueue, used, uoff: int, num: int, old: int, count: int, las
 
 
 def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
-            on_frames: Optional[Callable[[List[memoryview]], None]] = None) -> Tuple[int, int, bool]:
+            on_frames: Optional[Callable[[List[memoryview]], None]] = None, drops=None,
+            max_frame: int = MAX_FRAME) -> Tuple[int, int, bool]:
     """See :func:`shardvu.workers.split_fast.tx_pass`."""
     num = vq.num
     mask = num - 1
@@ -102,21 +106,26 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
     while n < navail:
         head = h_from(avail, aoff + 4 + 2 * ((last + n) & mask))[0]
         if head >= num:
-            vq.mark_broken(f"head index {head} >= queue size {num}")
+            vq.mark_broken(f"head index {head} >= queue size {num}", _OUT_OF_RANGE)
             break
         addr, length, flags, _next = d_from(desc, doff + (head << 4))
         if flags & (_SLOW_FLAGS | _WRITE):
             more = True
             break
-        if out is not None:
-            if not (lo <= addr and addr + length <= hi):
-                view = translate(vq, cache, head, addr, length)
-                if view is None:
-                    break
-                lo, hi = cache.lo, cache.hi
-            off = addr - lo
-            out.append(view[off + hdr_len:off + length])
-        nbytes += length - hdr_len
+        if not (lo <= addr and addr + length <= hi):
+            view = translate(vq, cache, head, addr, length)
+            if view is None:
+                more = not vq.broken
+                break
+            lo, hi = cache.lo, cache.hi
+        flen = length - hdr_len
+        if 0 <= flen <= max_frame:
+            if out is not None:
+                off = addr - lo
+                out.append(view[off + hdr_len:off + length])
+            nbytes += flen
+        elif drops is not None:
+            drops.drop(DropReason.SHORT_FRAME if flen < 0 else DropReason.OVERSIZE_FRAME)
         e_into(used, uoff + 4 + (((used_idx + n) & mask) << 3), head, 0)
         n += 1
     if n:
@@ -128,7 +137,7 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
 
 
 def rx_pass(vq: VirtQueue, frames: Sequence, hdr: bytes,
-            cache: RegionCache) -> Tuple[int, int, bool]:
+            cache: RegionCache, max_len: int = 12 + MAX_FRAME) -> Tuple[int, int, bool]:
     """See :func:`shardvu.workers.split_fast.rx_pass`."""
     num = vq.num
     mask = num - 1
@@ -148,16 +157,17 @@ def rx_pass(vq: VirtQueue, frames: Sequence, hdr: bytes,
     while n < navail:
         head = h_from(avail, aoff + 4 + 2 * ((last + n) & mask))[0]
         if head >= num:
-            vq.mark_broken(f"head index {head} >= queue size {num}")
+            vq.mark_broken(f"head index {head} >= queue size {num}", _OUT_OF_RANGE)
             break
         addr, length, flags, _next = d_from(desc, doff + (head << 4))
         frame = frames[n]
         flen = len(frame)
-        if flags & _SLOW_FLAGS or not flags & _WRITE or length < hlen + flen:
+        if flags & _SLOW_FLAGS or not flags & _WRITE or length < hlen + flen or hlen + flen > max_len:
             more = True
             break
         if not (lo <= addr and addr + length <= hi):
             if translate(vq, cache, head, addr, length) is None:
+                more = not vq.broken
                 break
             lo, hi, ptr, base = cache.lo, cache.hi, cache.ptr, cache.base
         dst = ptr + (base + addr - lo)
@@ -173,7 +183,7 @@ def rx_pass(vq: VirtQueue, frames: Sequence, hdr: bytes,
 
 
 def tx_to_ring(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
-               ring: SpscRing) -> Tuple[int, int, int, bool]:
+               ring: SpscRing, drops=None) -> Tuple[int, int, int, bool]:
     """See :func:`shardvu.workers.split_fast.tx_to_ring`."""
     num = vq.num
     mask = num - 1
@@ -196,18 +206,19 @@ def tx_to_ring(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
     while n < navail:
         head = h_from(avail, aoff + 4 + 2 * ((last + n) & mask))[0]
         if head >= num:
-            vq.mark_broken(f"head index {head} >= queue size {num}")
+            vq.mark_broken(f"head index {head} >= queue size {num}", _OUT_OF_RANGE)
             break
         addr, length, flags, _next = d_from(desc, doff + (head << 4))
         if flags & (_SLOW_FLAGS | _WRITE):
             more = True
             break
+        if not (lo <= addr and addr + length <= hi):
+            if translate(vq, cache, head, addr, length) is None:
+                more = not vq.broken
+                break
+            lo, hi, ptr, base = cache.lo, cache.hi, cache.ptr, cache.base
         flen = length - hdr_len
         if room and 0 <= flen <= maxf:
-            if not (lo <= addr and addr + length <= hi):
-                if translate(vq, cache, head, addr, length) is None:
-                    break
-                lo, hi, ptr, base = cache.lo, cache.hi, cache.ptr, cache.base
             slot = SLOT0 + (prod & smask) * ssize
             len_into(smm, slot, flen)
             _memmove(sptr + (slot + DATA_OFF), ptr + (base + addr - lo + hdr_len), flen)
@@ -216,6 +227,9 @@ def tx_to_ring(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
             nbytes += flen
         else:
             dropped += 1
+            if drops is not None:
+                drops.drop(DropReason.SHORT_FRAME if flen < 0 else
+                           DropReason.OVERSIZE_FRAME if flen > maxf else DropReason.PORT_FULL)
         e_into(used, uoff + 4 + (((used_idx + n) & mask) << 3), head, 0)
         n += 1
     if n:
@@ -251,7 +265,7 @@ def rx_from_ring(vq: VirtQueue, ring: SpscRing, hdr_len: int, budget: int,
     while n < navail:
         head = h_from(avail, aoff + 4 + 2 * ((last + n) & mask))[0]
         if head >= num:
-            vq.mark_broken(f"head index {head} >= queue size {num}")
+            vq.mark_broken(f"head index {head} >= queue size {num}", _OUT_OF_RANGE)
             break
         slot = SLOT0 + ((cons + n) & smask) * ssize
         flen = len_from(smm, slot)[0]
@@ -262,8 +276,9 @@ def rx_from_ring(vq: VirtQueue, ring: SpscRing, hdr_len: int, budget: int,
         if flags & _SLOW_FLAGS or not flags & _WRITE or length < total:
             more = True
             break
-        if not (lo <= addr and addr + total <= hi):
-            if translate(vq, cache, head, addr, total) is None:
+        if not (lo <= addr and addr + length <= hi):
+            if translate(vq, cache, head, addr, length) is None:
+                more = not vq.broken
                 break
             lo, hi, ptr, base = cache.lo, cache.hi, cache.ptr, cache.base
         _memmove(ptr + (base + addr - lo), sptr + (slot + start), total)

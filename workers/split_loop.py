@@ -9,17 +9,23 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
 
-from shardvu.net import push_rx_frames
+from shardvu.net import push_rx_frames_counted
+from shardvu.reasons import BrokenReason, DropReason
+from shardvu.ringrules import MAX_FRAME
 from shardvu.virtqueue import VirtQueue
 
 
-def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, copy: bool) -> Tuple[int, int, Optional[List[bytes]]]:
-    """Consume up to ``budget`` frames the guest sent on ``vq``.
+def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, copy: bool, drops=None,
+            max_frame: int = MAX_FRAME) -> Tuple[int, int, Optional[List[bytes]]]:
+    """Consume up to ``budget`` chains the guest sent on ``vq``, by the
+    rules of :mod:`shardvu.ringrules` (as :func:`shardvu.net.pop_tx_frames`).
 
-    Returns ``(frames, payload bytes, copies)``: with ``copy`` the frames
-    (without the virtio-net header) are returned as bytes for forwarding;
-    without, they are only counted.  Used buffers are returned to the guest
-    (length 0) with one flush and one notify."""
+    Returns ``(chains taken, payload bytes, copies)``: with ``copy`` the
+    frames (without the virtio-net header) are returned as bytes for
+    forwarding; without, they are only counted.  A short or oversize frame
+    is taken (its buffer comes back), not counted in the bytes nor copied,
+    and recorded with ``drops.drop(reason)``.  Used buffers are returned to
+    the guest (length 0) with one flush and one notify."""
     pop = vq.pop
     fill = vq.fill
     out: Optional[List[bytes]] = [] if copy else None
@@ -28,15 +34,23 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, copy: bool) -> Tuple[int, 
         elem = pop()
         if elem is None:
             break
+        if elem.in_descs:
+            vq.unpop(elem)
+            vq.mark_broken(f"descriptor chain {elem.index} has a device-writable buffer "
+                           "in a TX queue", BrokenReason.WRONG_DIRECTION)
+            break
         sg = elem.out_sg
-        if out is not None:
-            data = b"".join(sg) if len(sg) > 1 else bytes(sg[0])
-            out.append(data[hdr_len:])
-            nbytes += len(data) - hdr_len
-        else:
-            for v in sg:
-                nbytes += len(v)
-            nbytes -= hdr_len
+        length = 0
+        for v in sg:
+            length += len(v)
+        flen = length - hdr_len
+        if 0 <= flen <= max_frame:
+            if out is not None:
+                data = bytes(sg[0]) if len(sg) == 1 else b"".join(sg)
+                out.append(data[hdr_len:])
+            nbytes += flen
+        elif drops is not None:
+            drops.drop(DropReason.SHORT_FRAME if flen < 0 else DropReason.OVERSIZE_FRAME)
         fill(elem, 0, n)
         n += 1
     if n:
@@ -45,17 +59,18 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, copy: bool) -> Tuple[int, 
     return n, nbytes, out
 
 
-def rx_pass(vq: VirtQueue, frames: Sequence, hdr_len: int, mergeable: bool) -> Tuple[int, int]:
+def rx_pass(vq: VirtQueue, frames: Sequence, hdr_len: int, mergeable: bool, drops=None,
+            max_frame: int = MAX_FRAME) -> Tuple[int, int]:
     """Write ``frames`` into the guest's RX buffers on ``vq`` (one flush, one
-    notify).  Returns ``(delivered, payload bytes)``; frames beyond the
-    buffers the guest posted are not delivered (the caller keeps or drops
-    them)."""
+    notify), by :func:`shardvu.net.push_rx_frames`.  Returns ``(frames
+    consumed, payload bytes delivered)``: consumed frames (a prefix) were
+    delivered or dropped (recorded with ``drops.drop(reason)``); frames
+    beyond the buffers the guest posted are not consumed (the caller keeps
+    or drops them)."""
     if not frames:
         return 0, 0
-    n = push_rx_frames(vq, frames, hdr_len, mergeable)
-    if n:
+    used0 = vq.used_idx
+    n, nbytes = push_rx_frames_counted(vq, frames, hdr_len, mergeable, drops, max_frame)
+    if vq.used_idx != used0:
         vq.notify()
-    nbytes = 0
-    for f in frames[:n]:
-        nbytes += len(f)
     return n, nbytes
