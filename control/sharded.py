@@ -34,8 +34,8 @@ _NOT_SHARDED = P.bit(PF.INBAND_NOTIFICATIONS) | P.bit(PF.HOST_NOTIFIER)
 class ShardedDevice(Device):
     """A Device whose virtqueues are served by ``pool``'s workers."""
 
-    def __init__(self, pool: WorkerPool, iface: Optional[DeviceIface] = None):
-        super().__init__(pool.num_queues, iface)
+    def __init__(self, pool: WorkerPool, iface: Optional[DeviceIface] = None, **device_args):
+        super().__init__(pool.num_queues, iface, **device_args)
         self.pool = pool
 
     def offered_protocol_features(self) -> int:

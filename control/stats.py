@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import psutil
 import zmq
 
+from shardvu.reasons import DropReason
 from shardvu.statsapi import _IPC, endpoints  # noqa: F401  (endpoints re-exported)
 from shardvu.workers.stats import COUNTER_FIELDS
 
@@ -35,10 +36,34 @@ def direction_of(index: int) -> str:
     return "rx" if index % 2 == 0 else "tx"
 
 
-class _Queue:
-    """What the collector knows about one queue."""
+#: Reasons a drop can be counted under: the bounded set every snapshot and
+#: metric carries, zeros included.
+DROP_REASONS = tuple(r.value for r in DropReason)
 
-    __slots__ = ("pid", "msg", "heard", "named", "exitcode")
+
+def _drops_by_reason(msg: Dict[str, Any]) -> Dict[str, int]:
+    """The message's per-reason drop counts (top level, or inside
+    ``counters``), restricted to :data:`DROP_REASONS`; {} if it has none."""
+    raw = msg.get("drops_by_reason")
+    if not isinstance(raw, dict):
+        raw = msg["counters"].get("drops_by_reason")
+    if not isinstance(raw, dict):
+        return {}
+    return {str(k): int(v) for k, v in raw.items()
+            if str(k) in DROP_REASONS and isinstance(v, int) and v >= 0}
+
+
+class _Queue:
+    """What the collector knows about one queue.
+
+    ``base`` (and ``base_reasons``, ``base_cpu``) hold what earlier workers
+    of the queue, or the current one before it reset a counter, had
+    counted: a reported counter is base + the latest message's value, so
+    it never goes down across respawns and reconnections.
+    """
+
+    __slots__ = ("pid", "msg", "heard", "named", "exitcode", "base", "base_reasons",
+                 "base_cpu", "cpu_last", "restarts")
 
     def __init__(self, now: float) -> None:
         self.pid: Optional[int] = None        # worker pid from set_workers / messages
@@ -46,23 +71,59 @@ class _Queue:
         self.heard: Optional[float] = None    # monotonic receipt time of msg
         self.named = now                      # monotonic time we started expecting it
         self.exitcode: Optional[int] = None   # set by mark_dead
+        self.base: Dict[str, int] = dict.fromkeys(COUNTER_FIELDS, 0)
+        self.base_reasons: Dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
+        self.base_cpu = 0.0                   # CPU seconds of earlier workers
+        self.cpu_last = 0.0                   # CPU seconds of pid, as last read
+        self.restarts = 0                     # pid changes after the first pid
+
+    def fold(self) -> None:
+        """Add the latest message's counters to the base (the worker is
+        replaced, or has reset its counters) and forget the message."""
+        if self.msg is not None:
+            counters = self.msg["counters"]
+            for f in COUNTER_FIELDS:
+                v = counters.get(f, 0)
+                self.base[f] += v if isinstance(v, int) else 0
+            for r, v in _drops_by_reason(self.msg).items():
+                self.base_reasons[r] += v
+        self.msg = None
+
+    def advance(self, msg: Dict[str, Any]) -> None:
+        """Take ``msg`` (from the same worker) as the latest.  A counter that
+        went down was reset by the worker (a counter may reset on its own,
+        e.g. the calls of a ring the front-end set up anew): its previous
+        value joins the base, field by field."""
+        if self.msg is not None:
+            old, new = self.msg["counters"], msg["counters"]
+            for f in COUNTER_FIELDS:
+                a, b = old.get(f), new.get(f)
+                if isinstance(a, int) and isinstance(b, int) and b < a:
+                    self.base[f] += a
+            before, after = _drops_by_reason(self.msg), _drops_by_reason(msg)
+            for r, a in before.items():
+                if after.get(r, 0) < a:
+                    self.base_reasons[r] += a
+        self.msg = msg
 
 
 class StatsCollector:
     """Binds a SUB socket at ``pub_endpoint`` and a REP socket at
     ``query_endpoint``; keeps the latest snapshot per queue index.
 
-    ``socket_path`` (optional) is echoed in :meth:`snapshot` as ``"socket"``.
+    ``socket_path`` (optional) is echoed in :meth:`snapshot` as ``"socket"``,
+    ``name`` (optional, the instance's ``--name``) as ``"name"``.
     ``context`` (optional) is a zmq Context to use; by default the collector
     makes its own and terminates it on :meth:`close`.
     """
 
     def __init__(self, pub_endpoint: str, query_endpoint: str,
                  socket_path: Optional[str] = None,
-                 context: Optional[zmq.Context] = None) -> None:
+                 context: Optional[zmq.Context] = None, name: Optional[str] = None) -> None:
         self.pub_endpoint = pub_endpoint
         self.query_endpoint = query_endpoint
         self.socket_path = socket_path or ""
+        self.name = name or ""
         self.bad_messages = 0                 # unparseable / malformed messages seen
         self.queries = 0                      # REP requests answered
         self._lock = threading.Lock()
@@ -193,15 +254,16 @@ class StatsCollector:
                 q.pid = pid
             elif q.pid != pid:
                 return      # a late message from a replaced worker
-            q.msg = msg
+            q.advance(msg)
             q.heard = now
 
     def set_workers(self, mapping: Dict[int, int]) -> None:
         """Declare queue index -> worker pid.  Named queues appear in
         :meth:`snapshot` at once (zeros, state "starting") until their
         worker reports.  A queue whose pid changes (a restarted worker)
-        forgets the old worker's counters and dead mark.  Queues not in
-        ``mapping`` are kept (use a full mapping to keep them accurate)."""
+        keeps the old worker's counters and CPU time in its base, counts a
+        restart and forgets the dead mark.  Queues not in ``mapping`` are
+        kept (use a full mapping to keep them accurate)."""
         now = time.monotonic()
         with self._lock:
             for index, pid in mapping.items():
@@ -209,6 +271,11 @@ class StatsCollector:
                 if q is None:
                     q = self._queues[index] = _Queue(now)
                 if q.pid != pid:
+                    if q.pid is not None:
+                        q.restarts += 1
+                        q.fold()
+                        q.base_cpu += q.cpu_last
+                    q.cpu_last = 0.0
                     q.pid, q.msg, q.heard, q.exitcode, q.named = pid, None, None, None, now
 
     def mark_dead(self, index: int, exitcode: Optional[int]) -> None:
@@ -221,9 +288,10 @@ class StatsCollector:
                 q = self._queues[index] = _Queue(time.monotonic())
             q.exitcode = exitcode
 
-    def _proc_usage(self, pid: int) -> Tuple[float, int, int]:
+    def _proc_usage(self, pid: int) -> Tuple[float, int, int, Optional[float]]:
         """(cpu_percent since the previous snapshot, rss bytes, private
-        bytes) of ``pid``; zeros if it is gone.  Private = resident less
+        bytes, CPU seconds user + system) of ``pid``; zeros and None if it
+        is gone.  Private = resident less
         shared pages (psutil's ``shared``: file and shmem pages, which for a
         worker are mostly the guest memory it touched through the
         front-end's memfds — the front-end's memory, not the worker's).
@@ -234,22 +302,31 @@ class StatsCollector:
                 p = self._procs[pid] = psutil.Process(pid)
             with p.oneshot():
                 mem = p.memory_info()
-                return float(p.cpu_percent(None)), int(mem.rss), int(mem.rss - getattr(mem, "shared", 0))
+                t = p.cpu_times()
+                return (float(p.cpu_percent(None)), int(mem.rss),
+                        int(mem.rss - getattr(mem, "shared", 0)), float(t.user + t.system))
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             self._procs.pop(pid, None)
-            return 0.0, 0, 0
+            return 0.0, 0, 0, None
 
     def snapshot(self) -> Dict[str, Any]:
         """The aggregate, as served on the query socket::
 
-            {"queues": [{"index", "direction", <COUNTER_FIELDS>, "state",
-                         "broken_reason", "exitcode", "worker_pid",
-                         "cpu_percent", "rss_bytes", "private_bytes", "age_s"}, ...],
-             "totals": {<COUNTER_FIELDS>, "cpu_percent", "rss_bytes", "private_bytes"},
+            {"queues": [{"index", "direction", <COUNTER_FIELDS>, "drops_by_reason",
+                         "state", "broken_reason", "exitcode", "worker_pid",
+                         "restarts", "cpu_seconds", "cpu_percent", "rss_bytes",
+                         "private_bytes", "age_s"}, ...],
+             "totals": {<COUNTER_FIELDS>, "drops_by_reason", "restarts", "cpu_seconds",
+                        "cpu_percent", "rss_bytes", "private_bytes"},
                         # cpu/memory summed over distinct live worker pids
-             "time": <unix time>, "socket": <vhost socket path or "">}
+             "time": <unix time>, "socket": <vhost socket path or "">,
+             "name": <instance name or "">}
 
-        Queues are sorted by index.  ``state`` is the worker's own
+        Queues are sorted by index.  The counters, ``drops_by_reason``
+        (every :class:`~shardvu.reasons.DropReason` value, zeros included),
+        ``restarts`` and ``cpu_seconds`` never decrease: what a replaced
+        worker counted, or a worker before it reset its counters, stays in
+        (see :class:`_Queue`).  ``state`` is the worker's own
         ("idle"/"running"/"stopped"/"broken"), "starting" before its first
         message, or "dead" after :meth:`mark_dead` (``exitcode`` is None
         otherwise).  ``age_s`` is seconds since the last message was
@@ -260,7 +337,7 @@ class StatsCollector:
         now = time.monotonic()
         with self._lock:
             rows: List[Dict[str, Any]] = []
-            usage: Dict[int, Tuple[float, int, int]] = {}   # live pid -> (cpu, rss, private), once each
+            usage: Dict[int, Tuple[float, int, int, Optional[float]]] = {}   # live pid, once each
             for index in sorted(self._queues):
                 q = self._queues[index]
                 counters = q.msg["counters"] if q.msg is not None else {}
@@ -272,20 +349,29 @@ class StatsCollector:
                 else:
                     state = "starting"
                 if q.pid is None or dead:
-                    cpu, rss, private = 0.0, 0, 0
+                    cpu, rss, private, cpu_s = 0.0, 0, 0, None
                 else:
                     if q.pid not in usage:
                         usage[q.pid] = self._proc_usage(q.pid)
-                    cpu, rss, private = usage[q.pid]
+                    cpu, rss, private, cpu_s = usage[q.pid]
+                if cpu_s is not None:
+                    q.cpu_last = max(q.cpu_last, cpu_s)
                 row: Dict[str, Any] = {"index": index, "direction": direction_of(index)}
                 for f in COUNTER_FIELDS:
                     v = counters.get(f, 0)
-                    row[f] = v if isinstance(v, int) else 0
+                    row[f] = q.base[f] + (v if isinstance(v, int) else 0)
+                reasons = dict(q.base_reasons)
+                if q.msg is not None:
+                    for r, v in _drops_by_reason(q.msg).items():
+                        reasons[r] += v
                 row.update(
+                    drops_by_reason=reasons,
                     state=state,
                     broken_reason=q.msg.get("broken_reason") if q.msg is not None else None,
                     exitcode=q.exitcode,
                     worker_pid=q.pid,
+                    restarts=q.restarts,
+                    cpu_seconds=round(q.base_cpu + q.cpu_last, 3),
                     cpu_percent=cpu,
                     rss_bytes=rss,
                     private_bytes=private,
@@ -295,9 +381,13 @@ class StatsCollector:
             for pid in [p for p in self._procs if p not in usage]:
                 del self._procs[pid]
         totals: Dict[str, Any] = {f: sum(r[f] for r in rows) for f in COUNTER_FIELDS}
+        totals["drops_by_reason"] = {r: sum(row["drops_by_reason"][r] for row in rows)
+                                     for r in DROP_REASONS}
+        totals["restarts"] = sum(r["restarts"] for r in rows)
         # Per process, not per row: queues sharing a pid are counted once.
+        totals["cpu_seconds"] = round(sum(r["cpu_seconds"] for r in rows), 3)
         totals["cpu_percent"] = round(sum(u[0] for u in usage.values()), 1)
         totals["rss_bytes"] = sum(u[1] for u in usage.values())
         totals["private_bytes"] = sum(u[2] for u in usage.values())
         return {"queues": rows, "totals": totals, "time": time.time(),
-                "socket": self.socket_path}
+                "socket": self.socket_path, "name": self.name}

@@ -80,13 +80,26 @@ def run(queues: int = 2, seconds: float = 5.0, port: str = "loopback", frame_siz
         rows.append({"index": q, "direction": "rx" if q % 2 == 0 else "tx", "packets": n,
                      "pps": n / elapsed})
     total = sum(r["pps"] for r in rows)
-    print(f"\n{'queue':>5} {'dir':>3} {'packets':>10} {'kpps':>9}", file=out)
-    for r in rows:
-        print(f"{r['index']:>5} {r['direction']:>3} {r['packets']:>10} {r['pps'] / 1e3:>9.1f}", file=out)
-    print(f"{'all':>5} {'':>3} {sum(r['packets'] for r in rows):>10} {total / 1e3:>9.1f}", file=out)
+    print_report(rows, total, out)
     print(f"front-end: sent {sent}, received {received}", file=out)
     return {"port": port, "queues": rows, "seconds": elapsed, "total_pps": total,
             "frontend": {"sent": sent, "received": received}}
+
+
+def print_report(rows: List[Dict], total_pps: float, out) -> None:
+    """The per-queue result table (rich), plain text on ``out``."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(box=box.SIMPLE_HEAD, show_footer=True)
+    table.add_column("queue", "all", justify="right")
+    table.add_column("dir")
+    table.add_column("packets", str(sum(r["packets"] for r in rows)), justify="right")
+    table.add_column("kpps", f"{total_pps / 1e3:.1f}", justify="right")
+    for r in rows:
+        table.add_row(str(r["index"]), r["direction"], str(r["packets"]), f"{r['pps'] / 1e3:.1f}")
+    console = Console(file=out, width=80, color_system=None, force_terminal=False)
+    console.print(table)
 
 
 def _packets(rt) -> Dict[int, int]:

@@ -194,10 +194,14 @@ class Device:
     """
 
     def __init__(self, max_queues: int, iface: Optional[DeviceIface] = None,
-                 max_mem_slots: int = P.MAX_MEM_SLOTS):
+                 max_mem_slots: int = P.MAX_MEM_SLOTS, max_queue_size: int = P.VIRTQUEUE_MAX_SIZE):
         if not 1 <= max_queues <= 256:
             raise ValueError("max_queues must be 1..256 (the index field is 8 bits)")
+        if not 1 <= max_queue_size <= P.VIRTQUEUE_MAX_SIZE:
+            raise ValueError(f"max_queue_size must be 1..{P.VIRTQUEUE_MAX_SIZE}")
         self.max_queues = max_queues
+        #: SET_VRING_NUM above this size is refused (``--queue-size``)
+        self.max_queue_size = max_queue_size
         self.iface = iface or DeviceIface()
         self.mem = GuestMemory(max_mem_slots)
         self.vqs: List[VirtQueue] = [VirtQueue(i, log) for i in range(max_queues)]
@@ -573,6 +577,8 @@ class Device:
         vq = self._queue(st.index)
         if st.num == 0 or st.num & (st.num - 1) or st.num > P.VIRTQUEUE_MAX_SIZE:
             raise RequestError(f"queue {st.index}: size {st.num} is not a power of two in 1..{P.VIRTQUEUE_MAX_SIZE}")
+        if st.num > self.max_queue_size:
+            raise RequestError(f"queue {st.index}: size {st.num} above the back-end's limit {self.max_queue_size}")
         vq.num = st.num
         if vq.addr is not None and len(self.mem):
             self._map_rings(vq)

@@ -9,9 +9,9 @@ handlers per pair, and the single-process :class:`~shardvu.runner.Runner`::
 from __future__ import annotations
 
 import argparse
-import logging
 from typing import Optional
 
+from . import logsetup
 from . import protocol as P
 from .device import Device
 from .net import NetIface, net_hdr_len, pop_tx_frames, push_rx_frames
@@ -64,9 +64,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="shardvu-echo", description=__doc__.splitlines()[0])
     ap.add_argument("--socket", required=True)
     ap.add_argument("--queue-pairs", type=int, default=1)
-    ap.add_argument("--log-level", default="INFO")
+    ap.add_argument("--log-level", default="INFO", help=", ".join(logsetup.LEVELS))
+    ap.add_argument("--log-format", default="text", choices=logsetup.FORMATS)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        logsetup.setup(args.log_level, args.log_format, role="echo")
+    except ValueError as exc:
+        ap.error(str(exc))
     backend = EchoBackend(args.queue_pairs)
     try:
         backend.serve(args.socket)

@@ -1,8 +1,9 @@
 """``shardvu stats``: ask a running sharded back-end for its per-queue stats.
 
 Sends one request to the control process's query endpoint (derived from
-the vhost-user socket path, see ``shardvu.control.stats.endpoints``) and
-prints a table, or the raw snapshot with ``--json``.  ``--watch`` repeats
+the instance's ``--name``, or from its vhost-user socket path: see
+:mod:`shardvu.statsapi`) and prints a table (rich), or the raw snapshot
+with ``--json``.  ``--watch`` repeats
 every ``--interval`` seconds and adds a Mpps column (rate since the
 previous refresh).  Exit status: 0 on success (and on Ctrl-C in --watch),
 1 if no control process answers within ``--timeout`` seconds.
@@ -10,88 +11,124 @@ previous refresh).  Exit status: 0 on success (and on Ctrl-C in --watch),
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
+import shutil
 import sys
 import time
 from typing import Any, Dict, Optional, TextIO
 
 import zmq
+from rich import box, filesize
+from rich.console import Console
+from rich.table import Table
 
-from .statsapi import NoAnswer, endpoints, query  # noqa: F401  (re-exported)
+from .statsapi import (NoAnswer, endpoints, instance_names, name_endpoints,  # noqa: F401
+                       query, run_dir)
+
+
+def add_target_arguments(ap: argparse.ArgumentParser) -> None:
+    """``--socket-path`` / ``--name``: which running instance to ask."""
+    who = ap.add_mutually_exclusive_group()
+    who.add_argument("--socket-path", "--socket", dest="socket", metavar="PATH",
+                     help="the instance's vhost-user socket path (when it has no --name)")
+    who.add_argument("--name", help="the instance's --name (default: the only named instance)")
+    ap.add_argument("--timeout", type=float, default=2.0,
+                    help="seconds to wait for the control process (default 2)")
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--socket", "--socket-path", dest="socket", required=True,
-                    help="the back-end's vhost-user socket path")
+    add_target_arguments(ap)
     ap.add_argument("--watch", action="store_true",
                     help="refresh every --interval seconds until Ctrl-C")
     ap.add_argument("--interval", type=float, default=1.0,
                     help="refresh interval for --watch, seconds (default 1)")
     ap.add_argument("--json", action="store_true",
                     help="print one snapshot as JSON and exit")
-    ap.add_argument("--timeout", type=float, default=2.0,
-                    help="seconds to wait for the control process (default 2)")
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return str(n)  # unreachable
+def target_endpoint(args) -> str:
+    """The query endpoint ``args`` name: by ``--socket-path``, by ``--name``,
+    or the only named instance there is.  ValueError (with a message for
+    the user) when that is ambiguous or invalid."""
+    if args.socket:
+        return endpoints(args.socket)[1]
+    if args.name:
+        return name_endpoints(args.name)[1]
+    names = instance_names()
+    if len(names) == 1:
+        return name_endpoints(names[0])[1]
+    if not names:
+        raise ValueError(f"no named instance in {run_dir()}: give --socket-path or --name")
+    raise ValueError(f"several instances ({', '.join(names)}): give --name")
 
 
-_COLS = ("idx", "dir", "state", "packets", "Mpps", "bytes", "drops", "kicks",
-         "calls", "pid", "cpu%", "rssMiB", "privMiB")
+def human_bytes(n: float) -> str:
+    """``n`` bytes, e.g. ``"12.3 MB"`` (rich's decimal units)."""
+    return filesize.decimal(int(n))
 
 
-def format_table(snap: Dict[str, Any], prev: Optional[Dict[str, Any]] = None) -> str:
-    """Render ``snap`` as a text table.  With ``prev`` (an earlier snapshot
-    from the same control process) the Mpps column is the packet rate
-    between the two; otherwise it shows "-"."""
+def _rate(now: int, old: Optional[int], dt: float) -> Optional[float]:
+    """Per-second rate, or None without a baseline."""
+    if old is None or dt <= 0 or now < old:
+        return None
+    return (now - old) / dt
+
+
+def build_table(snap: Dict[str, Any], prev: Optional[Dict[str, Any]] = None) -> Table:
+    """``snap`` as a rich Table; with ``prev`` (an earlier snapshot from the
+    same instance) the Mpps column is the packet rate between the two,
+    otherwise "-"."""
     dt = snap["time"] - prev["time"] if prev else 0.0
     before = {q["index"]: q for q in prev["queues"]} if prev else {}
+    title = " ".join(x for x in ("shardvu stats", snap.get("name") or snap.get("socket") or "",
+                                 time.strftime("%H:%M:%S", time.localtime(snap["time"]))) if x)
+    table = Table(title=title, box=box.SIMPLE_HEAD, show_footer=True, title_justify="left")
+    right = dict(justify="right")
+    for name, opts in (("idx", right), ("dir", {}), ("state", {}), ("packets", right),
+                       ("Mpps", right), ("bytes", right), ("drops", right), ("kicks", right),
+                       ("calls", right), ("restarts", right), ("pid", right), ("cpu%", right),
+                       ("rss", right), ("private", right)):
+        table.add_column(name, **opts)
 
-    def rate(packets: int, old: Optional[int]) -> str:
-        if old is None or dt <= 0 or packets < old:   # no baseline / worker restarted
-            return "-"
-        return f"{(packets - old) / dt / 1e6:.3f}"
+    def mpps(now: int, old: Optional[int]) -> str:
+        r = _rate(now, old, dt)
+        return "-" if r is None else f"{r / 1e6:.3f}"
 
-    rows = []
     for q in snap["queues"]:
         old = before.get(q["index"])
         state = q["state"]
         if state == "dead" and q.get("exitcode") is not None:
             state = f"dead({q['exitcode']})"
-        rows.append((str(q["index"]), q["direction"], state, str(q["packets"]),
-                     rate(q["packets"], old["packets"] if old else None),
-                     _human_bytes(q["bytes"]), str(q["drops"]), str(q["kicks"]),
-                     str(q["calls"]), str(q["worker_pid"] or "-"),
-                     f"{q['cpu_percent']:.1f}", f"{q['rss_bytes'] / 2**20:.1f}",
-                     f"{q.get('private_bytes', 0) / 2**20:.1f}"))
+        table.add_row(str(q["index"]), q["direction"], state, str(q["packets"]),
+                      mpps(q["packets"], old["packets"] if old else None),
+                      human_bytes(q["bytes"]), str(q["drops"]), str(q["kicks"]), str(q["calls"]),
+                      str(q.get("restarts", 0)), str(q["worker_pid"] or "-"),
+                      f"{q['cpu_percent']:.1f}", human_bytes(q["rss_bytes"]),
+                      human_bytes(q.get("private_bytes", 0)))
     t = snap["totals"]
-    old_total = prev["totals"]["packets"] if prev else None
-    rows.append(("all", "", "", str(t["packets"]), rate(t["packets"], old_total),
-                 _human_bytes(t["bytes"]), str(t["drops"]), str(t["kicks"]), str(t["calls"]),
-                 "", f"{t['cpu_percent']:.1f}", f"{t['rss_bytes'] / 2**20:.1f}",
-                 f"{t.get('private_bytes', 0) / 2**20:.1f}"))
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(_COLS)]
-    left = {1, 2}                     # text columns; the rest are right-aligned
+    footer = ["all", "", "", str(t["packets"]),
+              mpps(t["packets"], prev["totals"]["packets"] if prev else None),
+              human_bytes(t["bytes"]), str(t["drops"]), str(t["kicks"]), str(t["calls"]),
+              str(t.get("restarts", 0)), "", f"{t['cpu_percent']:.1f}",
+              human_bytes(t["rss_bytes"]), human_bytes(t.get("private_bytes", 0))]
+    for column, text in zip(table.columns, footer):
+        column.footer = text
+    broken = [f"queue {q['index']}: broken: {q['broken_reason']}"
+              for q in snap["queues"] if q.get("broken_reason")]
+    if broken:
+        table.caption = "\n".join(broken)
+        table.caption_justify = "left"
+    return table
 
-    def line(cells) -> str:
-        return "  ".join(c.ljust(w) if i in left else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
-    out = [f"shardvu stats  {snap.get('socket') or ''}  "
-           f"{time.strftime('%H:%M:%S', time.localtime(snap['time']))}".rstrip(),
-           line(_COLS)]
-    out += [line(r) for r in rows[:-1]]
-    out.append("-" * len(out[1]))
-    out.append(line(rows[-1]))
-    broken = [q for q in snap["queues"] if q.get("broken_reason")]
-    out += [f"queue {q['index']}: broken: {q['broken_reason']}" for q in broken]
-    return "\n".join(out)
+def format_table(snap: Dict[str, Any], prev: Optional[Dict[str, Any]] = None,
+                 width: int = 140) -> str:
+    """:func:`build_table` rendered as plain text ``width`` columns wide."""
+    console = Console(file=io.StringIO(), width=width, color_system=None, force_terminal=False)
+    console.print(build_table(snap, prev))
+    return "\n".join(line.rstrip() for line in console.file.getvalue().rstrip().splitlines())
 
 
 def command(args, out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> int:
@@ -100,7 +137,7 @@ def command(args, out: Optional[TextIO] = None, err: Optional[TextIO] = None) ->
     out = out or sys.stdout
     err = err or sys.stderr
     try:
-        _, endpoint = endpoints(args.socket)
+        endpoint = target_endpoint(args)
     except ValueError as e:
         print(f"shardvu stats: {e}", file=err)
         return 1
@@ -112,19 +149,20 @@ def command(args, out: Optional[TextIO] = None, err: Optional[TextIO] = None) ->
                 snap = query(endpoint, args.timeout, ctx)
             except NoAnswer:
                 hint = "" if os.path.exists(endpoint[len("ipc://"):]) else \
-                    " (the endpoint does not exist — is the sharded back-end running on this socket?)"
+                    " (the endpoint does not exist: is shardvu running with this socket or name?)"
                 print(f"shardvu stats: no control process answered at {endpoint} "
                       f"within {args.timeout:g} s{hint}", file=err)
                 return 1
             if args.json:
                 print(json.dumps(snap, indent=2), file=out)
                 return 0
+            width = shutil.get_terminal_size((140, 24)).columns if out.isatty() else 140
             if not args.watch:
-                print(format_table(snap), file=out)
+                print(format_table(snap, width=width), file=out)
                 return 0
             if out.isatty():
-                out.write("\033[H\033[2J")
-            print(format_table(snap, prev), file=out, flush=True)
+                Console(file=out).clear()
+            print(format_table(snap, prev, width=width), file=out, flush=True)
             if not out.isatty():
                 print(file=out)
             prev = snap

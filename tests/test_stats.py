@@ -20,9 +20,11 @@ from shardvu.workers.stats import COUNTER_FIELDS, Counters, StatsPublisher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-QUEUE_KEYS = {"index", "direction", *COUNTER_FIELDS, "state", "broken_reason", "exitcode",
-              "worker_pid", "cpu_percent", "rss_bytes", "private_bytes", "age_s"}
-TOTAL_KEYS = {*COUNTER_FIELDS, "cpu_percent", "rss_bytes", "private_bytes"}
+QUEUE_KEYS = {"index", "direction", *COUNTER_FIELDS, "drops_by_reason", "state", "broken_reason",
+              "exitcode", "worker_pid", "restarts", "cpu_seconds", "cpu_percent", "rss_bytes",
+              "private_bytes", "age_s"}
+TOTAL_KEYS = {*COUNTER_FIELDS, "drops_by_reason", "restarts", "cpu_seconds", "cpu_percent",
+              "rss_bytes", "private_bytes"}
 
 
 @pytest.fixture
@@ -63,7 +65,7 @@ def queue(snap, index):
 
 
 def check_shape(snap):
-    assert set(snap) == {"queues", "totals", "time", "socket"}
+    assert set(snap) == {"queues", "totals", "time", "socket", "name"}
     assert isinstance(snap["time"], float)
     for q in snap["queues"]:
         assert set(q) == QUEUE_KEYS
@@ -210,10 +212,13 @@ def test_child_process_publisher_and_dead_worker(collector, sock_path):
         assert q0["state"] == "dead" and q0["exitcode"] == 3
         assert q0["packets"] > 0                  # last counters kept
         assert q0["cpu_percent"] == 0.0 and q0["rss_bytes"] == 0
-        # A restarted worker (new pid) clears the dead mark and old counters.
+        # A restarted worker (new pid) clears the dead mark; the old
+        # worker's counters stay in (monotonic), and a restart is counted.
+        packets = q0["packets"]
         collector.set_workers({0: os.getpid()})
         q0 = queue(collector.snapshot(), 0)
-        assert q0["state"] == "starting" and q0["packets"] == 0 and q0["exitcode"] is None
+        assert q0["state"] == "starting" and q0["exitcode"] is None
+        assert q0["packets"] == packets and q0["restarts"] == 1
     finally:
         collector.stop()
         if child.poll() is None:

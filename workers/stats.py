@@ -28,9 +28,22 @@ from typing import Any, Dict, Optional
 
 import zmq
 
+#: Frame-size bins, named as DPDK's vhost PMD names its xstats:
+#: ``(counter name, smallest length, largest length)``, lengths in bytes of
+#: the Ethernet frame (without the virtio-net header).  Frames under 64
+#: bytes count in the first bin, as DPDK's ``size_64_packets`` does.
+SIZE_BINS = (("size_64_packets", 0, 64), ("size_65_to_127_packets", 65, 127),
+             ("size_128_to_255_packets", 128, 255), ("size_256_to_511_packets", 256, 511),
+             ("size_512_to_1023_packets", 512, 1023), ("size_1024_to_1522_packets", 1024, 1522),
+             ("size_1523_to_max_packets", 1523, 1 << 62))
+
+#: Per-frame classes counted beside the size bins (destination MAC's
+#: group bit; broadcast is ff:ff:ff:ff:ff:ff and not counted as multicast).
+CAST_FIELDS = ("broadcast_packets", "multicast_packets")
+
 #: Counter attribute names, in display order; shared with the control side.
 COUNTER_FIELDS = ("packets", "bytes", "drops", "kicks", "calls", "suppressed",
-                  "batches", "ring_errors")
+                  "batches", "ring_errors") + tuple(b[0] for b in SIZE_BINS) + CAST_FIELDS
 
 #: Worker states a publisher usually reports ("exited": final message on a
 #: clean shutdown).  The collector passes any string through and adds
@@ -57,6 +70,8 @@ class Counters:
         self.suppressed = 0     # interrupts skipped (EVENT_IDX / NO_INTERRUPT)
         self.batches = 0        # ring-loop iterations that did work
         self.ring_errors = 0    # malformed descriptors / ring violations
+        for name in COUNTER_FIELDS[8:]:
+            setattr(self, name, 0)   # SIZE_BINS and CAST_FIELDS
         self.state = "idle"
         self.broken_reason: Optional[str] = None
 

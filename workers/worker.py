@@ -35,6 +35,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
+from shardvu import logsetup
 from shardvu import protocol as P
 from shardvu.dirtylog import DirtyLog, FileLock
 from shardvu.eventfd import drain
@@ -587,8 +588,7 @@ def worker_main(index: int, chan, port_name: str, frame_size: int,
         _close_inherited({chan_fd})
     signal.signal(signal.SIGINT, signal.SIG_IGN)       # the control process decides
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    logging.basicConfig(level=log_level.upper(),
-                        format=f"%(asctime)s worker{index} %(levelname)s %(message)s")
+    logsetup.setup(log_level, role=f"worker{index}")   # format inherited (SHARDVU_LOG_FORMAT)
     if isinstance(chan, int):
         chan = socket.socket(fileno=chan_fd)
     worker = Worker(index, chan, resolve(port_name), frame_size, stats_endpoint)
