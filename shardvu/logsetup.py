@@ -99,7 +99,8 @@ def setup(level: Optional[str] = None, fmt: Optional[str] = None, role: str = "s
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(_TEXT))
     root = logging.getLogger()
     for old in list(root.handlers):
+        # Removed, not closed: in a forked worker an inherited handler's
+        # stream may be an fd the worker has already closed.
         root.removeHandler(old)
-        old.close()
     root.addHandler(handler)
     root.setLevel(level)
