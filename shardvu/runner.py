@@ -20,7 +20,7 @@ import os
 import select
 import socket
 import threading
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 from .device import Close, Device, Reply, Unwatch, Watch
 from .protocol import MessageReader, ProtocolError, ProtocolFeature, request_name
@@ -41,6 +41,11 @@ class Runner:
         self._stop = threading.Event()
         self._watched: Dict[int, int] = {}     # kick fd -> queue index
         self.polling_queues: set = set()        # queues with no kick fd (NOFD)
+        #: More fds to watch, with the socket and between connections: fd ->
+        #: handler called when it is readable (re-read every pass; the
+        #: sharded runtime's worker pidfds).
+        self.aux_fds: Dict[int, Callable[[], None]] = {}
+        self._aux_polled: set = set()
 
     def stop(self) -> None:
         """Ask :meth:`serve` / :meth:`run_connection` to return soon (thread-safe)."""
@@ -65,6 +70,8 @@ class Runner:
         try:
             while not self._stop.is_set():
                 try:
+                    if not self._wait_aux(listener.fileno(), self.poll_interval):
+                        raise socket.timeout
                     conn, _ = listener.accept()
                 except socket.timeout:
                     self.on_tick()
@@ -89,10 +96,31 @@ class Runner:
             except OSError:
                 conn.close()
                 self.on_tick()
-                self._stop.wait(retry_interval)
+                self._wait_aux(-1, retry_interval)
                 continue
             log.info("connected to front-end at %s", path)
             self.run_connection(conn)
+
+    def _wait_aux(self, fd: int, timeout: float) -> bool:
+        """Wait up to ``timeout`` for ``fd`` (-1: none) or an aux fd to be
+        readable; run the handlers of the aux fds that are.  True if ``fd``
+        is readable."""
+        fds = [fd] if fd >= 0 else []
+        ready, _, _ = select.select(fds + list(self.aux_fds), [], [], timeout)
+        for r in ready:
+            handler = self.aux_fds.get(r)
+            if handler is not None and r != fd:
+                handler()
+        return fd in ready
+
+    def _sync_aux(self, poller) -> None:
+        want = set(self.aux_fds)
+        for fd in self._aux_polled - want:
+            if fd not in self._watched:
+                poller.unregister(fd)
+        for fd in want - self._aux_polled:
+            poller.register(fd, select.POLLIN)
+        self._aux_polled = want
 
     def on_tick(self) -> None:
         """Called at least every ``poll_interval`` (between connections too);
@@ -106,13 +134,17 @@ class Runner:
         conn.setblocking(False)
         poller = select.poll()
         poller.register(conn.fileno(), select.POLLIN)
+        self._aux_polled = set()
         try:
             while not self._stop.is_set():
                 timeout = 0 if self.polling_queues else self.poll_interval * 1000
+                self._sync_aux(poller)
                 for fd, ev in poller.poll(timeout):
                     if fd == conn.fileno():
                         if not self._on_socket(conn, reader, poller):
                             return
+                    elif fd in self.aux_fds:
+                        self.aux_fds[fd]()
                     elif fd in self._watched:
                         dev.kick(self._watched[fd])
                 for q in list(self.polling_queues):

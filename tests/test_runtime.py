@@ -211,20 +211,19 @@ def test_stats_cli_json_and_table(runtime):
     assert out.returncode == 0 and "tx" in out.stdout and "rx" in out.stdout
 
 
-def test_crashed_worker_shows_in_stats_and_log(runtime):
+def test_crashed_worker_is_replaced_and_shows_in_stats_and_log(runtime):
     rt = runtime(2)
     victim = rt.queue_stats()[3]["worker_pid"]
     os.kill(victim, signal.SIGKILL)
-    wait_for(lambda: rt.queue_stats()[3]["state"] == "dead", interval=0.1)
-    assert "worker 3" in rt.log() and "died" in rt.log()
-    # the other queues keep working
+    wait_for(lambda: rt.queue_stats()[3]["worker_pid"] not in (None, victim), interval=0.1)
+    wait_for(lambda: "replaced by pid" in rt.log(), interval=0.1)
+    assert "worker 3" in rt.log() and "died (signal 9)" in rt.log()
+    # every queue works, the replaced one included
     with Frontend(rt.sock, queue_pairs=2) as fe:
-        with pytest.raises(FrontendError):
-            fe.negotiate()                    # queue 3's barrier fails: a clear error
-    with Frontend(rt.sock, queue_pairs=1) as fe:
         fe.negotiate()
-        fe.send(0, frames(0, 2))
-        wait_for(lambda: fe.queues[1].used_idx == 2)
+        for pair in (0, 1):
+            fe.send(pair, frames(pair, 2))
+            wait_for(lambda: fe.queues[2 * pair + 1].used_idx == 2)
 
 
 # --- bad input and faults -----------------------------------------------------------

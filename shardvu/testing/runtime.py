@@ -58,8 +58,9 @@ class Runtime:
 
     def workers(self) -> List[psutil.Process]:
         """The worker processes (not multiprocess's resource tracker, which
-        a spawning control process also starts)."""
-        return [p for p in self._children() if not _is_resource_tracker(p)]
+        a spawning control process also starts, nor the zygote and its
+        spare workers)."""
+        return [p for p in self._children() if not _is_resource_tracker(p) and not _is_zygote(p)]
 
     def _children(self) -> List[psutil.Process]:
         try:
@@ -110,6 +111,15 @@ class Runtime:
         if alive:
             raise RuntimeError(f"workers left behind: {[p.pid for p in alive]}")
         return rc
+
+
+def _is_zygote(p: psutil.Process) -> bool:
+    """The zygote or one of its spares (control/zygote.py names them)."""
+    try:
+        return (p.name() in ("shardvu-zygote", "shardvu-spare")
+                or any("shardvu.control.zygote" in a for a in p.cmdline()))
+    except psutil.Error:
+        return False
 
 
 def _is_resource_tracker(p: psutil.Process) -> bool:

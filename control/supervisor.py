@@ -1,0 +1,394 @@
+"""Crash isolation: a worker that dies is replaced, its queue resumed from
+the ring itself, and nothing else notices.
+
+Detection: one pidfd per worker (``os.pidfd_open`` for the workers the pool
+started, the zygote's own for replacements), registered in the control
+loop's poll set (:attr:`Supervisor.fds`, handed to the Runner's
+``aux_fds``).  A pidfd becomes readable the moment its process dies: no
+polling of liveness, no SIGCHLD (which would race multiprocess's own
+reaping).  Reaping: a worker the pool forked is reaped through its
+``multiprocess`` object; a replacement is the zygote's child, which reaps it
+(``waitid`` on its pidfd) and reports the status on its channel
+(:meth:`Supervisor.on_zygote`).  No zombie outlives a death.
+
+Replacement (:meth:`Supervisor.respawn`): a warm spare from the zygote
+(:mod:`shardvu.control.zygote`) receives its index and CPU (``become``), then
+the pair's shared ring and the device's current state for that queue
+(:meth:`ShardedDevice.bootstrap`: memory, ring geometry and addresses, the
+kick/call/err fds, log and inflight fds, start).  The control process holds
+all of these fds for the whole session.  The replacement resumes at the used
+index (workers complete buffers in the order they took them; the inflight
+region refines this where negotiated), scans its ring at once (its loop
+starts with a pass, no kick needed), and the control signals the queue's
+call eventfd once, so the guest does not wait on an interrupt the dead
+worker swallowed.
+
+Crash loops (:class:`CrashPolicy`): the k-th death within ``window_s`` waits
+``backoff_s[k-1]`` before its respawn; more than ``max_deaths`` deaths
+within ``window_s`` and the queue is given up: marked broken (its err
+eventfd signalled, ``BrokenReason.CRASH_LOOP`` in stats and the log).  The
+other queues are untouched.  A new front-end connection starts the queue
+afresh (:meth:`Supervisor.revive_broken`).
+
+Per queue the supervisor keeps ``restarts``, the last exit code or signal
+and the last recovery time (death noticed -> replacement started), in
+:meth:`Supervisor.queue_info` and in the stats snapshot.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import select
+import time
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+
+from shardvu import eventfd
+from shardvu.reasons import BrokenReason
+from shardvu.workers import ctl
+
+from .pool import COMMAND_TIMEOUT, WorkerError, WorkerHandle, WorkerPool
+from .zygote import CPYTHON, Zygote, ZygoteError
+
+log = logging.getLogger("shardvu.control")
+
+
+class CrashPolicy:
+    """How often a queue's worker may die before the queue is given up.
+
+    ``backoff_s[k]`` is the delay before the respawn after the (k+1)-th
+    death within ``window_s`` (the last entry repeats); more than
+    ``max_deaths`` deaths within ``window_s`` break the queue."""
+
+    def __init__(self, max_deaths: int = 5, window_s: float = 10.0,
+                 backoff_s: Sequence[float] = (0.0, 0.0, 0.1, 0.5, 1.0)):
+        if max_deaths < 1 or window_s <= 0 or not backoff_s:
+            raise ValueError("bad crash policy")
+        self.max_deaths = max_deaths
+        self.window_s = window_s
+        self.backoff_s = tuple(backoff_s)
+
+    def delay(self, deaths: int) -> float:
+        return self.backoff_s[min(deaths, len(self.backoff_s)) - 1]
+
+
+class PidfdProcess:
+    """The process object of a zygote-born worker, with the parts of
+    ``multiprocess.Process`` the pool uses (``pid``, ``exitcode``,
+    ``is_alive``, ``join``, ``terminate``, ``kill``), all through its pidfd.
+    ``exitcode`` follows multiprocess: the code, or -signal; it is set by the
+    supervisor from the zygote's exit event."""
+
+    def __init__(self, pid: int, pidfd: int):
+        self.pid = pid
+        self.pidfd = pidfd
+        self.exitcode: Optional[int] = None
+
+    def is_alive(self) -> bool:
+        if self.pidfd < 0:
+            return False
+        ready, _, _ = select.select([self.pidfd], [], [], 0)
+        return not ready
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        if self.pidfd >= 0:
+            select.select([self.pidfd], [], [], timeout)
+
+    def _signal(self, sig: int) -> None:
+        if self.pidfd >= 0:
+            import signal
+            try:
+                signal.pidfd_send_signal(self.pidfd, sig)
+            except OSError:
+                pass
+
+    def terminate(self) -> None:
+        import signal
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        import signal
+        self._signal(signal.SIGKILL)
+
+    def close(self) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+
+class _Record:
+    """What the supervisor knows about one queue."""
+
+    __slots__ = ("restarts", "exit_code", "exit_signal", "recovery_s", "deaths", "broken",
+                 "due", "died_at", "pidfd", "pid", "dead_pid")
+
+    def __init__(self) -> None:
+        self.restarts = 0
+        self.exit_code: Optional[int] = None
+        self.exit_signal: Optional[int] = None
+        self.recovery_s: Optional[float] = None
+        self.deaths: Deque[float] = collections.deque()
+        self.broken = False
+        self.due: Optional[float] = None        # monotonic time of a pending respawn
+        self.died_at = 0.0
+        self.pidfd = -1                         # the current worker's pidfd
+        self.pid = 0
+        self.dead_pid = 0                       # a dead worker whose status is awaited
+
+
+class Supervisor:
+    """Watches ``pool``'s workers and replaces the ones that die.
+
+    ``device`` (a ShardedDevice, set with :meth:`attach`) supplies the
+    queue's current state; ``collector`` (optional) gets each new pid and
+    the per-queue facts.  :attr:`fds` maps each fd to poll for reading to
+    the handler to call when it is readable; it changes as workers come and
+    go (the Runner re-reads it every pass).  Use from the control loop's
+    thread only.
+    """
+
+    def __init__(self, pool: WorkerPool, zygote: Optional[Zygote],
+                 policy: Optional[CrashPolicy] = None, collector=None):
+        self.pool = pool
+        self.zygote = zygote
+        self.policy = policy or CrashPolicy()
+        self.collector = collector
+        self.device = None
+        self.kind = pool.worker_python or CPYTHON
+        self.records: Dict[int, _Record] = {}
+        self.fds: Dict[int, Callable[[], None]] = {}
+        if zygote is not None and zygote.chan is not None:
+            self.fds[zygote.fileno()] = self.on_zygote
+        self._by_pid: Dict[int, int] = {}       # zygote-born pid -> queue index
+
+    def attach(self, device) -> None:
+        """Serve ``device``'s queues; dead workers are replaced here, at once,
+        not by the device at its next session."""
+        self.device = device
+        if hasattr(device, "replaces_dead_workers"):
+            device.replaces_dead_workers = False
+
+    # -- watching --------------------------------------------------------------------
+    def watch_all(self) -> None:
+        """Open a pidfd for every worker of the pool (call after its start)."""
+        for w in self.pool.workers:
+            rec = self.records.setdefault(w.index, _Record())
+            if rec.pidfd < 0:
+                self._watch(w.index, w.pid, os.pidfd_open(w.pid))
+
+    def _watch(self, index: int, pid: int, pidfd: int) -> None:
+        rec = self.records.setdefault(index, _Record())
+        rec.pidfd, rec.pid = pidfd, pid
+        self.fds[pidfd] = lambda: self._on_death(index)
+
+    def _unwatch(self, rec: _Record) -> None:
+        """Stop watching (and close) the queue's current pidfd: the
+        supervisor owns every pidfd, a PidfdProcess only borrows its own."""
+        if rec.pidfd >= 0:
+            self.fds.pop(rec.pidfd, None)
+            for w in self.pool.workers:
+                if isinstance(w.process, PidfdProcess) and w.process.pidfd == rec.pidfd:
+                    w.process.pidfd = -1
+            os.close(rec.pidfd)
+            rec.pidfd = -1
+
+    # -- deaths ----------------------------------------------------------------------
+    def _on_death(self, index: int) -> None:
+        now = time.monotonic()
+        rec = self.records[index]
+        w = self.pool.workers[index]
+        self._unwatch(rec)
+        if isinstance(w.process, PidfdProcess):
+            rec.dead_pid = w.pid          # the zygote's exit event brings the status
+            self._collect_events()
+            code = w.process.exitcode
+        else:
+            w.process.join(0)             # dead: reaps it (multiprocess's waitpid)
+            code = w.process.exitcode
+        w.exitcode = code if code is not None else -1
+        self._set_exit(rec, code)
+        log.error("worker %d (pid %d) died (%s)", index, w.pid, _describe(rec))
+        w.chan.close()
+        if self.collector is not None:
+            self.collector.mark_dead(index, w.exitcode)
+        rec.died_at = now
+        rec.deaths.append(now)
+        while rec.deaths and rec.deaths[0] < now - self.policy.window_s:
+            rec.deaths.popleft()
+        if len(rec.deaths) > self.policy.max_deaths:
+            self._give_up(index, rec)
+            return
+        delay = self.policy.delay(len(rec.deaths))
+        if delay > 0:
+            log.warning("queue %d: death %d within %.0f s: respawn in %.2f s", index,
+                        len(rec.deaths), self.policy.window_s, delay)
+            rec.due = now + delay
+        else:
+            self.respawn(index)
+
+    def _set_exit(self, rec: _Record, code: Optional[int]) -> None:
+        if code is None:
+            rec.exit_code = rec.exit_signal = None
+        elif code < 0:
+            rec.exit_code, rec.exit_signal = None, -code
+        else:
+            rec.exit_code, rec.exit_signal = code, None
+
+    def on_zygote(self) -> None:
+        """The zygote's channel is readable: exit events (or the zygote died)."""
+        self._collect_events()
+        if self.zygote is not None and not self.zygote.alive():
+            log.error("the zygote died: workers that die now are not replaced")
+            self.fds.pop(self.zygote.fileno(), None)
+
+    def _collect_events(self) -> None:
+        if self.zygote is None:
+            return
+        for ev in self.zygote.poll_events():
+            pid = int(ev.get("pid", 0))
+            index = self._by_pid.pop(pid, None)
+            if index is None:
+                continue                      # a spare the zygote itself lost
+            code, sig = ev.get("code"), ev.get("signal")
+            exitcode = code if code is not None else -int(sig or 0)
+            for w in self.pool.workers:
+                if w.pid == pid and isinstance(w.process, PidfdProcess):
+                    w.process.exitcode = exitcode
+                    if w.exitcode is not None:
+                        w.exitcode = exitcode
+            rec = self.records[index]
+            if rec.dead_pid == pid:           # its death was handled before the status came
+                rec.dead_pid = 0
+                self._set_exit(rec, exitcode)
+                self._publish(index)
+
+    def _give_up(self, index: int, rec: _Record) -> None:
+        rec.broken = True
+        rec.due = None
+        reason = BrokenReason.CRASH_LOOP
+        log.error("queue %d broken: %s (%d deaths within %.0f s)", index, reason.value,
+                  len(rec.deaths), self.policy.window_s)
+        vq = self.device.vqs[index] if self.device is not None else None
+        if vq is not None and vq.err_fd >= 0:
+            try:
+                eventfd.signal(vq.err_fd)
+            except OSError:
+                pass
+        self._publish(index)
+
+    def on_tick(self) -> None:
+        """Run the respawns whose back-off has passed."""
+        now = time.monotonic()
+        for index, rec in self.records.items():
+            if rec.due is not None and now >= rec.due:
+                rec.due = None
+                self.respawn(index)
+
+    def revive_broken(self) -> None:
+        """A new session: queues given up in the last one get a worker again."""
+        for index, rec in self.records.items():
+            if rec.broken or rec.due is not None:
+                rec.broken = False
+                rec.due = None
+                rec.deaths.clear()
+                self.respawn(index)
+
+    # -- replacing ------------------------------------------------------------------
+    def respawn(self, index: int) -> bool:
+        """Replace queue ``index``'s dead worker and resume its ring.
+        Returns False (and schedules a retry through the crash policy) if no
+        replacement could be started."""
+        rec = self.records.setdefault(index, _Record())
+        if self.zygote is None:
+            log.error("queue %d: no zygote, worker not replaced", index)
+            return False
+        try:
+            taken = self.zygote.take(self.kind)
+        except ZygoteError as exc:
+            log.error("queue %d: no spare worker: %s", index, exc)
+            rec.due = time.monotonic() + self.policy.backoff_s[-1] + 0.5
+            return False
+        proc = PidfdProcess(taken.pid, taken.pidfd)
+        handle = WorkerHandle(index, proc, taken.chan)
+        self._by_pid[taken.pid] = index
+        old_pid = rec.pid
+        self._watch(index, taken.pid, taken.pidfd)
+        self.pool.workers[index] = handle
+        try:
+            self._become(handle)
+            self._resume(handle)
+        except (WorkerError, ctl.ChannelClosed, OSError, ValueError) as exc:
+            log.error("queue %d: replacement %d failed to resume: %s", index, taken.pid, exc)
+            proc.kill()         # its pidfd fires: the crash policy decides what next
+            return False
+        rec.restarts += 1
+        rec.recovery_s = time.monotonic() - rec.died_at if rec.died_at else None
+        log.info("queue %d: worker %d replaced by pid %d in %.1f ms", index, old_pid, taken.pid,
+                 (rec.recovery_s or 0) * 1e3)
+        if self.collector is not None:
+            self.collector.set_workers({index: taken.pid})
+        self._publish(index)
+        return True
+
+    def _become(self, w: WorkerHandle) -> None:
+        pool = self.pool
+        cpu = pool.cpus[w.index % len(pool.cpus)] if pool.cpus else None
+        ctl.send(w.chan, {"cmd": "become", "index": w.index, "port": pool.port_name,
+                          "frame_size": pool.frame_size, "stats_endpoint": pool.stats_endpoint,
+                          "log_level": pool.log_level, "cpu": cpu})
+        ready, _, _ = select.select([w.chan], [], [], COMMAND_TIMEOUT)
+        if not ready:
+            raise WorkerError(f"worker {w.index}: spare did not answer become")
+        reply, fds = ctl.recv(w.chan)
+        for fd in fds:
+            os.close(fd)
+        if not reply.get("ok"):
+            raise WorkerError(f"worker {w.index}: become refused: {reply}")
+
+    def _resume(self, w: WorkerHandle) -> None:
+        """The device's state for the queue (its snapshot, the pair's shared
+        ring included), then one call signal."""
+        if not hasattr(self.pool, "port_part"):       # before queue snapshots
+            ring = self.pool.spsc_ring(w.index)
+            if ring is not None:
+                w.command({"cmd": "spsc"}, [ring.fd, ring.doorbell_fd])
+        dev = self.device
+        if dev is None:
+            return
+        dev.bootstrap(w.index)
+        vq = dev.vqs[w.index]
+        if vq.started and vq.call_fd >= 0:
+            eventfd.signal(vq.call_fd)
+
+    # -- facts -----------------------------------------------------------------------
+    def queue_info(self, index: int) -> Dict[str, Any]:
+        rec = self.records.get(index) or _Record()
+        info: Dict[str, Any] = {
+            "restarts": rec.restarts,
+            "last_exit_code": rec.exit_code,
+            "last_exit_signal": rec.exit_signal,
+            "last_recovery_s": round(rec.recovery_s, 6) if rec.recovery_s is not None else None,
+        }
+        if rec.broken:
+            info["state"] = "broken"
+            info["broken_reason"] = BrokenReason.CRASH_LOOP.value
+        return info
+
+    def _publish(self, index: int) -> None:
+        setter = getattr(self.collector, "set_supervision", None)
+        if setter is not None:
+            setter(index, self.queue_info(index))
+
+    def close(self) -> None:
+        """Close the pidfds this supervisor holds (after the pool stopped)."""
+        for rec in self.records.values():
+            self._unwatch(rec)
+        self.fds.clear()
+
+
+def _describe(rec: _Record) -> str:
+    if rec.exit_signal is not None:
+        return f"signal {rec.exit_signal}"
+    if rec.exit_code is not None:
+        return f"exit code {rec.exit_code}"
+    return "status not known yet"
