@@ -2,15 +2,29 @@
 
 Workers are started through ``multiprocess`` (fork; or spawn with another
 interpreter, ``worker_python``, e.g. PyPy), each with its own
-``SOCK_SEQPACKET`` command channel.  :meth:`WorkerHandle.command` sends one
-command and waits for the worker's answer: that wait is the barrier that
-makes a state change take effect in the worker before the control process
-replies to the front-end.
+``SOCK_SEQPACKET`` command channel.  The worker command set is small and
+named (:class:`WorkerHandle`): :meth:`~WorkerHandle.apply` a
+:class:`~shardvu.snapshot.QueueSnapshot`, :meth:`~WorkerHandle.start`,
+:meth:`~WorkerHandle.stop` (answers the progress),
+:meth:`~WorkerHandle.stats`, and exit (:meth:`WorkerPool.stop`).  Each waits
+for the worker's answer: that wait is the barrier that makes a state change
+take effect in the worker before the control process replies to the
+front-end.
+
+The pool owns each pair's *port part* (:meth:`WorkerPool.port_part`): fds
+for the far side of the data path, which every snapshot of the pair's
+queues carries, so that a replacement worker gets them too.  For the
+loopback and custom-function ports it is the pair's shared ring ("spsc":
+memfd and doorbell eventfd, kept open for the pool's life); other ports
+register theirs with :meth:`WorkerPool.set_port` (e.g. a tap queue fd per
+pair).
 
 Contract: :meth:`WorkerPool.stop` leaves no worker process behind (exit
-command, then SIGTERM, then SIGKILL) and closes every channel.  A worker
-that dies is noticed by :meth:`WorkerPool.reap`, logged and reported to the
-stats collector; commands to it fail fast with :class:`WorkerError`.
+command, then SIGTERM, then SIGKILL) and closes every channel and port fd.
+A worker that dies is noticed by :meth:`WorkerPool.reap`, logged and
+reported to the stats collector; commands to it fail fast with
+:class:`WorkerError`.  :meth:`WorkerPool.replace` starts a fresh worker in
+a dead one's place (bare: the caller brings it to the device's state).
 """
 from __future__ import annotations
 
@@ -18,10 +32,11 @@ import logging
 import os
 import select
 import socket
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import multiprocess
 
+from shardvu.snapshot import PortPart, QueueSnapshot
 from shardvu.workers import ctl
 from shardvu.workers.ports import resolve
 from shardvu.workers.worker import worker_main
@@ -70,6 +85,27 @@ class WorkerHandle:
             raise WorkerError(f"worker {self.index}: {reply.get('error')}")
         return reply
 
+    # -- the command set ----------------------------------------------------------
+    def apply(self, snap: QueueSnapshot) -> None:
+        """Bring the worker's configuration to ``snap`` (its fds are sent as
+        duplicates; the caller keeps its own)."""
+        obj, fds = snap.encode()
+        self.command({"cmd": "apply", "snapshot": obj}, fds)
+
+    def start(self) -> None:
+        """Run the ring."""
+        self.command({"cmd": "start"})
+
+    def stop(self) -> Tuple[int, int]:
+        """Stop the ring (TX: after draining what the guest queued);
+        returns its progress ``(last_avail_idx, used_idx)``."""
+        reply = self.command({"cmd": "stop"})
+        return int(reply["last_avail_idx"]), int(reply["used_idx"])
+
+    def stats(self) -> Dict[str, Any]:
+        """``{"counters": {...}, "state": str, "broken_reason": str|None}``."""
+        return self.command({"cmd": "stats"})
+
 
 def _foreign_spawn_preparation() -> None:
     """A worker spawned under another interpreter (PyPy) must use its own
@@ -113,20 +149,19 @@ class WorkerPool:
             self.ctx = multiprocess.get_context("fork")
         self.workers: List[WorkerHandle] = []
         self._spsc: list = []
+        # pair -> (PortPart, fds owned by the pool): ports other than spsc
+        self._ports: Dict[int, Tuple[PortPart, List[int]]] = {}
 
     def start(self) -> None:
-        """Start every worker (and each pair's shared ring when the port needs one)."""
-        for i in range(self.num_queues):
-            self.workers.append(self._spawn(i))
+        """Start every worker (and each pair's shared ring when the port
+        needs one: the workers get it with their first snapshot)."""
         if self.port.needs_spsc:
             from shardvu.workers.spsc import SpscRing
             for pair in range(self.num_queues // 2):
-                ring = SpscRing.create()
-                try:
-                    for q in (2 * pair, 2 * pair + 1):
-                        self.workers[q].command({"cmd": "spsc"}, [ring.fd, ring.doorbell_fd])
-                finally:
-                    ring.close()          # the workers hold their own copies
+                # kept for the session: a replacement worker attaches it again
+                self._spsc.append(SpscRing.create())
+        for i in range(self.num_queues):
+            self.workers.append(self._spawn(i))
         self.pin()
         log.info("started %d workers (port %s): pids %s", self.num_queues, self.port_name,
                  [w.pid for w in self.workers])
@@ -144,17 +179,67 @@ class WorkerPool:
         theirs.close()
         return WorkerHandle(index, proc, mine)
 
-    def pin(self) -> None:
-        """Pin worker *i* to ``cpus[i % len(cpus)]`` (psutil)."""
+    def pin(self, workers: Optional[Sequence[WorkerHandle]] = None) -> None:
+        """Pin worker *i* to ``cpus[i % len(cpus)]`` (psutil); all, or ``workers``."""
         if not self.cpus:
             return
         import psutil
-        for w in self.workers:
+        for w in self.workers if workers is None else workers:
             cpu = self.cpus[w.index % len(self.cpus)]
             try:
                 psutil.Process(w.pid).cpu_affinity([cpu])
             except (psutil.Error, ValueError) as exc:
                 log.warning("cannot pin worker %d to CPU %d: %s", w.index, cpu, exc)
+
+    # -- port parts ---------------------------------------------------------------
+    def set_port(self, pair: int, kind: str, fds: Sequence[int],
+                 meta: Optional[Dict[str, Any]] = None) -> None:
+        """Give pair ``pair``'s snapshots the port part ``kind``/``meta``
+        with ``fds``; the pool takes ownership of ``fds`` (closed at
+        :meth:`stop`, or when replaced here).  Workers get it with their
+        next snapshot (``ShardedDevice.sync``)."""
+        old = self._ports.pop(pair, None)
+        if old is not None:
+            for fd in old[1]:
+                os.close(fd)
+        self._ports[pair] = (PortPart(kind, dict(meta or {})), list(fds))
+
+    def port_part(self, pair: int) -> Tuple[Optional[PortPart], List[int]]:
+        """Pair ``pair``'s port part and its fds (still the pool's), or (None, [])."""
+        if pair in self._ports:
+            part, fds = self._ports[pair]
+            return part, list(fds)
+        if pair < len(self._spsc):
+            ring = self._spsc[pair]
+            return PortPart("spsc"), [ring.fd, ring.doorbell_fd]
+        return None, []
+
+    def port_fds(self, pair: int) -> List[int]:
+        """The fds of pair ``pair``'s port part (the pool's own)."""
+        return self.port_part(pair)[1]
+
+    # -- replacing workers --------------------------------------------------------
+    def replace(self, index: int) -> WorkerHandle:
+        """Start a fresh worker ``index`` in place of the current one (killed
+        here if still alive).  The new worker is bare: bring it to the
+        device's state with ``ShardedDevice.bootstrap``."""
+        old = self.workers[index]
+        if old.exitcode is None:
+            if old.process.is_alive():
+                old.process.kill()
+            old.process.join(5)
+            old.exitcode = old.process.exitcode
+        old.chan.close()
+        new = self.workers[index] = self._spawn(index)
+        self.pin([new])
+        log.info("worker %d replaced: pid %d (was %d, exit code %s)", index, new.pid, old.pid,
+                 old.exitcode)
+        return new
+
+    def dead(self) -> List[int]:
+        """Indices of the workers that are not alive (reaped here if need be)."""
+        self.reap()
+        return [w.index for w in self.workers if w.exitcode is not None]
 
     def __getitem__(self, index: int) -> WorkerHandle:
         return self.workers[index]
@@ -172,6 +257,11 @@ class WorkerPool:
                 failures.append(str(exc))
         if failures:
             raise WorkerError("; ".join(failures))
+
+    def spsc_ring(self, index: int):
+        """The shared ring of queue ``index``'s pair (None if the port has none)."""
+        pair = index // 2
+        return self._spsc[pair] if pair < len(self._spsc) else None
 
     def pids(self) -> Dict[int, int]:
         return {w.index: w.pid for w in self.workers}
@@ -205,3 +295,9 @@ class WorkerPool:
             w.exitcode = w.process.exitcode
             w.chan.close()
         self.workers = []
+        for ring in self._spsc:
+            ring.close()
+        self._spsc = []
+        for pair in list(self._ports):
+            for fd in self._ports.pop(pair)[1]:
+                os.close(fd)

@@ -1,25 +1,36 @@
 """The control process's device: the library's :class:`~shardvu.device.Device`
 with every ring handed to a worker process.
 
-The Device does the negotiation and keeps the whole state (memory-region
-fds, ring sizes/addresses/bases, kick/call/err fds, log and inflight
-buffers) — everything a new worker would need.  After each request it has
-applied successfully, :meth:`ShardedDevice.handle` forwards the change to the
-affected workers and waits for their answers before returning the reply:
-every state change is a barrier.  GET_VRING_BASE first stops the worker and
-returns the index the worker reports.
+State is split by owner.  The Device owns the configuration and every
+transition of it (memory table, ring sizes/addresses, the base the
+front-end set, kick/call/err fds, features, log and inflight buffers); each
+worker owns its ring's progress.  After each request,
+:meth:`ShardedDevice.handle` sends every queue whose configuration the
+request changed (``Outcome.changed``) a fresh
+:class:`~shardvu.snapshot.QueueSnapshot`, starts the rings the Device
+started, and only then returns the outcome: every state change is a
+barrier.  When the Device stops a started ring (GET_VRING_BASE, a new kick
+fd, SET_STATUS(0), a reset) it first asks the worker for its progress
+(:meth:`ShardedDevice.collect_progress`), so GET_VRING_BASE reports the
+worker's own index.  No worker-side code repeats a transition.
 
-The control process maps guest memory only to validate ring addresses; it
-never reads or writes ring memory on the data path.
+The control process never touches guest memory: its region table is kept
+unmapped, and ring addresses are checked against it by arithmetic.
+
+Workers that died are replaced by fresh ones when the device is reset or
+closed, and before the first request of a new connection
+(:meth:`ShardedDevice.bootstrap` brings a worker to the current state; it
+is the path a respawn takes).
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from shardvu import protocol as P
-from shardvu.device import Device, DeviceIface, Reply, Unwatch, Watch
-from shardvu.protocol import Message, ProtocolFeature as PF, Request as R
+from shardvu.device import Device, DeviceIface, Outcome, Unwatch, Watch
+from shardvu.protocol import Message, ProtocolFeature as PF
+from shardvu.snapshot import PortPart
 from shardvu.virtqueue import VirtQueue
 
 from .pool import WorkerError, WorkerPool
@@ -35,206 +46,122 @@ class ShardedDevice(Device):
     """A Device whose virtqueues are served by ``pool``'s workers."""
 
     def __init__(self, pool: WorkerPool, iface: Optional[DeviceIface] = None, **device_args):
-        super().__init__(pool.num_queues, iface, **device_args)
+        super().__init__(pool.num_queues, iface, map_memory=False, **device_args)
         self.pool = pool
+        # Per worker: has it applied the device's current snapshot (False:
+        # a fresh worker, or its last apply failed), is its ring started.
+        self._applied: List[bool] = [False] * pool.num_queues
+        self._running: List[bool] = [False] * pool.num_queues
+        self._failures: List[str] = []     # worker failures during the current request
+        self._pristine = True              # nothing negotiated since the last close
+        #: Replace dead workers at a reset, a close and a new connection's
+        #: first request.  A supervisor that respawns workers itself (issue
+        #: 12) sets this False.
+        self.replaces_dead_workers = True
 
     def offered_protocol_features(self) -> int:
         return super().offered_protocol_features() & ~_NOT_SHARDED
 
-    # -- forwarding ------------------------------------------------------------------
-    def handle(self, msg: Message) -> List[object]:
-        req = msg.request
-        if req == R.GET_VRING_BASE:
-            self._stop_worker(msg)
-        errors = self.errors
-        payload = msg.payload
-        events = super().handle(msg)
-        if self.errors == errors and req in _FORWARD:
-            try:
-                _FORWARD[req](self, payload)
-            except (WorkerError, ValueError) as exc:
-                log.error("%s: workers did not apply it: %s", P.request_name(req), exc)
-                self.errors += 1
-                events = [_nack(e, req) for e in events]
+    # -- requests --------------------------------------------------------------------
+    def handle(self, msg: Message) -> Outcome:
+        """The Device's outcome, once the changed queues' workers applied
+        it; a request the Device applied but a worker did not fails."""
+        if self._pristine:
+            self._pristine = False
+            self._replace_dead()
+        outcome = super().handle(msg)
+        failures = self.sync(outcome.changed)
+        if failures and outcome.ok:
+            outcome = self.refuse(msg, outcome, "workers did not apply it: " + "; ".join(failures))
+        elif failures:
+            log.error("%s: workers: %s", msg.name, "; ".join(failures))
         # Kick fds are the workers' business.
-        return [e for e in events if not isinstance(e, (Watch, Unwatch))]
+        outcome.actions = [a for a in outcome.actions if not isinstance(a, (Watch, Unwatch))]
+        return outcome
+
+    def sync(self, queues: Iterable[int]) -> List[str]:
+        """Send ``queues`` (and every worker not up to date) the current
+        snapshot, then start the rings the Device has started (and stop
+        any it has not).  Returns the failures (also those of progress
+        collected during the request), each naming its worker."""
+        failures, self._failures = self._failures, []
+        targets = set(queues) | {q for q, ok in enumerate(self._applied) if not ok}
+        for q in sorted(targets):
+            w = self.pool[q]
+            try:
+                self._applied[q] = False
+                w.apply(self.queue_snapshot(q))
+                self._applied[q] = True
+            except WorkerError as exc:
+                failures.append(str(exc))
+                continue
+        for q, vq in enumerate(self.vqs):
+            if vq.started == self._running[q] or not self._applied[q]:
+                continue
+            try:
+                if vq.started:
+                    self.pool[q].start()
+                else:
+                    self.pool[q].stop()
+                self._running[q] = vq.started
+            except WorkerError as exc:
+                failures.append(str(exc))
+        return failures
+
+    def collect_progress(self, vq: VirtQueue) -> None:
+        """The worker's progress, before the Device stops ``vq``: the worker
+        stops the ring and reports its last avail and used indices."""
+        q = vq.index
+        try:
+            vq.last_avail_idx, vq.used_idx = self.pool[q].stop()
+        except WorkerError as exc:
+            log.error("queue %d: progress unknown, the worker did not stop: %s", q, exc)
+            self._failures.append(str(exc))
+        self._running[q] = False
+
+    def port_part(self, qidx: int) -> Tuple[Optional[PortPart], Sequence[int]]:
+        """The pool's port part of ``qidx``'s pair (fds owned by the pool)."""
+        return self.pool.port_part(qidx // 2)
+
+    # -- teardown and replacement ----------------------------------------------------
+    def reset(self, keep_protocol: bool = True) -> List[object]:
+        """The Device's reset; then dead workers are replaced by fresh ones
+        (their snapshot follows with the request's barrier)."""
+        out = super().reset(keep_protocol)
+        self._replace_dead()
+        return out
 
     def close(self) -> List[object]:
         out = super().close()
-        self._all({"cmd": "reset"})
+        failures = self.sync(range(self.max_queues))    # every worker releases the session
+        if failures:
+            log.error("workers did not release the session: %s", "; ".join(failures))
+        self._pristine = True
         return out
 
-    def _all(self, obj: Dict[str, Any], fds=()) -> None:
-        try:
-            self.pool.command_all(obj, fds)
-        except WorkerError as exc:
-            log.error("workers failed %s: %s", obj.get("cmd"), exc)
-
-    def _stop_worker(self, msg: Message) -> None:
-        try:
-            st = P.VringState.unpack(msg.payload)
-        except Exception:
-            return          # the Device rejects the malformed message itself
-        if st.index >= self.max_queues:
+    def _replace_dead(self) -> None:
+        if not self.replaces_dead_workers:
             return
-        vq = self.vqs[st.index]
-        try:
-            reply = self.pool[st.index].command({"cmd": "stop"})
-            vq.last_avail_idx = reply["base"]
-        except WorkerError as exc:
-            log.error("GET_VRING_BASE: queue %d: %s; reporting the control's copy", st.index, exc)
-
-    def ring_state(self, vq: VirtQueue, with_base: bool) -> Dict[str, Any]:
-        return {"cmd": "ring", "num": vq.num, "addr": list(vq.addr) if vq.addr else None,
-                "base": vq.last_avail_idx if with_base else None,
-                "features": self.features, "enable": vq.enable,
-                "in_order": vq.processed_in_order}
+        for q in self.pool.dead():
+            try:
+                self.pool.replace(q)
+            except (OSError, RuntimeError, ValueError) as exc:
+                log.error("worker %d: cannot start a replacement: %s", q, exc)
+                continue
+            self._applied[q] = self._running[q] = False
 
     def bootstrap(self, index: int) -> None:
-        """Bring worker ``index`` to the device's current state (a worker
-        started after negotiation: the respawn path).  The base sent is the
-        control's stale copy; the worker's rings are processed in order, so
-        mapping them resumes at the used index (everything not yet used is
-        fetched again)."""
+        """Start worker ``index`` from the current snapshot: apply it, then
+        start the ring if the Device has it started.  This is the respawn
+        path: a worker started after negotiation (``pool.replace(index)``)
+        sets the snapshot's base and, since the workers complete buffers in
+        order, mapping the rings resumes at ``used->idx`` (what was not yet
+        used is fetched again; with an inflight buffer, its region says
+        what to resubmit).  Raises WorkerError."""
+        self._applied[index] = self._running[index] = False
         w = self.pool[index]
-        vq = self.vqs[index]
-        self._send_memory([w])
-        w.command(self.ring_state(vq, True))
-        for kind in ("call", "err", "kick"):
-            fd = getattr(vq, kind + "_fd")
-            w.command({"cmd": "fd", "kind": kind}, [fd] if fd >= 0 else [])
-        if self.log is not None:
-            w.command({"cmd": "log", "size": self.log.size, "offset": self.log.offset}, [self.log.fd])
-        if self.inflight is not None:
-            w.command(self._inflight_cmd(), [self.inflight.fd])
-        if vq.started:
-            w.command({"cmd": "start"})
-
-    def _send_memory(self, workers) -> None:
-        regions = self.mem.regions
-        for w in workers:
-            w.command({"cmd": "mem_clear"})
-            for i in range(0, len(regions), 100):
-                chunk = regions[i:i + 100]
-                w.command({"cmd": "mem_add", "regions": [list(r.describe()) for r in chunk]},
-                          [r.fd for r in chunk])
-
-    def _inflight_cmd(self) -> Dict[str, Any]:
-        b = self.inflight
-        return {"cmd": "inflight", "size": b.mmap_size, "offset": b.mmap_offset,
-                "num_queues": b.num_queues, "queue_size": b.queue_size}
-
-
-def _nack(event: object, req: int) -> object:
-    """Turn a success ack into a failure ack (a worker failed the barrier)."""
-    if isinstance(event, Reply) and event.data == P.encode_reply(req, P.pack_u64(0)):
-        return Reply(P.encode_reply(req, P.pack_u64(1)))
-    return event
-
-
-def _live(dev: ShardedDevice):
-    return [w for w in dev.pool.workers if w.exitcode is None]
-
-
-def _fwd_features(dev: ShardedDevice, payload: bytes) -> None:
-    enable_all = not dev.has_feature(P.VHOST_USER_F_PROTOCOL_FEATURES)
-    dev.pool.command_all({"cmd": "features", "features": dev.features, "enable_all": enable_all})
-
-
-def _fwd_mem_table(dev: ShardedDevice, payload: bytes) -> None:
-    dev._send_memory(_live(dev))
-
-
-def _fwd_add_mem(dev: ShardedDevice, payload: bytes) -> None:
-    region = P.MemRegMsg.unpack(payload).region
-    for r in dev.mem.regions:
-        if r.matches(region):
-            if r.refs == 1:         # newly mapped; a repeated add changes nothing
-                dev.pool.command_all({"cmd": "mem_add", "regions": [list(r.describe())]}, [r.fd])
-            return
-    raise ValueError("added region not found")
-
-
-def _fwd_rem_mem(dev: ShardedDevice, payload: bytes) -> None:
-    region = P.MemRegMsg.unpack(payload).region
-    if not any(r.matches(region) for r in dev.mem.regions):     # last reference gone
-        dev.pool.command_all({"cmd": "mem_rem", "region": list(region)})
-
-
-def _ring_index(payload: bytes) -> int:
-    return P.VringState.unpack(payload[:8]).index
-
-
-def _fwd_ring(dev: ShardedDevice, payload: bytes) -> None:
-    q = _ring_index(payload)
-    dev.pool[q].command(dev.ring_state(dev.vqs[q], with_base=False))
-
-
-def _fwd_ring_base(dev: ShardedDevice, payload: bytes) -> None:
-    q = _ring_index(payload)
-    dev.pool[q].command(dev.ring_state(dev.vqs[q], with_base=True))
-
-
-def _fwd_enable(dev: ShardedDevice, payload: bytes) -> None:
-    st = P.VringState.unpack(payload)
-    dev.pool[st.index].command({"cmd": "enable", "on": bool(st.num)})
-
-
-def _fwd_vring_fd(kind: str):
-    def forward(dev: ShardedDevice, payload: bytes) -> None:
-        q = P.unpack_u64(payload) & P.VRING_IDX_MASK
-        fd = getattr(dev.vqs[q], kind + "_fd")
-        w = dev.pool[q]
-        w.command({"cmd": "fd", "kind": kind}, [fd] if fd >= 0 else [])
-        if kind == "kick":
-            w.command({"cmd": "start"})
-    return forward
-
-
-def _fwd_stop_all(dev: ShardedDevice, payload: bytes) -> None:
-    dev.pool.command_all({"cmd": "stop"})
-    dev.pool.command_all({"cmd": "enable", "on": False})
-
-
-def _fwd_reset(dev: ShardedDevice, payload: bytes) -> None:
-    dev.pool.command_all({"cmd": "reset"})
-
-
-def _fwd_status(dev: ShardedDevice, payload: bytes) -> None:
-    if P.unpack_u64(payload) == 0:
-        dev.pool.command_all({"cmd": "stop"})
-
-
-def _fwd_log(dev: ShardedDevice, payload: bytes) -> None:
-    lg = dev.log
-    dev.pool.command_all({"cmd": "log", "size": lg.size, "offset": lg.offset}, [lg.fd])
-
-
-def _fwd_log_fd(dev: ShardedDevice, payload: bytes) -> None:
-    dev.pool.command_all({"cmd": "log_call"}, [dev.log_call_fd])
-
-
-def _fwd_inflight(dev: ShardedDevice, payload: bytes) -> None:
-    dev.pool.command_all(dev._inflight_cmd(), [dev.inflight.fd])
-
-
-_FORWARD = {
-    R.SET_FEATURES: _fwd_features,
-    R.SET_MEM_TABLE: _fwd_mem_table,
-    R.ADD_MEM_REG: _fwd_add_mem,
-    R.REM_MEM_REG: _fwd_rem_mem,
-    R.SET_VRING_NUM: _fwd_ring,
-    R.SET_VRING_ADDR: _fwd_ring,
-    R.SET_VRING_BASE: _fwd_ring_base,
-    R.SET_VRING_ENABLE: _fwd_enable,
-    R.SET_VRING_KICK: _fwd_vring_fd("kick"),
-    R.SET_VRING_CALL: _fwd_vring_fd("call"),
-    R.SET_VRING_ERR: _fwd_vring_fd("err"),
-    R.RESET_OWNER: _fwd_stop_all,
-    R.RESET_DEVICE: _fwd_reset,
-    R.SET_STATUS: _fwd_status,
-    R.SET_LOG_BASE: _fwd_log,
-    R.SET_LOG_FD: _fwd_log_fd,
-    R.GET_INFLIGHT_FD: _fwd_inflight,
-    R.SET_INFLIGHT_FD: _fwd_inflight,
-}
+        w.apply(self.queue_snapshot(index))
+        self._applied[index] = True
+        if self.vqs[index].started:
+            w.start()
+            self._running[index] = True

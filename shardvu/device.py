@@ -2,9 +2,14 @@
 
 Sans-IO, in the manner of h11: :meth:`Device.handle` takes one decoded
 :class:`~shardvu.protocol.Message` (bytes and fds already received) and
-returns a list of events for the caller to carry out — a :class:`Reply` to
-send, a kick fd to :class:`Watch` or :class:`Unwatch`, or a connection to
-:class:`Close`.  The device never reads or writes the vhost-user socket.
+returns an :class:`Outcome` for the caller to carry out: success, or failure
+with its reason; the :class:`Reply` messages to send; the fd actions (a kick
+fd to :class:`Watch` or :class:`Unwatch`, or the connection to
+:class:`Close`); and which queues' configuration changed (the sharded
+runtime sends those queues' workers a fresh
+:class:`~shardvu.snapshot.QueueSnapshot`, built by
+:meth:`Device.queue_snapshot`).  The device never reads or writes the
+vhost-user socket.
 (It does signal eventfds and use the back-end request channel, exactly as
 libvhost-user does; those are the data plane's own fds.)
 
@@ -14,12 +19,17 @@ never raises out of :meth:`Device.handle`.  It is logged at ERROR as
 front-end asked for one (or an empty reply for requests that have a reply
 body), every fd it carried that was not kept is closed, and the device goes
 on serving.  A malformed ring marks only that queue broken.
+
+fd ownership: the device owns every fd it keeps (region, kick/call/err,
+log, log call, inflight, back-end channel) and closes each exactly once,
+when it is replaced or at :meth:`Device.reset`.  A :class:`Reply`'s fds and
+a snapshot's fds stay the device's: sending duplicates them.
 """
 from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import protocol as P
 from .backend import BackendChannel
@@ -27,9 +37,11 @@ from .dirtylog import DirtyLog
 from .inflight import InflightBuffer
 from .memory import GuestMemory, MemoryMapError
 from .protocol import Message, ProtocolError, ProtocolFeature as PF, Request as R
-from .virtqueue import RingError, VirtQueue
+from .snapshot import InflightPart, LogPart, PortPart, QueueSnapshot, RegionPart
+from .virtqueue import RingError, VirtQueue, avail_ring_size, desc_table_size, used_ring_size
 
-__all__ = ["Device", "DeviceIface", "Reply", "Watch", "Unwatch", "Close", "RequestError"]
+__all__ = ["Device", "DeviceIface", "Outcome", "Reply", "Watch", "Unwatch", "Close",
+           "RequestError"]
 
 log = logging.getLogger("shardvu.device")
 
@@ -82,6 +94,49 @@ class Close:
 
 class RequestError(Exception):
     """Raised by a request handler: the request fails with this reason."""
+
+
+class Outcome:
+    """What handling one message came to.
+
+    ``ok``: the request was applied (False: refused, ``reason`` says why).
+    ``replies``: the :class:`Reply` messages to send, in order.
+    ``actions``: the fd actions to carry out (:class:`Watch`,
+    :class:`Unwatch`, :class:`Close`), in order; carry them out before the
+    replies.  ``changed``: indices of the queues whose configuration (the
+    content of :meth:`Device.queue_snapshot`) the request changed.
+    """
+    __slots__ = ("request", "ok", "reason", "replies", "actions", "changed")
+
+    def __init__(self, request: int, ok: bool = True, reason: str = "",
+                 replies: Sequence[Reply] = (), actions: Sequence[object] = (),
+                 changed: Sequence[int] = ()):
+        self.request = request
+        self.ok = ok
+        self.reason = reason
+        self.replies: List[Reply] = list(replies)
+        self.actions: List[object] = list(actions)
+        self.changed: Tuple[int, ...] = tuple(changed)
+
+    @classmethod
+    def from_events(cls, request: int, events: Sequence[object], ok: bool = True,
+                    reason: str = "") -> "Outcome":
+        """An outcome from a list of events (DeviceIface.process_msg's form)."""
+        return cls(request, ok, reason, [e for e in events if isinstance(e, Reply)],
+                   [e for e in events if not isinstance(e, Reply)])
+
+    @property
+    def close(self) -> Optional[str]:
+        """The reason the connection must be closed, or None."""
+        for a in self.actions:
+            if isinstance(a, Close):
+                return a.reason
+        return None
+
+    def __repr__(self) -> str:
+        state = "ok" if self.ok else f"failed: {self.reason}"
+        return (f"Outcome({P.request_name(self.request)} {state}, replies={self.replies}, "
+                f"actions={self.actions}, changed={self.changed})")
 
 
 # --- callbacks ----------------------------------------------------------
@@ -194,7 +249,8 @@ class Device:
     """
 
     def __init__(self, max_queues: int, iface: Optional[DeviceIface] = None,
-                 max_mem_slots: int = P.MAX_MEM_SLOTS, max_queue_size: int = P.VIRTQUEUE_MAX_SIZE):
+                 max_mem_slots: int = P.MAX_MEM_SLOTS, max_queue_size: int = P.VIRTQUEUE_MAX_SIZE,
+                 map_memory: bool = True):
         if not 1 <= max_queues <= 256:
             raise ValueError("max_queues must be 1..256 (the index field is 8 bits)")
         if not 1 <= max_queue_size <= P.VIRTQUEUE_MAX_SIZE:
@@ -203,7 +259,9 @@ class Device:
         #: SET_VRING_NUM above this size is refused (``--queue-size``)
         self.max_queue_size = max_queue_size
         self.iface = iface or DeviceIface()
-        self.mem = GuestMemory(max_mem_slots)
+        #: with ``map_memory`` False the table is kept unmapped and ring
+        #: addresses are checked by arithmetic (the sharded control process)
+        self.mem = GuestMemory(max_mem_slots, map_regions=map_memory)
         self.vqs: List[VirtQueue] = [VirtQueue(i, log) for i in range(max_queues)]
         for vq in self.vqs:
             vq.mem = self.mem
@@ -219,6 +277,12 @@ class Device:
         self.inflight: Optional[InflightBuffer] = None
         self.backend: Optional[BackendChannel] = None
         self.errors = 0          # requests refused, for stats and tests
+        # Snapshot serials (see shardvu.snapshot): one device-wide counter;
+        # a queue's base_serial changes when the front-end sets its base,
+        # its generation when the ring is reset.
+        self._serial = 0
+        self.base_serial: List[int] = [0] * max_queues
+        self.generation: List[int] = [0] * max_queues
 
     # -- negotiated facts ---------------------------------------------------
     def has_feature(self, bit: int) -> bool:
@@ -237,33 +301,48 @@ class Device:
         return pf
 
     # -- entry points ---------------------------------------------------------
-    def handle(self, msg: Message) -> List[object]:
-        """Process one front-end message; return the events to carry out.
+    def handle(self, msg: Message) -> Outcome:
+        """Process one front-end message; return its :class:`Outcome`.
 
         Owns ``msg.fds`` from here on: each is kept or closed."""
+        before = self._config_keys()
+        outcome = self._handle(msg)
+        outcome.changed = self._changed_since(before)
+        return outcome
+
+    def _handle(self, msg: Message) -> Outcome:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s payload=%s", msg, msg.payload.hex())
         try:
             events = self.iface.process_msg(self, msg)
         except Exception as exc:  # a buggy override must not kill the loop
             log.exception("%s: process_msg override failed", msg.name)
-            events = self._fail(msg, f"process_msg override failed: {exc}")
+            reason = f"process_msg override failed: {exc}"
+            return Outcome.from_events(msg.request, self._fail(msg, reason), False, reason)
         if events is not None:
-            return events
+            return Outcome.from_events(msg.request, events)
         out: List[object] = []
         try:
             P.validate_size(msg)
             body = self._dispatch(msg, out)
         except (ProtocolError, RequestError, MemoryMapError, RingError, ValueError) as exc:
             reason = exc.reason if isinstance(exc, ProtocolError) else str(exc)
-            return out + self._fail(msg, reason)
+            return Outcome.from_events(msg.request, out + self._fail(msg, reason), False, reason)
         finally:
             self._close_fds(msg)
         if body is not None:
             out.append(Reply(*body) if isinstance(body, tuple) else Reply(P.encode_reply(msg.request, body)))
         elif msg.need_reply and self.has_protocol_feature(PF.REPLY_ACK):
             out.append(Reply(P.encode_reply(msg.request, P.pack_u64(0))))
-        return out
+        return Outcome.from_events(msg.request, out)
+
+    def refuse(self, msg: Message, outcome: Outcome, reason: str) -> Outcome:
+        """``outcome`` of ``msg``, turned into a failure with ``reason``: the
+        device applied the request but something beyond it (a worker) did
+        not.  Logged and counted like any refused request; the replies
+        become the failure replies, the fd actions and changes stay."""
+        return Outcome(msg.request, False, reason, self._fail(msg, reason), outcome.actions,
+                       outcome.changed)
 
     def kick(self, qidx: int) -> None:
         """A kick arrived for queue ``qidx`` (its kick fd was readable, or
@@ -333,6 +412,7 @@ class Device:
                     setattr(vq, name, -1)
             vq.unmap_rings()
             vq.reset()
+            self.generation[vq.index] = self.base_serial[vq.index] = self._next_serial()
             vq.inflight = None
             vq.log = None
             vq.inband_call = vq.inband_err = None
@@ -413,8 +493,17 @@ class Device:
             vq.started = started
             self.iface.queue_set_started(self, vq.index, started)
 
+    def collect_progress(self, vq: VirtQueue) -> None:
+        """Hook: started queue ``vq`` is being stopped (GET_VRING_BASE,
+        SET_VRING_KICK, SET_STATUS(0), RESET_OWNER, a reset), and its
+        progress (``vq.last_avail_idx``) must be brought here first.  The
+        single-process device serves the ring itself: nothing to do.  The
+        sharded runtime stops the queue's worker and takes its progress."""
+
     def _stop_queue(self, vq: VirtQueue) -> List[object]:
         out: List[object] = []
+        if vq.started:
+            self.collect_progress(vq)
         self._set_started(vq, False)
         if vq.kick_fd >= 0:
             out.append(Unwatch(vq.kick_fd))
@@ -431,9 +520,87 @@ class Device:
 
     def _map_rings(self, vq: VirtQueue) -> None:
         """``vq.map_rings()``, telling it first whether the device completes
-        that queue in order (then it may resume at the used index)."""
+        that queue in order (then it may resume at the used index).  With
+        unmapped memory, only check the addresses (:meth:`_check_rings`)."""
         vq.processed_in_order = bool(self.iface.queue_is_processed_in_order(self, vq.index))
-        vq.map_rings()
+        if self.mem.maps:
+            vq.map_rings()
+        else:
+            self._check_rings(vq)
+
+    def _check_rings(self, vq: VirtQueue) -> None:
+        """The checks of ``VirtQueue.map_rings``, by arithmetic on the region
+        table alone (no access to guest memory): size a power of two within
+        the limit, addresses set, each ring part inside one region.  Raises
+        RingError."""
+        num = vq.num
+        if num == 0:
+            raise RingError(f"queue {vq.index}: size not set")
+        if num > P.VIRTQUEUE_MAX_SIZE or num & (num - 1):
+            raise RingError(f"queue {vq.index}: size {num} is not a power of two "
+                            f"<= {P.VIRTQUEUE_MAX_SIZE}")
+        if vq.addr is None:
+            raise RingError(f"queue {vq.index}: ring addresses not set")
+        for name, uva, size in (("descriptor table", vq.addr.desc, desc_table_size(num)),
+                                ("avail ring", vq.addr.avail, avail_ring_size(num)),
+                                ("used ring", vq.addr.used, used_ring_size(num))):
+            if self.mem.uva_range(uva, size) is None:
+                raise RingError(f"queue {vq.index}: {name} at {uva:#x}+{size:#x} "
+                                "is not inside one memory region")
+
+    # -- snapshots -----------------------------------------------------------
+    def _next_serial(self) -> int:
+        self._serial += 1
+        return self._serial
+
+    def port_part(self, qidx: int) -> Tuple[Optional[PortPart], Sequence[int]]:
+        """Hook: queue ``qidx``'s port part and its fds (owned by whoever
+        returns them), for :meth:`queue_snapshot`.  None here."""
+        return None, ()
+
+    def queue_snapshot(self, qidx: int) -> QueueSnapshot:
+        """The configuration of queue ``qidx`` as its worker needs it.  Its
+        fds are the device's own (see :mod:`shardvu.snapshot`)."""
+        vq = self.vqs[qidx]
+        port, port_fds = self.port_part(qidx)
+        dlog, inf = self.log, self.inflight
+        return QueueSnapshot(
+            index=qidx, features=self.features, num=vq.num,
+            addr=tuple(vq.addr) if vq.addr is not None else None,
+            base=vq.last_avail_idx, base_serial=self.base_serial[qidx],
+            generation=self.generation[qidx], enabled=bool(vq.enable),
+            in_order=bool(self.iface.queue_is_processed_in_order(self, qidx)),
+            regions=tuple(RegionPart(*r.describe()) for r in self.mem.regions),
+            region_fds=tuple(r.fd for r in self.mem.regions),
+            kick_fd=vq.kick_fd, call_fd=vq.call_fd, err_fd=vq.err_fd,
+            log=LogPart(dlog.size, dlog.offset) if dlog is not None else None,
+            log_fd=dlog.fd if dlog is not None else -1, log_call_fd=self.log_call_fd,
+            inflight=(InflightPart(inf.mmap_size, inf.mmap_offset, inf.num_queues, inf.queue_size)
+                      if inf is not None else None),
+            inflight_fd=inf.fd if inf is not None else -1,
+            port=port, port_fds=tuple(port_fds))
+
+    def _config_keys(self) -> Tuple[tuple, List[tuple]]:
+        """What :meth:`queue_snapshot` is made of, cheaply: a device-wide
+        key and one per queue (fd numbers included: a replaced fd changes
+        the key, since the new one was received before the old was closed)."""
+        dlog, inf = self.log, self.inflight
+        dev_key = (self.features,
+                   tuple((r.describe(), r.fd) for r in self.mem.regions),
+                   (dlog.size, dlog.offset, dlog.fd) if dlog is not None else None,
+                   self.log_call_fd,
+                   (inf.fd, inf.mmap_size, inf.mmap_offset, inf.num_queues, inf.queue_size)
+                   if inf is not None else None)
+        queue_keys = [(vq.num, vq.addr, vq.last_avail_idx, self.base_serial[i], self.generation[i],
+                       bool(vq.enable), vq.kick_fd, vq.call_fd, vq.err_fd)
+                      for i, vq in enumerate(self.vqs)]
+        return dev_key, queue_keys
+
+    def _changed_since(self, before: Tuple[tuple, List[tuple]]) -> Tuple[int, ...]:
+        dev_key, queue_keys = self._config_keys()
+        if dev_key != before[0]:
+            return tuple(range(self.max_queues))
+        return tuple(i for i, (a, b) in enumerate(zip(before[1], queue_keys)) if a != b)
 
     def _remap_rings(self) -> None:
         """Re-translate ring addresses after the memory table changed."""
@@ -604,6 +771,7 @@ class Device:
         if st.num > 0xFFFF:
             raise RequestError(f"queue {st.index}: base {st.num} does not fit 16 bits")
         vq.set_base(st.num)
+        self.base_serial[st.index] = self._next_serial()
 
     def _on_get_vring_base(self, msg, out):
         st = P.VringState.unpack(msg.payload)
@@ -669,9 +837,10 @@ class Device:
     def _on_set_backend_req_fd(self, msg, out):
         self._need_protocol(PF.BACKEND_REQ)
         (fd,) = self._take_fds(msg, 1)
+        channel = BackendChannel(fd)        # owns fd; ValueError if it is no socket
         if self.backend is not None:
             self.backend.close()
-        self.backend = BackendChannel(fd)
+        self.backend = channel
         if self.has_protocol_feature(PF.INBAND_NOTIFICATIONS):
             for vq in self.vqs:
                 vq.inband_call = self._inband(P.BackendRequest.VRING_CALL, vq.index)
@@ -718,10 +887,9 @@ class Device:
         if not 1 <= desc.num_queues <= self.max_queues:
             raise RequestError(f"{desc.num_queues} queues, device has {self.max_queues}")
         (fd,) = self._take_fds(msg, 1)
-        try:
+        try:     # map() owns fd from here and closes it itself when it fails
             buf = InflightBuffer.map(fd, desc.mmap_size, desc.mmap_offset, desc.num_queues, desc.queue_size)
         except (OSError, ValueError) as exc:
-            os.close(fd)
             raise RequestError(f"cannot map the inflight buffer: {exc}") from None
         if self.inflight is not None:
             self.inflight.close()

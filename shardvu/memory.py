@@ -1,4 +1,5 @@
-"""Guest memory: the regions a front-end shares, mapped into this process.
+"""Guest memory: the regions a front-end shares, as a table and (where this
+process serves rings) mapped into this process.
 
 The counterpart of libvhost-user's ``VuDevRegion`` table and of
 ``vu_gpa_to_va``/``qva_to_va``.  Each region is mapped ``MAP_SHARED`` from
@@ -11,6 +12,15 @@ a region, :meth:`GuestMemory.clear` and :meth:`GuestMemory.close` unmap it
 and close its fd.  A mapping whose memoryviews are still referenced
 elsewhere cannot be closed at once in Python; it is then released when the
 last view goes (the fd is still closed immediately).
+
+Every region's fd is checked with ``fstat`` before it is kept: it must be a
+regular file (memfd, shm, hugetlbfs) whose size covers ``mmap_offset +
+size``, so a mapping never starts out past the end of its file.  (A file
+the front-end truncates *after* that is its own violation: an access then
+faults with SIGBUS, which Python cannot catch.)  ``GuestMemory(map_regions=False)``
+keeps the table and the fds without mapping anything: the sharded
+runtime's control process, which checks ring addresses by arithmetic and
+never touches guest memory.
 """
 from __future__ import annotations
 
@@ -19,49 +29,55 @@ import os
 from typing import List, Optional, Tuple
 
 from .protocol import MemoryRegion
+from .transport import check_mappable
 
-__all__ = ["MappedRegion", "GuestMemory", "MemoryMapError"]
+__all__ = ["Region", "MappedRegion", "GuestMemory", "MemoryMapError", "check_fd_covers"]
 
 
 class MemoryMapError(Exception):
     """A region could not be mapped, or would overlap another."""
 
 
-class MappedRegion:
-    """One mapped region.  ``view`` covers exactly the region's ``size``
-    bytes; byte ``i`` of it is guest-physical ``gpa + i`` and front-end
-    virtual ``uva + i``."""
+def check_fd_covers(fd: int, end: int, what: str = "memory region") -> None:
+    """``fstat`` ``fd``: it must be a regular file of at least ``end`` bytes
+    (:func:`shardvu.transport.check_mappable`).  Raises
+    :class:`MemoryMapError` saying why not (the fd stays open)."""
+    try:
+        check_mappable(fd, 0, end, what)
+    except ValueError as exc:
+        raise MemoryMapError(str(exc)) from None
 
-    __slots__ = ("gpa", "size", "uva", "mmap_offset", "fd", "_mm", "view", "gpa_end", "uva_end",
-                 "refs")
+
+class Region:
+    """One entry of the region table: the front-end's description and its
+    fd (owned), not mapped.  ``view`` is None."""
+
+    __slots__ = ("gpa", "size", "uva", "mmap_offset", "fd", "gpa_end", "uva_end", "refs",
+                 "view", "_mm")
 
     def __init__(self, desc: MemoryRegion, fd: int):
         if desc.size == 0:
             raise MemoryMapError("region size is zero")
         if desc.gpa + desc.size > 1 << 64 or desc.uva + desc.size > 1 << 64:
             raise MemoryMapError("region wraps the address space")
-        try:
-            mm = mmap.mmap(fd, desc.size + desc.mmap_offset, flags=mmap.MAP_SHARED,
-                           prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        except (OSError, ValueError, OverflowError) as exc:
-            raise MemoryMapError(f"mmap of fd {fd} failed: {exc}") from None
+        check_fd_covers(fd, desc.mmap_offset + desc.size)
         self.gpa = desc.gpa
         self.size = desc.size
         self.uva = desc.uva
         self.mmap_offset = desc.mmap_offset
         self.fd = fd
-        self._mm = mm
-        self.view = memoryview(mm)[desc.mmap_offset:desc.mmap_offset + desc.size]
         self.gpa_end = desc.gpa + desc.size
         self.uva_end = desc.uva + desc.size
         #: times this exact region was added (see GuestMemory.add)
         self.refs = 1
+        self.view: Optional[memoryview] = None
+        self._mm: Optional[mmap.mmap] = None
 
     @property
     def mm(self):
         """The raw mapping; the region's byte ``i`` is ``mm[mmap_offset + i]``.
         (PyPy's data path copies through it: its mmap slice assignment is a
-        plain memcpy, faster than through a memoryview.)"""
+        plain memcpy, faster than through a memoryview.)  None if unmapped."""
         return self._mm
 
     def describe(self) -> MemoryRegion:
@@ -75,28 +91,51 @@ class MappedRegion:
         """Unmap (as soon as no view is left) and close the fd.  Idempotent."""
         if self.fd < 0:
             return
-        self.view.release()
-        try:
-            self._mm.close()
-        except BufferError:
-            pass  # someone still holds a slice; the mapping goes with it
+        if self.view is not None:
+            self.view.release()
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:
+                pass  # someone still holds a slice; the mapping goes with it
         os.close(self.fd)
         self.fd = -1
 
     def __repr__(self) -> str:
-        return (f"MappedRegion(gpa={self.gpa:#x}, size={self.size:#x}, "
+        return (f"{type(self).__name__}(gpa={self.gpa:#x}, size={self.size:#x}, "
                 f"uva={self.uva:#x}, off={self.mmap_offset:#x})")
 
 
-class GuestMemory:
-    """The set of mapped regions of one device (at most ``max_slots``)."""
+class MappedRegion(Region):
+    """One mapped region.  ``view`` covers exactly the region's ``size``
+    bytes; byte ``i`` of it is guest-physical ``gpa + i`` and front-end
+    virtual ``uva + i``."""
 
-    def __init__(self, max_slots: int = 509):
+    __slots__ = ()
+
+    def __init__(self, desc: MemoryRegion, fd: int):
+        super().__init__(desc, fd)
+        try:
+            mm = mmap.mmap(fd, desc.size + desc.mmap_offset, flags=mmap.MAP_SHARED,
+                           prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except (OSError, ValueError, OverflowError) as exc:
+            raise MemoryMapError(f"mmap of fd {fd} failed: {exc}") from None
+        self._mm = mm
+        self.view = memoryview(mm)[desc.mmap_offset:desc.mmap_offset + desc.size]
+
+
+class GuestMemory:
+    """The region table of one device (at most ``max_slots``), mapped into
+    this process unless ``map_regions`` is False (then only the table and the fds
+    are kept, and the translation methods raise MemoryMapError)."""
+
+    def __init__(self, max_slots: int = 509, map_regions: bool = True):
         self.max_slots = max_slots
-        self.regions: List[MappedRegion] = []
+        self.maps = map_regions
+        self.regions: List[Region] = []
 
     # -- table changes ------------------------------------------------------
-    def add(self, desc: MemoryRegion, fd: int) -> MappedRegion:
+    def add(self, desc: MemoryRegion, fd: int) -> Region:
         """Map ``desc`` from ``fd``.  Takes ownership of ``fd``: on failure it
         is closed and :class:`MemoryMapError` says why.
 
@@ -115,7 +154,7 @@ class GuestMemory:
             for r in self.regions:
                 if desc.gpa < r.gpa_end and r.gpa < desc.gpa + desc.size:
                     raise MemoryMapError(f"guest range {desc.gpa:#x}+{desc.size:#x} overlaps {r}")
-            region = MappedRegion(desc, fd)
+            region = MappedRegion(desc, fd) if self.maps else Region(desc, fd)
         except MemoryMapError:
             os.close(fd)
             raise
@@ -147,7 +186,7 @@ class GuestMemory:
         return len(self.regions)
 
     # -- translation ----------------------------------------------------------
-    def find_gpa(self, gpa: int) -> Optional[MappedRegion]:
+    def find_gpa(self, gpa: int) -> Optional[Region]:
         for r in self.regions:
             if r.gpa <= gpa < r.gpa_end:
                 return r
@@ -161,11 +200,13 @@ class GuestMemory:
         r = self.find_gpa(gpa)
         if r is None:
             return None, 0
+        if r.view is None:
+            raise MemoryMapError("guest memory is not mapped in this process")
         off = gpa - r.gpa
         n = min(plen, r.size - off)
         return r.view[off:off + n], n
 
-    def gpa_range(self, gpa: int, length: int) -> Optional[Tuple[MappedRegion, int]]:
+    def gpa_range(self, gpa: int, length: int) -> Optional[Tuple[Region, int]]:
         """The region holding all of ``[gpa, gpa+length)`` and the offset of
         ``gpa`` in it, or None when the range is not inside one region."""
         for r in self.regions:
@@ -173,7 +214,7 @@ class GuestMemory:
                 return r, gpa - r.gpa
         return None
 
-    def uva_range(self, uva: int, length: int) -> Optional[Tuple[MappedRegion, int]]:
+    def uva_range(self, uva: int, length: int) -> Optional[Tuple[Region, int]]:
         """As :meth:`gpa_range`, for a front-end virtual address (``qva_to_va``)."""
         for r in self.regions:
             if r.uva <= uva and uva + length <= r.uva_end:

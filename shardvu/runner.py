@@ -22,7 +22,7 @@ import socket
 import threading
 from typing import Callable, Dict, Optional
 
-from .device import Close, Device, Reply, Unwatch, Watch
+from .device import Device, Unwatch, Watch
 from .protocol import MessageReader, ProtocolError, ProtocolFeature, request_name
 from .transport import recv_with_fds, send_with_fds
 
@@ -185,26 +185,27 @@ class Runner:
                 return False
             if msg is None:
                 return True
-            for event in self.device.handle(msg):
-                if isinstance(event, Reply):
-                    try:
-                        conn.setblocking(True)
-                        send_with_fds(conn, event.data, event.fds)
-                    except OSError as exc:
-                        log.error("%s: sending the reply failed: %s", msg.name, exc)
-                        return False
-                    finally:
-                        conn.setblocking(False)
-                elif isinstance(event, Watch) and self.watch_kicks:
-                    self._watched[event.fd] = event.qidx
-                    poller.register(event.fd, select.POLLIN)
-                    self.polling_queues.discard(event.qidx)
-                elif isinstance(event, Unwatch):
-                    if self._watched.pop(event.fd, None) is not None:
-                        poller.unregister(event.fd)
-                elif isinstance(event, Close):
-                    log.error("closing the connection: %s", event.reason)
+            outcome = self.device.handle(msg)
+            for action in outcome.actions:
+                if isinstance(action, Watch) and self.watch_kicks:
+                    self._watched[action.fd] = action.qidx
+                    poller.register(action.fd, select.POLLIN)
+                    self.polling_queues.discard(action.qidx)
+                elif isinstance(action, Unwatch):
+                    if self._watched.pop(action.fd, None) is not None:
+                        poller.unregister(action.fd)
+            for reply in outcome.replies:
+                try:
+                    conn.setblocking(True)
+                    send_with_fds(conn, reply.data, reply.fds)
+                except OSError as exc:
+                    log.error("%s: sending the reply failed: %s", msg.name, exc)
                     return False
+                finally:
+                    conn.setblocking(False)
+            if outcome.close is not None:
+                log.error("closing the connection: %s", outcome.close)
+                return False
             # A started ring with no kick fd is polled (SET_VRING_KICK with NOFD).
             inband = self.device.has_protocol_feature(ProtocolFeature.INBAND_NOTIFICATIONS)
             for vq in self.device.vqs:

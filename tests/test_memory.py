@@ -48,7 +48,7 @@ def test_zero_size_unmappable_and_overlapping_regions_fail_and_close_the_fd():
         mem.add(MemoryRegion(0, 0, 0, 0), fd)
     assert not fd_open(fd)
     r, w = os.pipe()
-    with pytest.raises(MemoryMapError, match="mmap"):
+    with pytest.raises(MemoryMapError, match="not a file that can be mapped"):
         mem.add(MemoryRegion(0, 4096, 0, 0), r)
     assert not fd_open(r)
     os.close(w)
@@ -103,4 +103,34 @@ def test_an_identical_region_added_twice_is_mapped_once_and_refcounted():
     assert not fd_open(dup) and len(mem) == 1
     assert mem.remove(desc) and len(mem) == 1          # one reference left
     assert mem.remove(desc) and len(mem) == 0
+    assert not fd_open(fd)
+
+
+@pytest.mark.parametrize("map_regions", [True, False])
+def test_a_region_its_file_does_not_cover_is_refused_before_mapping(map_regions):
+    """fstat first: a file shorter than mmap_offset + size would fault (SIGBUS)
+    on access, so the region is refused and its fd closed."""
+    mem = GuestMemory(map_regions=map_regions)
+    for desc, size in ((MemoryRegion(0, 8192, 0x10000, 0), 4096),
+                       (MemoryRegion(0, 4096, 0x10000, 4096), 4096)):
+        fd = memfd(size)
+        with pytest.raises(MemoryMapError, match="needed"):
+            mem.add(desc, fd)
+        assert not fd_open(fd) and len(mem) == 0
+    fd = memfd(8192)
+    mem.add(MemoryRegion(0, 4096, 0x10000, 4096), fd)        # exactly covered
+    assert len(mem) == 1
+    mem.close()
+    assert not fd_open(fd)
+
+
+def test_an_unmapped_table_keeps_regions_and_fds_but_no_mapping():
+    mem = GuestMemory(map_regions=False)
+    fd = memfd(1 << 16)
+    r = mem.add(MemoryRegion(0, 1 << 16, 0x10000, 0), fd)
+    assert r.view is None and r.mm is None and r.fd == fd
+    assert mem.uva_range(0x10000 + 100, 200) == (r, 100)       # arithmetic still works
+    with pytest.raises(MemoryMapError, match="not mapped"):
+        mem.gpa_to_va(0, 8)
+    mem.clear()
     assert not fd_open(fd)

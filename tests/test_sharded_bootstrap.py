@@ -1,6 +1,6 @@
 """The control process keeps everything a new worker needs: a worker started
 after negotiation is brought to the device's state by ``bootstrap`` (the
-path a respawn will take)."""
+path a respawn will take), from the queue's snapshot alone."""
 from __future__ import annotations
 
 import os
@@ -34,8 +34,7 @@ def test_a_replacement_worker_is_bootstrapped_to_the_current_state(tmp_path):
             os.kill(old.pid, signal.SIGKILL)
             old.process.join(5)
             wait_for(lambda: pool.reap() or old.exitcode is not None)
-            old.chan.close()
-            pool.workers[1] = pool._spawn(1)       # what a respawn will do
+            pool.replace(1)                        # what a respawn will do
             dev.bootstrap(1)
             fe.send(0, [bytes(64)] * 3)
             wait_for(lambda: fe.queues[1].used_idx == 8)

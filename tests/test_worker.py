@@ -1,15 +1,19 @@
-"""A worker's command handling, in-process (the barrier protocol's other end)."""
+"""A worker's command handling, in-process (the barrier protocol's other end):
+the whole command set is apply (a QueueSnapshot), start, stop, stats, exit."""
 from __future__ import annotations
 
 import os
 
 import pytest
 
+from shardvu.snapshot import LogPart, QueueSnapshot, RegionPart, SNAPSHOT_VERSION
 from shardvu.workers import ctl
 from shardvu.workers.ports import resolve
 from shardvu.workers.worker import Worker
 
 from util import fd_is_open, memfd
+
+ADDR = (1, 0, 0x10000, 0x12000, 0x11000, 0)      # index, flags, desc, used, avail, log
 
 
 @pytest.fixture
@@ -17,9 +21,27 @@ def worker():
     mine, theirs = ctl.socketpair()
     w = Worker(1, theirs, resolve("sink"), 64, None)
     yield w
-    w.handle({"cmd": "reset"}, [])
+    w.release()
     mine.close()
     theirs.close()
+
+
+def apply(w: Worker, snap: QueueSnapshot) -> dict:
+    """Apply ``snap`` as the channel would deliver it: with fresh copies of its fds."""
+    obj, fds = snap.encode()
+    return w.handle({"cmd": "apply", "snapshot": obj}, [os.dup(fd) for fd in fds])
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_the_command_set_is_small_and_named(worker):
+    assert Worker.COMMANDS == ("apply", "start", "stop", "stats", "exit")
+    for old in ("ring", "fd", "mem_add", "mem_clear", "mem_rem", "features", "enable",
+                "log", "log_call", "inflight", "spsc", "reset"):
+        assert not hasattr(worker, "_cmd_" + old)
+        assert not worker.handle({"cmd": old}, [])["ok"]
 
 
 def test_unknown_command_is_refused_and_its_fds_closed(worker):
@@ -31,32 +53,114 @@ def test_unknown_command_is_refused_and_its_fds_closed(worker):
 
 def test_fds_a_command_does_not_take_are_closed(worker):
     fd = memfd(4096)
-    assert worker.handle({"cmd": "enable", "on": True}, [fd])["ok"]
+    assert worker.handle({"cmd": "stats"}, [fd])["ok"]
     assert not fd_is_open(fd)
 
 
-def test_mem_add_with_mismatched_fds_fails_cleanly(worker):
-    fd = memfd(1 << 20)
-    reply = worker.handle({"cmd": "mem_add", "regions": [[0, 1 << 20, 0x10000, 0], [1 << 20, 4096, 0, 0]]}, [fd])
-    assert not reply["ok"] and "2 regions with 1 fds" in reply["error"]
-    assert not fd_is_open(fd) and len(worker.mem) == 0
+def test_a_snapshot_of_another_version_is_refused_with_its_fds_closed(worker):
+    obj, _ = QueueSnapshot(1).encode()
+    obj["version"] = SNAPSHOT_VERSION + 1
+    fd = memfd(4096)
+    obj["kick"] = 0
+    reply = worker.handle({"cmd": "apply", "snapshot": obj}, [fd])
+    assert not reply["ok"] and "version" in reply["error"] and "cannot be read" in reply["error"]
+    assert not fd_is_open(fd)
 
 
-def test_fd_commands_replace_and_close_the_old_fd(worker):
+def test_a_snapshot_for_another_queue_is_refused(worker):
+    reply = apply(worker, QueueSnapshot(3))
+    assert not reply["ok"] and "queue 3" in reply["error"]
+
+
+def test_applying_replaces_the_fd_copies_and_closes_the_old_ones(worker):
     a, b = memfd(8), memfd(8)
-    assert worker.handle({"cmd": "fd", "kind": "call"}, [a])["ok"]
-    kept = worker.vq.call_fd
-    assert kept == a
-    assert worker.handle({"cmd": "fd", "kind": "call"}, [b])["ok"]
-    assert not fd_is_open(a) and worker.vq.call_fd == b
-    assert worker.handle({"cmd": "fd", "kind": "call"}, [])["ok"]     # NOFD
-    assert worker.vq.call_fd == -1 and not fd_is_open(b)
+    assert apply(worker, QueueSnapshot(1, call_fd=a))["ok"]
+    first = worker.vq.call_fd
+    assert first >= 0 and os.path.samestat(os.fstat(first), os.fstat(a))
+    assert apply(worker, QueueSnapshot(1, call_fd=b))["ok"]
+    assert not fd_is_open(first) and os.path.samestat(os.fstat(worker.vq.call_fd), os.fstat(b))
+    second = worker.vq.call_fd
+    assert apply(worker, QueueSnapshot(1))["ok"]          # none
+    assert worker.vq.call_fd == -1 and not fd_is_open(second)
+    os.close(a)
+    os.close(b)
 
 
-def test_stop_reports_the_base(worker):
-    assert worker.handle({"cmd": "ring", "num": 256, "addr": None, "base": 42,
-                          "features": 0, "enable": True}, [])["ok"]
-    assert worker.handle({"cmd": "stop"}, []) == {"ok": True, "base": 42}
+def test_memory_is_remapped_only_when_the_region_set_changes(worker):
+    fd = memfd(1 << 20)
+    snap = QueueSnapshot(1, regions=(RegionPart(0, 1 << 20, 0x10000, 0),), region_fds=(fd,),
+                         num=256, addr=ADDR)
+    assert apply(worker, snap)["ok"]
+    region = worker.mem.regions[0]
+    assert worker.vq.mapped
+    before = open_fds()
+    for _ in range(5):
+        assert apply(worker, snap)["ok"]
+    assert worker.mem.regions[0] is region and open_fds() == before
+    other = memfd(1 << 20)                   # same layout, another file: remapped
+    assert apply(worker, QueueSnapshot(1, regions=snap.regions, region_fds=(other,),
+                                       num=256, addr=ADDR))["ok"]
+    assert worker.mem.regions[0] is not region and region.fd == -1
+    os.close(fd)
+    os.close(other)
+
+
+def test_a_region_its_fd_cannot_back_is_refused(worker):
+    fd = memfd(4096)
+    reply = apply(worker, QueueSnapshot(1, regions=(RegionPart(0, 1 << 20, 0x10000, 0),),
+                                        region_fds=(fd,)))
+    assert not reply["ok"] and "needed" in reply["error"]
+    assert len(worker.mem) == 0
+    os.close(fd)
+
+
+def test_stop_reports_progress_and_reapplying_does_not_rewind_it(worker):
+    fd = memfd(1 << 20)
+    snap = QueueSnapshot(1, regions=(RegionPart(0, 1 << 20, 0x10000, 0),), region_fds=(fd,),
+                         num=256, addr=ADDR, base=42, base_serial=7, enabled=True)
+    assert apply(worker, snap)["ok"]
+    assert worker.handle({"cmd": "stop"}, []) == {"ok": True, "last_avail_idx": 42, "used_idx": 0}
+    worker.vq.last_avail_idx = 50           # progress made since
+    assert apply(worker, snap)["ok"]
+    assert worker.vq.last_avail_idx == 50
+    new_base = QueueSnapshot(1, regions=snap.regions, region_fds=(fd,), num=256, addr=ADDR,
+                             base=42, base_serial=8, enabled=True)
+    assert apply(worker, new_base)["ok"]     # the front-end set a base: taken
+    assert worker.vq.last_avail_idx == 42
+    os.close(fd)
+
+
+def test_a_new_generation_clears_progress_and_broken_state(worker):
+    snap = QueueSnapshot(1, base=5, base_serial=1, generation=1)
+    assert apply(worker, snap)["ok"]
+    worker.vq.mark_broken("descriptor loop")
+    worker._sync_counters()
+    assert worker.counters.state == "broken" and worker.counters.broken_reason
+    assert apply(worker, snap)["ok"]                  # same generation: still broken
+    assert worker.vq.broken
+    assert apply(worker, QueueSnapshot(1, generation=2))["ok"]
+    worker._sync_counters()
+    assert not worker.vq.broken and worker.vq.last_avail_idx == 0
+    stats = worker.handle({"cmd": "stats"}, [])
+    assert stats["state"] == "idle" and stats["broken_reason"] is None
+
+
+def test_log_is_mapped_once_per_file_and_release_closes_everything(worker):
+    before = open_fds()
+    log_fd, call, mem = memfd(4096), memfd(8), memfd(1 << 20)
+    snap = QueueSnapshot(1, regions=(RegionPart(0, 1 << 20, 0x10000, 0),), region_fds=(mem,),
+                         log=LogPart(4096, 0), log_fd=log_fd, log_call_fd=call,
+                         kick_fd=call, err_fd=call)
+    assert apply(worker, snap)["ok"]
+    dlog = worker.dlog
+    assert dlog is not None and dlog.call_fd == worker._log_call_fd >= 0
+    held = open_fds()
+    assert apply(worker, snap)["ok"]
+    assert worker.dlog is dlog and open_fds() == held
+    worker.release()
+    for fd in (log_fd, call, mem):
+        os.close(fd)
+    assert open_fds() == before
 
 
 # -- the ring loop: never spin without looking at the command channel ---------
@@ -94,11 +198,12 @@ def running_rx():
         return reply
     t = threading.Thread(target=w.run, daemon=True)
     t.start()
-    assert cmd({"cmd": "mem_add", "regions": [[0, MEM, UVA, 0]]}, [fd])["ok"]
-    assert cmd({"cmd": "ring", "num": 64, "base": 0, "features": features, "enable": True,
-                "addr": [0, 0, UVA + drv.desc_gpa, UVA + drv.used_gpa, UVA + drv.avail_gpa, 0]})["ok"]
-    assert cmd({"cmd": "fd", "kind": "kick"}, [os.dup(kick)])["ok"]
-    assert cmd({"cmd": "fd", "kind": "call"}, [os.dup(call)])["ok"]
+    snap = QueueSnapshot(0, features=features, num=64, enabled=True,
+                         addr=(0, 0, UVA + drv.desc_gpa, UVA + drv.used_gpa, UVA + drv.avail_gpa, 0),
+                         regions=(RegionPart(0, MEM, UVA, 0),), region_fds=(fd,),
+                         kick_fd=kick, call_fd=call)
+    obj, fds = snap.encode()
+    assert cmd({"cmd": "apply", "snapshot": obj}, fds)["ok"]
     assert cmd({"cmd": "start"})["ok"]
     yield w, drv, cmd, kick
     cmd({"cmd": "exit"})

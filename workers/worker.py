@@ -1,10 +1,16 @@
 """A worker process: owns one virtqueue's data path.
 
-The control process forwards, over the worker's command channel
-(:mod:`shardvu.workers.ctl`), everything the queue needs: the guest memory
-fds (mapped here), ring size, addresses and base, features, the kick, call
-and err eventfds, the dirty log and the inflight buffer.  The worker runs the
-ring loop; the control process never touches ring memory on the data path.
+State is split by owner.  The control process's Device owns the queue's
+*configuration* and every transition of it; it sends it here, over the
+worker's command channel (:mod:`shardvu.workers.ctl`), as one
+:class:`~shardvu.snapshot.QueueSnapshot`: the guest memory fds (mapped
+here), ring size, addresses and base, features, the kick, call and err
+eventfds, the dirty log, the inflight buffer and the pair's port part.  The
+worker owns the *progress* (last avail index, used index, EVENT_IDX state),
+recovered from the rings themselves when they are mapped (``used->idx``;
+the inflight region where negotiated).  The whole command set is
+:attr:`Worker.COMMANDS`: apply, start, stop, stats, exit.  The worker runs
+the ring loop; the control process never touches guest memory.
 
 Every command is answered once it has been applied (the barrier the control
 process waits for before replying to the front-end).  The worker exits when
@@ -42,10 +48,13 @@ from shardvu.eventfd import drain
 from shardvu.inflight import InflightBuffer
 from shardvu.memory import GuestMemory, MemoryMapError
 from shardvu.net import net_hdr_len
+from shardvu.reasons import BrokenReason, DropReason
+from shardvu.ringrules import MAX_FRAME
+from shardvu.snapshot import QueueSnapshot, fd_identity
 from shardvu.virtqueue import RingError, VirtQueue
 
 from . import ctl
-from .ports import PortSpec, make_frame, resolve
+from .ports import Port, PortRx, PortSpec, make_frame, resolve
 from . import split_loop
 # One hot loop per interpreter style (see bench/ringloop.py for the numbers).
 if sys.implementation.name == "pypy":
@@ -115,16 +124,38 @@ class Worker:
         self._poller.register(chan.fileno(), select.POLLIN)
         self._watched: set = set()
         self._log_call_fd = -1       # SET_LOG_FD's eventfd (DirtyLog does not own it)
+        #: the port part's fds and detail (kinds other than "spsc"), owned here
+        self.port_fds: List[int] = []
+        self.port_meta: Dict[str, Any] = {}
+        self.port_kind: Optional[str] = None
+        #: a two-way port's object in this worker, and (RX) its delivery side
+        self.twoway: Optional[Port] = None
+        self.port_rx: Optional[PortRx] = None
+        # What the applied snapshot was made of (see apply()); None: nothing yet.
+        self._generation: Optional[int] = None
+        self._base_serial: Optional[int] = None
+        self._geometry: Optional[tuple] = None
+        self._mem_ident: Optional[list] = None
+        self._log_ident: Optional[tuple] = None
+        self._inflight_ident: Optional[tuple] = None
+        self._spsc_ident: Optional[tuple] = None
         self.running = True
 
     # -- commands -----------------------------------------------------------------
+    #: The whole command set.  ``apply`` takes a QueueSnapshot (the queue's
+    #: configuration, owned by the control process's Device); ``start``
+    #: runs the ring; ``stop`` stops it and answers the progress
+    #: (``last_avail_idx``, ``used_idx``); ``stats`` answers the counters;
+    #: ``exit`` ends the worker.  No command changes configuration by itself.
+    COMMANDS = ("apply", "start", "stop", "stats", "exit")
+
     def handle(self, obj: Dict[str, Any], fds: List[int]) -> Dict[str, Any]:
+        """Run one command; every fd received with it is kept or closed."""
         cmd = obj.get("cmd", "")
-        fn = getattr(self, "_cmd_" + cmd, None)
         try:
-            if fn is None:
+            if cmd not in self.COMMANDS:
                 raise ValueError(f"unknown command {cmd!r}")
-            reply = fn(obj, fds) or {}      # a command clears the fds it keeps
+            reply = getattr(self, "_cmd_" + cmd)(obj, fds) or {}
             reply["ok"] = True
             return reply
         except (ValueError, OSError, MemoryMapError, RingError) as exc:
@@ -132,54 +163,188 @@ class Worker:
         finally:
             for fd in fds:          # whatever a command did not keep
                 os.close(fd)
+            fds.clear()
             self._update_watch()
+
+    def _cmd_apply(self, obj, fds):
+        snap = QueueSnapshot.decode(obj.get("snapshot"), fds)
+        if snap.index != self.index:
+            raise ValueError(f"snapshot of queue {snap.index} sent to worker {self.index}")
+        pending = set(fds)      # received copies not yet kept; handle() closes them
+        fds.clear()
+        try:
+            self.apply(snap, pending)
+        finally:
+            fds.extend(pending)
+
+    def apply(self, snap: QueueSnapshot, pending: set) -> None:
+        """Make the queue's configuration ``snap``'s.  Idempotent: applying
+        the same snapshot again changes nothing (memory, log and inflight
+        are remapped only when their files or geometry changed; the base
+        only when ``base_serial`` did).  ``pending`` holds the snapshot's
+        fds this worker received: each one kept is removed from it (the
+        caller closes the rest); the copies it replaces are closed."""
+        vq = self.vq
+        if vq.enable and not snap.enabled:
+            self._drain_tx()       # frames queued while enabled are still traffic
+        if snap.generation != self._generation:
+            # A ring reset: progress and broken state go with it.
+            vq.reset()
+            self._generation = snap.generation
+            self._base_serial = None
+            self._geometry = None
+            self.counters.state = "idle"
+            self.counters.broken_reason = None
+        self._set_features(snap.features)
+        remapped = self._apply_memory(snap, pending)
+        self._apply_log(snap, pending)
+        self._apply_inflight(snap, pending)
+        for name in ("kick_fd", "call_fd", "err_fd"):
+            self._replace_fd(name, getattr(snap, name), pending)
+        self._apply_port(snap, pending)
+        if snap.base_serial != self._base_serial:
+            vq.set_base(snap.base)
+            self._base_serial = snap.base_serial
+        geometry = (snap.num, snap.addr, snap.in_order)
+        if remapped or geometry != self._geometry or not vq.mapped:
+            self._geometry = geometry
+            vq.num = snap.num
+            vq.addr = P.VringAddr(*snap.addr) if snap.addr is not None else None
+            vq.processed_in_order = snap.in_order
+            self._remap()
+        vq.enable = snap.enabled
 
     def _remap(self) -> None:
         vq = self.vq
+        vq.unmap_rings()
         if vq.num and vq.addr is not None and len(self.mem):
             try:
                 vq.map_rings()
             except RingError as exc:
                 log.warning("queue %d: %s", self.index, exc)
 
-    def _cmd_mem_clear(self, obj, fds):
+    def _apply_memory(self, snap: QueueSnapshot, pending: set) -> bool:
+        ident = [(r.gpa, r.size, r.uva, r.mmap_offset) + fd_identity(fd)
+                 for r, fd in zip(snap.regions, snap.region_fds)]
+        if ident == self._mem_ident:
+            return False
         self.cache = split_fast.RegionCache(self.mem)     # drop views of old regions
         self.vq.unmap_rings()
         self.mem.clear()
+        self._mem_ident = []
+        for r, fd in zip(snap.regions, snap.region_fds):
+            pending.discard(fd)             # add() owns it, failing or not
+            self.mem.add(P.MemoryRegion(r.gpa, r.size, r.uva, r.mmap_offset), fd)
+        self._mem_ident = ident
+        return True
 
-    def _cmd_mem_add(self, obj, fds):
-        self.cache = split_fast.RegionCache(self.mem)     # drop views of old regions
-        regions = obj["regions"]
-        if len(regions) != len(fds):
-            raise ValueError(f"{len(regions)} regions with {len(fds)} fds")
-        self.vq.unmap_rings()
-        taken = list(fds)
-        fds.clear()
-        for i, (r, fd) in enumerate(zip(regions, taken)):
-            try:
-                self.mem.add(P.MemoryRegion(*r), fd)
-            except MemoryMapError:
-                for rest in taken[i + 1:]:
-                    os.close(rest)
-                raise
-        self._remap()
+    def _apply_log(self, snap: QueueSnapshot, pending: set) -> None:
+        ident = None
+        if snap.log is not None:
+            ident = (snap.log.size, snap.log.offset) + fd_identity(snap.log_fd)
+        if ident != self._log_ident:
+            if self.dlog is not None:
+                self.dlog.close()
+                self.dlog = None
+            self._log_ident = None
+            if snap.log is not None:
+                pending.discard(snap.log_fd)        # DirtyLog owns it, failing or not
+                self.dlog = DirtyLog(snap.log_fd, snap.log.size, snap.log.offset)
+                # every worker marks the same log: serialise on the log file itself
+                self.dlog.lock = FileLock(self.dlog.fd)
+                self._log_ident = ident
+            self.vq.log = self.dlog
+        self._replace_fd("_log_call_fd", snap.log_call_fd, pending, on=self)
+        if self.dlog is not None:
+            self.dlog.call_fd = self._log_call_fd
 
-    def _cmd_mem_rem(self, obj, fds):
-        self.cache = split_fast.RegionCache(self.mem)     # drop views of old regions
-        self.vq.unmap_rings()
-        self.mem.remove(P.MemoryRegion(*obj["region"]))
-        self._remap()
+    def _apply_inflight(self, snap: QueueSnapshot, pending: set) -> None:
+        inf = snap.inflight
+        ident = None
+        if inf is not None:
+            ident = (inf.mmap_size, inf.mmap_offset, inf.num_queues, inf.queue_size) \
+                + fd_identity(snap.inflight_fd)
+        if ident == self._inflight_ident:
+            return
+        if self.inflight is not None:
+            self.vq.inflight = None
+            self.inflight.close()
+            self.inflight = None
+        self._inflight_ident = None
+        if inf is not None:
+            pending.discard(snap.inflight_fd)       # map() owns it, failing or not
+            self.inflight = InflightBuffer.map(snap.inflight_fd, inf.mmap_size, inf.mmap_offset,
+                                               inf.num_queues, inf.queue_size)
+            self._inflight_ident = ident
+            if self.index < self.inflight.num_queues:
+                self.vq.inflight = self.inflight.queue(self.index)
 
-    def _cmd_ring(self, obj, fds):
-        vq = self.vq
-        vq.num = obj["num"]
-        vq.addr = P.VringAddr(*obj["addr"]) if obj.get("addr") else None
-        if obj.get("base") is not None:
-            vq.set_base(obj["base"])
-        self._set_features(obj["features"])
-        vq.enable = bool(obj["enable"])
-        vq.processed_in_order = bool(obj.get("in_order", False))
-        self._remap()
+    def _apply_port(self, snap: QueueSnapshot, pending: set) -> None:
+        """The pair's port part.  "spsc": the loopback ring (memfd,
+        doorbell), attached once per ring file.  Any other kind (a tap
+        queue fd, ...): its fds are kept in ``port_fds`` (replacing the
+        previous ones) and ``port_meta``, for the port code."""
+        port = snap.port
+        if port is not None and port.kind == "spsc":
+            ring_fd, bell_fd = snap.port_fds
+            ident = fd_identity(ring_fd)
+            if ident != self._spsc_ident:
+                from .spsc import SpscRing
+                if self.spsc is not None:
+                    self._close_spsc()
+                self.spsc = SpscRing.attach(ring_fd, bell_fd)
+                pending.discard(ring_fd)
+                pending.discard(bell_fd)
+                self._spsc_ident = ident
+                self._set_headroom()
+            return
+        if self.spsc is not None:
+            self._close_spsc()
+        for fd in self.port_fds:
+            os.close(fd)
+        self.port_fds = list(snap.port_fds)
+        pending.difference_update(self.port_fds)
+        self.port_meta = dict(port.meta) if port is not None else {}
+        self.port_kind = port.kind if port is not None else None
+        self._port_changed()
+
+    def _port_changed(self) -> None:
+        """(Re)build the two-way port object from the port part's fds."""
+        if self.twoway is not None:
+            self.twoway.close()
+            self.twoway = self.port_rx = None
+        cls = self.port.two_way
+        if cls is None or not self.port_fds:
+            return
+        self.twoway = cls(self.index // 2, self.is_tx, self.port_fds, self.port_meta)
+        self.twoway.drop = self._drop
+        self.twoway.configure(self.vq.features, self.hdr_len)
+        if not self.is_tx:
+            self.port_rx = PortRx(self.twoway, self._drop)
+
+    def _drop(self, reason, n: int) -> None:
+        """Count ``n`` frames dropped for ``reason`` (a DropReason)."""
+        c = self.counters
+        if hasattr(c, "drop"):
+            c.drop(reason, n)
+        else:
+            c.drops += n
+
+    def _close_spsc(self) -> None:
+        spsc, self.spsc = self.spsc, None
+        self._spsc_ident = None
+        if spsc is not None:
+            spsc.close()
+
+    def _replace_fd(self, name: str, fd: int, pending: set, on: Any = None) -> None:
+        """Keep received ``fd`` (-1: none) as attribute ``name`` of ``on``
+        (default: the queue), closing the copy it replaces."""
+        target = self.vq if on is None else on
+        old = getattr(target, name)
+        if old >= 0:
+            os.close(old)
+        setattr(target, name, fd)
+        pending.discard(fd)
 
     def _set_features(self, features: int) -> None:
         self.vq.features = features
@@ -188,22 +353,13 @@ class Worker:
         self.gen_frames = [self.rx_hdr + self.frame] * self.batch
         self.mergeable = bool(features >> P.VIRTIO_NET_F_MRG_RXBUF & 1)
         self._set_headroom()
+        if self.twoway is not None:
+            self.twoway.configure(features, self.hdr_len)
 
     def _set_headroom(self) -> None:
         # the loopback RX worker copies header + frame out of a slot at once
         if self.is_tx and self.spsc is not None:
             self.spsc.set_headroom(self.rx_hdr)
-
-    def _cmd_features(self, obj, fds):
-        self._set_features(obj["features"])
-        if obj.get("enable_all"):
-            self.vq.enable = True
-
-    def _cmd_enable(self, obj, fds):
-        on = bool(obj["on"])
-        if not on:
-            self._drain_tx()       # frames queued while enabled are still traffic
-        self.vq.enable = on
 
     def _drain_tx(self) -> None:
         """Before a TX ring is disabled or stopped, consume what the guest
@@ -213,19 +369,6 @@ class Worker:
             for _ in range(self.vq.num // self.batch + 2):
                 if not self.pass_once():
                     break
-
-    def _cmd_fd(self, obj, fds):
-        kind = obj["kind"]
-        if kind not in ("kick", "call", "err"):
-            raise ValueError(f"bad fd kind {kind!r}")
-        if len(fds) > 1:
-            raise ValueError(f"{len(fds)} fds for one {kind} fd")
-        name = kind + "_fd"
-        old = getattr(self.vq, name)
-        if old >= 0:
-            os.close(old)
-        setattr(self.vq, name, fds[0] if fds else -1)
-        fds.clear()
 
     def _cmd_start(self, obj, fds):
         vq = self.vq
@@ -243,79 +386,23 @@ class Worker:
         vq = self.vq
         self._drain_tx()
         vq.started = False
-        for name in ("kick_fd", "call_fd"):
-            fd = getattr(vq, name)
-            if fd >= 0:
-                os.close(fd)
-                setattr(vq, name, -1)
-        self.counters.state = "stopped"
-        return {"base": vq.last_avail_idx}
-
-    def _cmd_log(self, obj, fds):
-        if self.dlog is not None:
-            self.dlog.close()
-            self.dlog = None
-        if fds:
-            (fd,) = fds
-            fds.clear()
-            self.dlog = DirtyLog(fd, obj["size"], obj["offset"])
-            # every worker marks the same log: serialise on the log file itself
-            self.dlog.lock = FileLock(self.dlog.fd)
-        self.vq.log = self.dlog
-        self._cmd_log_call(obj, [])
-
-    def _cmd_log_call(self, obj, fds):
-        if fds:
-            if self._log_call_fd >= 0:
-                os.close(self._log_call_fd)
-            self._log_call_fd = fds[0]
-            fds.clear()
-        if self.dlog is not None:
-            self.dlog.call_fd = self._log_call_fd
-
-    def _cmd_inflight(self, obj, fds):
-        if self.inflight is not None:
-            self.inflight.close()
-            self.inflight = None
-            self.vq.inflight = None
-        if fds:
-            (fd,) = fds
-            fds.clear()
-            self.inflight = InflightBuffer.map(fd, obj["size"], obj["offset"],
-                                               obj["num_queues"], obj["queue_size"])
-            if self.index < self.inflight.num_queues:
-                self.vq.inflight = self.inflight.queue(self.index)
-
-    def _cmd_spsc(self, obj, fds):
-        from .spsc import SpscRing
-        ring_fd, bell_fd = fds
-        fds.clear()
-        self.spsc = SpscRing.attach(ring_fd, bell_fd)
-        self._set_headroom()
-
-    def _cmd_reset(self, obj, fds):
-        vq = self.vq
-        for name in ("kick_fd", "call_fd", "err_fd"):
-            fd = getattr(vq, name)
-            if fd >= 0:
-                os.close(fd)
-                setattr(vq, name, -1)
-        vq.reset()
-        vq.features = 0
-        self.cache = split_fast.RegionCache(self.mem)
-        self.mem.clear()
-        self._cmd_log({}, [])
-        if self._log_call_fd >= 0:
-            os.close(self._log_call_fd)
-            self._log_call_fd = -1
-        self._cmd_inflight({}, [])
-        self.counters.state = "idle"
+        if self.counters.state != "broken":
+            self.counters.state = "stopped"
+        return {"last_avail_idx": vq.last_avail_idx, "used_idx": vq.used_idx}
 
     def _cmd_stats(self, obj, fds):
-        return {"counters": self.counters.as_dict()}
+        self._sync_counters()
+        c = self.counters
+        return {"counters": c.as_dict(), "state": c.state, "broken_reason": c.broken_reason}
 
     def _cmd_exit(self, obj, fds):
         self.running = False
+
+    def release(self) -> None:
+        """Close every fd and mapping the worker holds (an empty snapshot
+        of a new generation, applied)."""
+        generation = self._generation if self._generation is not None else 0
+        self.apply(QueueSnapshot(self.index, generation=generation), set())
 
     # -- the loop --------------------------------------------------------------------
     def _update_watch(self) -> None:
@@ -324,6 +411,8 @@ class Worker:
             want.add(self.vq.kick_fd)
         if self.spsc is not None and not self.is_tx:
             want.add(self.spsc.doorbell_fd)
+        if self.port_rx is not None and self.port_rx.want_fd() and self.active():
+            want.add(self.twoway.fileno())
         for fd in self._watched - want:
             try:
                 self._poller.unregister(fd)
@@ -340,47 +429,89 @@ class Worker:
     def _tx_batch(self, forward: bool):
         """Fast loop first; a buffer it does not take ends its part of the
         batch and the general path finishes the batch.  With ``forward``,
-        frames go through the port function to the pair's RX worker."""
+        frames go through the port function to the pair's RX worker.
+        Returns ``(chains taken, payload bytes)``; frames dropped by the
+        ring rules (short, oversize) or by the port are counted by reason
+        in the counters as they happen."""
         vq = self.vq
+        c = self.counters
         on_frames = self._forward if forward else None
+        if forward and self.twoway is not None:
+            return self._tx_two_way()
+        loopback = forward and self.port.identity and self.spsc is not None
+        max_frame = self.spsc.max_frame if loopback else MAX_FRAME
         n = nbytes = 0
         if split_fast.eligible(vq):
-            if forward and self.port.identity and self.spsc is not None:
+            if loopback:
                 # loopback: straight into the pair's ring, no port call
                 n, nbytes, dropped, more = split_fast.tx_to_ring(
-                    vq, self.hdr_len, self.batch, self.cache, self.spsc)
-                self.counters.drops += dropped
+                    vq, self.hdr_len, self.batch, self.cache, self.spsc, c)
                 if n > dropped:
                     self.spsc.producer_notify()
             else:
-                n, nbytes, more = split_fast.tx_pass(vq, self.hdr_len, self.batch, self.cache, on_frames)
+                n, nbytes, more = split_fast.tx_pass(vq, self.hdr_len, self.batch, self.cache,
+                                                     on_frames, c, max_frame)
             if not more:
                 return n, nbytes
-        n2, b2, frames = split_loop.tx_pass(vq, self.hdr_len, self.batch - n, forward)
+        n2, b2, frames = split_loop.tx_pass(vq, self.hdr_len, self.batch - n, forward, c, max_frame)
         if frames:
             self._forward(frames)
         return n + n2, nbytes + b2
 
+    def _tx_two_way(self):
+        """TX to a two-way port: frames keep their virtio-net header."""
+        vq, c, h = self.vq, self.counters, self.hdr_len
+        send = self._send_two_way
+        n = nbytes = 0
+        if split_fast.eligible(vq):
+            n, nbytes, more = split_fast.tx_pass(vq, 0, self.batch, self.cache, send, c,
+                                                 MAX_FRAME + h)
+            nbytes -= n * h
+            if not more:
+                return n, nbytes
+        n2, b2, frames = split_loop.tx_pass(vq, 0, self.batch - n, True, c, MAX_FRAME + h)
+        if frames:
+            send(frames)
+        return n + n2, nbytes + b2 - n2 * h
+
+    def _send_two_way(self, frames) -> None:
+        try:
+            self.twoway.send(frames)
+        except Exception as exc:   # a user's port must not kill the queue
+            log.exception("queue %d: port send failed", self.index)
+            self.vq.mark_broken(f"port send raised {type(exc).__name__}: {exc}",
+                                BrokenReason.PORT_FAILED)
+
     def _forward(self, frames) -> None:
         """Run the port function on a batch (views or bytes) and hand its
-        result to the pair's RX worker; what does not fit is dropped."""
+        result to the pair's RX worker; what does not fit is dropped and
+        counted (PORT_FULL; OVERSIZE_FRAME for a frame longer than a slot)."""
         port = self.port
         try:
             out = frames if port.identity else port.tx_fn([bytes(f) for f in frames])
         except Exception as exc:   # a user's port must not kill the queue
             log.exception("queue %d: port function failed", self.index)
-            self.vq.mark_broken(f"port function raised {type(exc).__name__}: {exc}")
+            self.vq.mark_broken(f"port function raised {type(exc).__name__}: {exc}",
+                                BrokenReason.PORT_FAILED)
             return
-        if out and self.spsc is not None:
-            pushed = self.spsc.push_batch(out)
-            self.counters.drops += len(out) - pushed
+        spsc = self.spsc
+        if out and spsc is not None:
+            oversize = spsc.oversize
+            pushed = spsc.push_batch(out)
+            c = self.counters
+            if spsc.oversize != oversize:
+                c.drop(DropReason.OVERSIZE_FRAME, spsc.oversize - oversize)
+            if pushed < len(out):
+                c.drop(DropReason.PORT_FULL, len(out) - pushed)
             if pushed:
-                self.spsc.producer_notify()
+                spsc.producer_notify()
 
     def _rx_batch(self, frames, with_hdr=None) -> tuple:
         """Deliver ``frames``; ``with_hdr``, if given, is the same frames
         with the virtio-net header already in front (the fast loop then
-        copies each once)."""
+        copies each once).  Returns ``(frames consumed, payload bytes)``:
+        consumed frames (a prefix) were delivered, or dropped and counted
+        by reason (RX buffer too small, oversize)."""
         vq = self.vq
         n = nbytes = 0
         if split_fast.eligible(vq):
@@ -392,23 +523,25 @@ class Worker:
             if not more:
                 return n, nbytes
             frames = frames[n:]
-        n2, b2 = split_loop.rx_pass(vq, frames, self.hdr_len, self.mergeable)
+        n2, b2 = split_loop.rx_pass(vq, frames, self.hdr_len, self.mergeable, self.counters)
         return n + n2, nbytes + b2
 
     def pass_once(self) -> int:
-        """One batch; returns how many frames it moved (or dropped)."""
+        """One batch; returns how many frames it moved or dropped.  Frames
+        dropped count in ``drops`` by reason, the others in ``packets``."""
         vq = self.vq
         c = self.counters
+        d0 = c.drops
         if self.is_tx:
-            forward = self.port.tx_fn is not None and vq.enabled
+            forward = (self.port.tx_fn is not None or self.twoway is not None) and vq.enabled
             n, nbytes = self._tx_batch(forward)
             if not n:
                 return 0
             c.batches += 1
-            if not vq.enabled:
-                c.drops += n          # a disabled TX ring is drained and dropped
+            if not vq.enabled:        # a disabled TX ring is drained and dropped
+                c.drop(DropReason.RING_DISABLED, n - (c.drops - d0))
                 return n
-            c.packets += n
+            c.packets += n - (c.drops - d0)
             c.bytes += nbytes
             return n
         mode = self.port.rx_mode
@@ -420,7 +553,8 @@ class Worker:
             if not vq.enabled:        # must not supply RX frames: drop them
                 dropped = len(self.spsc.peek(self.batch))
                 self.spsc.release(dropped)
-                c.drops += dropped
+                if dropped:
+                    c.drop(DropReason.RING_DISABLED, dropped)
                 return dropped
             n = nbytes = 0
             more = True
@@ -431,17 +565,27 @@ class Worker:
                 n2, b2 = self._rx_from_peek(self.batch - n)
                 n += n2
                 nbytes += b2
+        elif self.port_rx is not None:
+            try:
+                n, _, nbytes = self.port_rx.pass_once(vq, self.batch, self.cache, split_fast,
+                                                      self.mergeable)
+            except Exception as exc:   # a user's port must not kill the queue
+                log.exception("queue %d: port receive failed", self.index)
+                vq.mark_broken(f"port receive raised {type(exc).__name__}: {exc}",
+                               BrokenReason.PORT_FAILED)
+                return 0
         else:
             return 0
         if n:
             c.batches += 1
-            c.packets += n
+            c.packets += n - (c.drops - d0)
             c.bytes += nbytes
         return n
 
     def _rx_from_peek(self, budget: int) -> tuple:
         """The loopback RX worker's general path: views of the ring's
-        frames through :meth:`_rx_batch`."""
+        frames through :meth:`_rx_batch`; the frames it consumed (delivered
+        or dropped) are released."""
         if budget <= 0:
             return 0, 0
         views = self.spsc.peek(budget)
@@ -465,6 +609,9 @@ class Worker:
             if not self.spsc.consumer_prepare_sleep():
                 return not vq.empty() or not vq.enabled
             return False
+        if self.port_rx is not None:
+            self._update_watch()     # the port fd only while nothing waits for buffers
+            return bool(self.port_rx.pending) and not vq.empty()
         return False
 
     def _drain_kick(self) -> None:
@@ -474,14 +621,34 @@ class Worker:
         except (BlockingIOError, InterruptedError):
             pass
 
+    #: drops total at the last drop log line (see _sync_counters)
+    _drops_logged = 0
+
     def _sync_counters(self) -> None:
+        """Copy the queue's counters and broken state into the published
+        counters (a reset queue clears ``broken_reason``), and log the
+        drops since the last call, by reason."""
         c, vq = self.counters, self.vq
         c.calls = vq.calls_sent
         c.suppressed = vq.notifications_suppressed
         if vq.broken:
-            c.ring_errors = 1
+            if c.broken_reason is None:
+                c.ring_errors += 1
             c.state = "broken"
-            c.broken_reason = vq.broken_reason
+            kind = vq.broken_kind
+            c.broken_reason = kind.value if kind is not None else BrokenReason.PORT_FAILED.value
+            c.broken_detail = vq.broken_reason
+        elif c.broken_reason is not None:
+            c.broken_reason = c.broken_detail = None
+            if c.state == "broken":
+                c.state = "idle"
+        if c.drops != self._drops_logged:
+            self._drops_logged = c.drops
+            seen = self.__dict__.setdefault("_drops_seen", {})
+            new = {r: n for r, n in c.drops_by_reason.items() if n != seen.get(r, 0)}
+            log.info("queue %d: frames dropped: %s", self.index,
+                     ", ".join(f"{r.value} +{n - seen.get(r, 0)}" for r, n in new.items()))
+            seen.update(new)
 
     def probe(self) -> bool:
         """Cheap check, while spinning, that a pass would find work: the
@@ -492,6 +659,8 @@ class Worker:
         if not vq.started or (not self.is_tx and not vq.enabled):
             return False
         if self.spsc is not None and not self.is_tx and not self.spsc.ready():
+            return False
+        if self.port_rx is not None and not self.port_rx.ready():
             return False
         return not vq.empty()
 
