@@ -7,6 +7,7 @@ sends).  "rx" and "tx" are always the guest's view.
 """
 from __future__ import annotations
 
+import logging
 import struct
 from typing import List, Optional, Sequence, Tuple
 
@@ -19,6 +20,8 @@ from .virtqueue import VirtQueue
 
 __all__ = ["NetIface", "net_hdr_len", "pop_tx_frames", "push_rx_frames", "parse_mac",
            "OFFLOADS", "offload_dependency_error"]
+
+log = logging.getLogger("shardvu.net")
 
 VIRTIO_NET_S_LINK_UP = 1
 
@@ -77,13 +80,20 @@ class NetIface(DeviceIface):
     ``offloads``: the offload feature bits (a subset of :data:`OFFLOADS`)
     the port can carry; only those are offered, and SET_FEATURES is refused
     when the acknowledged set breaks a spec dependency
-    (:func:`offload_dependency_error`)."""
+    (:func:`offload_dependency_error`).
+
+    ``port``: the control side of a two-way port
+    (:class:`shardvu.workers.ports.PortControl`), told the accepted
+    features (``set_features``) and which pairs have an enabled ring
+    (``set_enabled``: SET_VRING_ENABLE; every pair at SET_FEATURES without
+    VHOST_USER_F_PROTOCOL_FEATURES, when the spec enables every ring)."""
 
     def __init__(self, queue_pairs: int, mac: Optional[bytes] = None, mtu: int = 0,
-                 in_order: bool = False, offloads: int = 0):
+                 in_order: bool = False, offloads: int = 0, port=None):
         if offloads & ~OFFLOADS:
             raise ValueError(f"not offload features: {offloads & ~OFFLOADS:#x}")
         self.offloads = offloads
+        self.port = port
         self.queue_pairs = queue_pairs
         #: offer VIRTIO_F_IN_ORDER: only for a data path that completes every
         #: queue's buffers in the order it popped them
@@ -103,6 +113,35 @@ class NetIface(DeviceIface):
 
     def check_features(self, dev: Device, features: int) -> Optional[str]:
         return offload_dependency_error(features)
+
+    def set_features(self, dev: Device, features: int) -> None:
+        if self.port is None:
+            return
+        try:
+            self.port.set_features(features, net_hdr_len(features))
+        except OSError as exc:
+            log.error("SET_FEATURES: the port refused features %#x: %s", features, exc)
+        if not features & P.bit(P.VHOST_USER_F_PROTOCOL_FEATURES):
+            for pair in range(self.queue_pairs):
+                self._enable(pair, True)
+
+    def process_msg(self, dev: Device, msg) -> None:
+        if self.port is not None and msg.request == P.Request.SET_VRING_ENABLE:
+            try:
+                st = P.VringState.unpack(msg.payload)
+            except Exception:
+                return None         # the Device refuses it
+            if st.index < 2 * self.queue_pairs:
+                other = dev.vqs[st.index ^ 1].enable
+                self._enable(st.index // 2, bool(st.num) or other)
+        return None
+
+    def _enable(self, pair: int, on: bool) -> None:
+        try:
+            self.port.set_enabled(pair, on)
+        except OSError as exc:
+            log.error("pair %d: the port could not %s it: %s", pair,
+                      "attach" if on else "detach", exc)
 
     def queue_is_processed_in_order(self, dev: Device, qidx: int) -> bool:
         return self.in_order
@@ -212,15 +251,10 @@ def push_rx_frames_counted(vq: VirtQueue, frames: Sequence, hdr_len: int, mergea
                 drops.drop(DropReason.RX_BUFFER_TOO_SMALL)
             consumed += 1
             continue
-        elems = []
-        pos = 0
-        while True:
-            take = min(room, len(data) - pos)
-            _scatter_at(elem.in_sg, 0, data[pos:pos + take])
-            elems.append((elem, take))
-            pos += take
-            if pos == len(data):
-                break
+        # Gather every buffer the frame needs before writing any of them.
+        elems = [(elem, room)]
+        total = room
+        while total < len(data):
             elem = vq.pop()
             if elem is None:
                 break
@@ -228,16 +262,23 @@ def push_rx_frames_counted(vq: VirtQueue, frames: Sequence, hdr_len: int, mergea
                 vq.unpop(elem)
                 vq.mark_broken(f"descriptor chain {elem.index} has a device-readable buffer "
                                "in an RX queue", BrokenReason.WRONG_DIRECTION)
-                elem = None
                 break
             room = sum(len(v) for v in elem.in_sg)
-        if pos < len(data):
+            elems.append((elem, room))
+            total += room
+        if total < len(data):
             # out of buffers, or the queue broke: this frame is not delivered
             vq.rewind(len(elems))
             break
         if hdr_len == 12:
-            # num_buffers is bytes 10..11 of the header, which may straddle buffers.
-            _scatter_at(elems[0][0].in_sg, 10, struct.pack("<H", len(elems)))
+            # num_buffers: bytes 10..11 of the header (which may straddle buffers)
+            data = data[:10] + struct.pack("<H", len(elems)) + data[12:]
+        pos = 0
+        for i, (e, room) in enumerate(elems):
+            take = min(room, len(data) - pos)
+            _scatter_at(e.in_sg, 0, data[pos:pos + take])
+            elems[i] = (e, take)
+            pos += take
         for e, take in elems:
             vq.fill(e, take, used)
             used += 1

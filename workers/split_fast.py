@@ -89,7 +89,9 @@ def translate(vq: VirtQueue, cache: RegionCache, head: int, addr: int, length: i
     memory, without when it spans adjacent regions (the caller leaves it
     to the general path: ``more = not vq.broken``)."""
     view = cache.lookup(addr, length)
-    if view is None and not (addr >= 0 and covered(cache.mem, addr, length)):
+    # (a struct-style loop reads an address >= 2**63 as negative: no region
+    # holds it, though a zero-length buffer there addresses no byte at all)
+    if view is None and length and not (addr >= 0 and covered(cache.mem, addr, length)):
         vq.mark_broken(f"descriptor {head} buffer {addr & 0xFFFFFFFFFFFFFFFF:#x}+{length:#x} "
                        f"is outside guest memory", BrokenReason.OUTSIDE_MEMORY)
     return view
@@ -119,17 +121,21 @@ def _heads(avail16, last: int, n: int, num: int) -> List[int]:
     return avail16[2 + s:2 + num].tolist() + avail16[2:2 + e - num].tolist()
 
 
-def _valid_heads(vq: VirtQueue, avail16, last: int, n: int, num: int) -> List[int]:
-    """:func:`_heads`, cut before the first index out of range (the queue
-    is then marked broken); one ``max`` over the batch in the common case."""
+def _valid_heads(vq: VirtQueue, avail16, last: int, n: int, num: int) -> Tuple[List[int], int]:
+    """:func:`_heads`, cut before the first index out of range, and that
+    index (-1: none); one ``max`` over the batch in the common case.  The
+    caller breaks the queue (:func:`_bad_head`) only once it has taken
+    every head before it: an earlier bad chain decides first."""
     heads = _heads(avail16, last, n, num)
     if max(heads) >= num:
         for i, head in enumerate(heads):
             if head >= num:
-                vq.mark_broken(f"head index {head} >= queue size {num}",
-                               BrokenReason.INDEX_OUT_OF_RANGE)
-                return heads[:i]
-    return heads
+                return heads[:i], head
+    return heads, -1
+
+
+def _bad_head(vq: VirtQueue, head: int) -> None:
+    vq.mark_broken(f"head index {head} >= queue size {vq.num}", BrokenReason.INDEX_OUT_OF_RANGE)
 
 
 def _used_store(used64, start: int, elems: List[int], num: int) -> None:
@@ -183,7 +189,7 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
     navail = batch_size(vq, rings.avail16[1], budget)
     if not navail:
         return 0, 0, False
-    heads = _valid_heads(vq, rings.avail16, last, navail, num)
+    heads, bad = _valid_heads(vq, rings.avail16, last, navail, num)
     lo, hi, view = cache.lo, cache.hi, cache.view
     cols = _columns(rings, heads)
     if cols is not None:
@@ -197,6 +203,8 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
             if on_frames is not None:
                 d = hdr_len - lo
                 on_frames([view[a + d:a - lo + ln] for a, ln in zip(addrs, lens)])
+            if bad >= 0:
+                _bad_head(vq, bad)
             _give_back(vq, rings, heads, last)
             return k, sum(lens) - k * hdr_len, False
     desc64, desc32, desc16 = rings.desc64, rings.desc32, rings.desc16
@@ -224,6 +232,8 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
         elif drops is not None:
             drops.drop(DropReason.SHORT_FRAME if flen < 0 else DropReason.OVERSIZE_FRAME)
         n += 1
+    if bad >= 0 and n == len(heads) and not more:
+        _bad_head(vq, bad)
     if n:
         _used_store(rings.used64, vq.used_idx, heads if n == navail else heads[:n], num)
         if out:
@@ -310,7 +320,7 @@ def rx_pass(vq: VirtQueue, frames: Sequence, hdr: bytes,
     navail = batch_size(vq, rings.avail16[1], len(frames))
     if not navail:
         return 0, 0, False
-    heads = _valid_heads(vq, rings.avail16, last, navail, num)
+    heads, bad = _valid_heads(vq, rings.avail16, last, navail, num)
     desc64, desc32, desc16 = rings.desc64, rings.desc32, rings.desc16
     hlen = len(hdr)
     lo, hi, mm = cache.lo, cache.hi, cache.mm
@@ -318,6 +328,8 @@ def rx_pass(vq: VirtQueue, frames: Sequence, hdr: bytes,
     done = _rx_consecutive(rings, heads, frames, hdr, lo, hi, delta, mm, max_len)
     if done is not None:
         elems, nbytes = done
+        if bad >= 0:
+            _bad_head(vq, bad)
         _give_back(vq, rings, elems, last)
         return len(elems), nbytes, False
     elems: List[int] = []                     # used elements, id | len << 32
@@ -342,6 +354,8 @@ def rx_pass(vq: VirtQueue, frames: Sequence, hdr: bytes,
             mm[off:off + hlen] = hdr
         mm[off + hlen:off + total] = frame
         put(head | total << 32)
+    if bad >= 0 and len(elems) == len(heads) and not more:
+        _bad_head(vq, bad)
     if not elems:
         return 0, 0, more
     n, nbytes = _publish_rx(vq, rings, elems, last, hlen)
@@ -371,7 +385,7 @@ def tx_to_ring(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
     navail = batch_size(vq, rings.avail16[1], budget)
     if not navail:
         return 0, 0, 0, False
-    heads = _valid_heads(vq, rings.avail16, last, navail, num)
+    heads, bad = _valid_heads(vq, rings.avail16, last, navail, num)
     desc64, desc32, desc16 = rings.desc64, rings.desc32, rings.desc16
     lo, hi, mm = cache.lo, cache.hi, cache.mm
     delta = cache.base - lo + hdr_len          # mm offset of a frame = addr + delta
@@ -401,6 +415,8 @@ def tx_to_ring(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
                     data = SLOT0 + DATA_OFF
             n, nbytes = k, sum(lens) - k * hdr_len
             rest = ()
+            if bad >= 0:
+                _bad_head(vq, bad)
     for head in rest:
         if desc16[(head << 3) + 6] & (_SLOW_FLAGS | _WRITE):
             more = True
@@ -429,6 +445,8 @@ def tx_to_ring(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
                 drops.drop(DropReason.SHORT_FRAME if flen < 0 else
                            DropReason.OVERSIZE_FRAME if flen > maxf else DropReason.PORT_FULL)
         n += 1
+    if rest is heads and bad >= 0 and n == len(heads) and not more:
+        _bad_head(vq, bad)
     if n:
         ring.publish(prod + n - dropped)
         _give_back(vq, rings, heads if n == navail else heads[:n], last)
@@ -453,7 +471,7 @@ def rx_from_ring(vq: VirtQueue, ring: SpscRing, hdr_len: int, budget: int,
     navail = batch_size(vq, rings.avail16[1], ready)
     if not navail:
         return 0, 0, False
-    heads = _valid_heads(vq, rings.avail16, last, navail, num)
+    heads, bad = _valid_heads(vq, rings.avail16, last, navail, num)
     desc64, desc32, desc16 = rings.desc64, rings.desc32, rings.desc16
     lo, hi, mm = cache.lo, cache.hi, cache.mm
     delta = cache.base - lo                   # mm offset of guest address a = a + delta
@@ -479,6 +497,8 @@ def rx_from_ring(vq: VirtQueue, ring: SpscRing, hdr_len: int, budget: int,
                     mm[off:off + hdr_len + flen] = smm[slot + start:slot + DATA_OFF + flen]
                     slot += ssize
                 ring.consumed(cons + k)
+                if bad >= 0:
+                    _bad_head(vq, bad)
                 _give_back(vq, rings, _rx_elems(heads, flens, hdr_len), last)
                 return k, sum(flens), False
     elems: List[int] = []                     # used elements, id | len << 32
@@ -506,6 +526,8 @@ def rx_from_ring(vq: VirtQueue, ring: SpscRing, hdr_len: int, budget: int,
         slot += ssize
         if slot == send:
             slot = SLOT0
+    if bad >= 0 and len(elems) == len(heads) and not more:
+        _bad_head(vq, bad)
     if not elems:
         return 0, 0, more
     ring.consumed(cons + len(elems))
