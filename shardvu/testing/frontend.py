@@ -816,8 +816,9 @@ class Frontend:
             self.suppressed_kicks[q] += 1
 
     def send(self, pair: int, frames: Iterable[bytes], kick: bool = True,
-             indirect: Optional[bool] = None, split_header: bool = False) -> int:
-        """Queue each frame (after a zeroed virtio_net_hdr) on TX queue
+             indirect: Optional[bool] = None, split_header: bool = False,
+             header: Optional[bytes] = None) -> int:
+        """Queue each frame (after a zeroed virtio_net_hdr, or ``header``) on TX queue
         ``2*pair+1``, publish, and kick unless the device suppressed it.
         A frame larger than ``tx_buf_size`` spans several descriptors
         (indirect when negotiated, or as ``indirect`` says).  Reclaims used
@@ -826,7 +827,7 @@ class Frontend:
         q = 2 * pair + 1
         vq = self.queues[q]
         use_indirect_default = self.has_feature(P.VIRTIO_RING_F_INDIRECT_DESC)
-        hdr = bytes(self.hdr_len)
+        hdr = bytes(self.hdr_len) if header is None else header
         count = 0
         for frame in frames:
             parts = [hdr, bytes(frame)] if split_header else [hdr + bytes(frame)]
@@ -894,9 +895,10 @@ class Frontend:
                 self._kick_if_needed(q)
         return n
 
-    def receive(self, pair: int, timeout: float = 1.0, min_frames: int = 1) -> List[bytes]:
+    def receive(self, pair: int, timeout: float = 1.0, min_frames: int = 1,
+                keep_header: bool = False) -> List[bytes]:
         """Frames the device wrote into RX queue ``2*pair`` (net header
-        stripped, MRG_RXBUF buffers merged), re-posting a buffer for each
+        stripped unless ``keep_header``, MRG_RXBUF buffers merged), re-posting a buffer for each
         one consumed.  Waits up to ``timeout`` for ``min_frames`` frames,
         sleeping on the call eventfd with notifications enabled; returns
         what it has (possibly nothing) when time runs out."""
@@ -930,7 +932,7 @@ class Frontend:
                     self._rx_pools[s].put(g)
                 del pending[:nbuf]
                 consumed += nbuf
-                frames.append(bytes(data[hlen:]))
+                frames.append(bytes(data if keep_header else data[hlen:]))
             if consumed:
                 self.post_rx(pair, consumed, self._rx_size[q])
             if len(frames) >= min_frames:
