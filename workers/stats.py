@@ -28,6 +28,8 @@ from typing import Any, Dict, Optional
 
 import zmq
 
+from shardvu.reasons import DropReason
+
 #: Frame-size bins, named as DPDK's vhost PMD names its xstats:
 #: ``(counter name, smallest length, largest length)``, lengths in bytes of
 #: the Ethernet frame (without the virtio-net header).  Frames under 64
@@ -55,11 +57,15 @@ class Counters:
     """Per-queue counters, cheap to bump from a hot loop (``c.packets += n``).
 
     All counters are monotonically increasing ints for the life of the worker.
-    ``state`` is one of :data:`STATES`; ``broken_reason`` is a short text set
-    together with ``state = "broken"`` (else None).
+    ``drops`` is the total of ``drops_by_reason`` (one entry per
+    :class:`~shardvu.reasons.DropReason`, zeros included): count a drop with
+    :meth:`drop`, which the ring walkers call.  ``state`` is one of
+    :data:`STATES`; ``broken_reason`` (a :class:`~shardvu.reasons.BrokenReason`
+    value) and ``broken_detail`` (the text) are set together with ``state =
+    "broken"`` (else None).
     """
 
-    __slots__ = COUNTER_FIELDS + ("state", "broken_reason")
+    __slots__ = COUNTER_FIELDS + ("state", "broken_reason", "broken_detail", "drops_by_reason")
 
     def __init__(self) -> None:
         self.packets = 0        # descriptor chains (frames) completed
@@ -74,6 +80,17 @@ class Counters:
             setattr(self, name, 0)   # SIZE_BINS and CAST_FIELDS
         self.state = "idle"
         self.broken_reason: Optional[str] = None
+        self.broken_detail: Optional[str] = None
+        self.drops_by_reason: Dict[DropReason, int] = {r: 0 for r in DropReason}
+
+    def drop(self, reason: DropReason, n: int = 1) -> None:
+        """Count ``n`` frames dropped for ``reason`` (and in ``drops``)."""
+        self.drops += n
+        self.drops_by_reason[reason] += n
+
+    def drops_dict(self) -> Dict[str, int]:
+        """``{reason value: count}`` for every DropReason (zeros included)."""
+        return {r.value: n for r, n in self.drops_by_reason.items()}
 
     def as_dict(self) -> Dict[str, int]:
         """The counters (not state) as a fresh dict."""
@@ -140,8 +157,10 @@ class StatsPublisher:
             "pid": self.pid,
             "time": time.time(),
             "counters": counters.as_dict(),
+            "drops_by_reason": counters.drops_dict(),
             "state": counters.state,
             "broken_reason": counters.broken_reason,
+            "broken_detail": counters.broken_detail,
         }).encode()
         try:
             sock.send(msg, zmq.NOBLOCK)
