@@ -51,7 +51,6 @@ The control process creates what the pair's two workers share
 per queue pair, whose first socket goes to the TX worker and second to the
 RX worker, so a port can answer the guest.  An ARP responder, complete::
 
-    import struct
     from shardvu.workers.ports import Port
 
     class ArpResponder(Port):
@@ -62,14 +61,14 @@ RX worker, so a port can answer the guest.  An ARP responder, complete::
             h = self.hdr_len
             for f in frames:
                 eth = bytes(f[h:])
-                if eth[12:14] != b"\x08\x06" or eth[20:22] != b"\x00\x01":
+                if eth[12:14] != b"\\x08\\x06" or eth[20:22] != b"\\x00\\x01":
                     continue                         # not an ARP request
                 sha, spa, tpa = eth[22:28], eth[28:32], eth[38:42]
-                arp = (b"\x00\x01\x08\x00\x06\x04\x00\x02" + self.MAC + tpa + sha + spa)
-                self.channel_send(bytes(h) + sha + self.MAC + b"\x08\x06" + arp)
+                arp = b"\\x00\\x01\\x08\\x00\\x06\\x04\\x00\\x02" + self.MAC + tpa + sha + spa
+                self.channel_send(bytes(h) + sha + self.MAC + b"\\x08\\x06" + arp)
 
         # receive side (RX worker): the default fileno()/receive() read what
-        # channel_send() wrote; headers are fixed up (num_buffers) by the worker.
+        # channel_send() wrote; the worker sets num_buffers.
 
 Run it with ``shardvu run --port mymodule:ArpResponder``.  The bad
 outcomes are the worker's: a frame the guest has no room for is dropped
