@@ -1,0 +1,468 @@
+"""``--port af_packet:IFNAME``: an existing Ethernet interface (a veth end,
+a bridge, a NIC) through AF_PACKET sockets with mmap'ed TPACKET_V2 rings.
+
+Control side (:class:`AfPacketControl`, owned by the control process):
+one socket per queue pair, bound to IFNAME, each with
+
+* PACKET_VNET_HDR: every frame in both rings carries a 10-byte
+  ``virtio_net_hdr``, so partial checksums and GSO frames pass to and from
+  the guest as offloads instead of being resolved by the kernel;
+* an RX ring and a TX ring (PACKET_RX_RING / PACKET_TX_RING, one mapping:
+  RX blocks first), frames large enough for a 64 KiB GSO frame;
+* PACKET_LOSS: a TX frame the kernel refuses is skipped, its slot freed,
+  so one bad guest frame cannot halt the ring;
+* PACKET_IGNORE_OUTGOING: frames leaving IFNAME (those shardvu sends
+  among them) are not looped back into the guest;
+* PACKET_MR_PROMISC membership: frames for any MAC address are received;
+* PACKET_FANOUT, hash mode with defragmentation, so each pair receives
+  its share of IFNAME's traffic by flow.  The group id is allocated by the
+  kernel (PACKET_FANOUT_FLAG_UNIQUEID), so it is unique in the network
+  namespace; the other pairs' sockets join it.
+
+Worker side (:class:`AfPacketPort`): both workers of pair *i* get a copy of
+socket *i* and map its rings.  The TX worker copies each guest frame into
+the next free TX slot (the guest's header, cut to the 10 bytes the kernel
+reads, then the frame) and flushes the whole batch with one ``send``; the
+RX worker sleeps on the socket (readable while the RX ring holds frames)
+and copies frames out of the RX ring.
+
+Offloads, interface → guest: a frame whose checksum is partial
+(NEEDS_CSUM) goes to the guest as it is when GUEST_CSUM is negotiated,
+else its checksum is completed in software; DATA_VALID is cleared without
+GUEST_CSUM; a GSO frame goes to a guest that negotiated the matching
+GUEST_TSO4/TSO6/UFO (and GUEST_ECN for ECN), else it is dropped and counted
+(OFFLOAD_NOT_NEGOTIATED).  A VLAN tag the kernel moved into
+``tp_vlan_tci`` is put back into the frame (``csum_start`` moves with it).
+
+Bad outcomes: a frame larger than a ring slot (OVERSIZE_FRAME), a frame
+shorter than an Ethernet header (SHORT_FRAME), a full TX ring (PORT_FULL),
+frames that arrive after IFNAME went away (PORT_ERROR, logged once; the RX
+worker stops watching the socket).
+
+Runs on CPython >= 3.9 and PyPy 3.9 (worker code): socket, mmap and struct
+only.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+import socket
+import struct
+from typing import Any, Dict, List, Optional, Sequence
+
+from shardvu.reasons import DropReason
+
+from .ports import Port, PortControl
+
+__all__ = ["AfPacketControl", "AfPacketPort", "AfPacketError", "open_socket", "Geometry",
+           "csum_complete", "SOL_PACKET"]
+
+log = logging.getLogger("shardvu.worker")
+
+# <linux/if_packet.h>
+SOL_PACKET = 263
+PACKET_ADD_MEMBERSHIP = 1
+PACKET_RX_RING = 5
+PACKET_STATISTICS = 6
+PACKET_VERSION = 10
+PACKET_TX_RING = 13
+PACKET_LOSS = 14
+PACKET_VNET_HDR = 15
+PACKET_FANOUT = 18
+PACKET_IGNORE_OUTGOING = 23
+TPACKET_V2 = 1
+PACKET_MR_PROMISC = 1
+PACKET_FANOUT_HASH = 0
+PACKET_FANOUT_FLAG_UNIQUEID = 0x2000
+PACKET_FANOUT_FLAG_DEFRAG = 0x8000
+ETH_P_ALL = 0x0003
+# tp_status
+TP_STATUS_USER = 0x1
+TP_STATUS_VLAN_VALID = 0x10
+TP_STATUS_VLAN_TPID_VALID = 0x40
+TP_STATUS_AVAILABLE = 0
+TP_STATUS_SEND_REQUEST = 0x1
+TP_STATUS_WRONG_FORMAT = 0x4
+
+#: struct tpacket2_hdr: status, len, snaplen, mac, net, sec, nsec, vlan_tci, vlan_tpid
+_HDR = struct.Struct("IIIHHIIHH4x")
+_U32 = struct.Struct("I")
+#: TPACKET2_HDRLEN - sizeof(struct sockaddr_ll): where a TX frame starts
+_TX_DATA = 32
+#: struct virtio_net_hdr (the kernel's 10 bytes)
+VNET_LEN = 10
+_VNET = struct.Struct("<BBHHHH")
+_F_NEEDS_CSUM, _F_DATA_VALID = 1, 2
+_GSO_ECN = 0x80
+# guest feature needed for each gso_type (virtio-net): TCPV4, UDP, TCPV6
+_GSO_NEEDS = {1: 7, 3: 10, 4: 8}
+_GUEST_CSUM, _GUEST_ECN = 1, 9
+
+ARPHRD_ETHER = 1
+
+
+class AfPacketError(Exception):
+    """The interface cannot be used as asked; the message is one line."""
+
+
+class Geometry:
+    """The rings' layout, shared by the control process (setsockopt) and
+    the workers (mmap): ``blocks`` blocks of ``block_size`` bytes per ring,
+    each holding ``block_size // frame_size`` frame slots; the TX ring's
+    blocks follow the RX ring's in the mapping."""
+
+    def __init__(self, block_size: int = 1 << 20, frame_size: int = 69904,
+                 rx_blocks: int = 8, tx_blocks: int = 8):
+        self.block_size = block_size
+        self.frame_size = frame_size
+        self.rx_blocks = rx_blocks
+        self.tx_blocks = tx_blocks
+
+    @property
+    def per_block(self) -> int:
+        return self.block_size // self.frame_size
+
+    @property
+    def size(self) -> int:
+        return (self.rx_blocks + self.tx_blocks) * self.block_size
+
+    def offsets(self, tx: bool) -> List[int]:
+        """The mapping offset of every frame slot of one ring, in order."""
+        base = self.rx_blocks * self.block_size if tx else 0
+        blocks = self.tx_blocks if tx else self.rx_blocks
+        return [base + b * self.block_size + i * self.frame_size
+                for b in range(blocks) for i in range(self.per_block)]
+
+    def req(self, tx: bool) -> bytes:
+        """struct tpacket_req for one ring."""
+        blocks = self.tx_blocks if tx else self.rx_blocks
+        return struct.pack("IIII", self.block_size, blocks, self.frame_size,
+                           blocks * self.per_block)
+
+    def meta(self) -> Dict[str, int]:
+        return {"block_size": self.block_size, "frame_size": self.frame_size,
+                "rx_blocks": self.rx_blocks, "tx_blocks": self.tx_blocks}
+
+    @classmethod
+    def from_meta(cls, meta: Dict[str, Any]) -> "Geometry":
+        return cls(meta["block_size"], meta["frame_size"], meta["rx_blocks"], meta["tx_blocks"])
+
+
+def _ifindex(name: str) -> int:
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        raise AfPacketError(f"af_packet: no interface {name}") from None
+
+
+def _check_ether(name: str) -> None:
+    try:
+        with open(f"/sys/class/net/{name}/type") as f:
+            kind = int(f.read())
+    except (OSError, ValueError):
+        return                      # no sysfs for this namespace: let bind decide
+    if kind != ARPHRD_ETHER:
+        raise AfPacketError(f"af_packet: {name} is not an Ethernet interface (type {kind})")
+
+
+def open_socket(ifname: str, geo: Geometry, fanout: Optional[int]) -> socket.socket:
+    """One pair's socket on ``ifname``: TPACKET_V2 rings with ``geo``'s
+    layout, vnet headers, PACKET_LOSS, outgoing frames ignored, promiscuous,
+    in fanout group ``fanout`` (None: a new group with a kernel-chosen id;
+    read it with :func:`fanout_id`).  Raises AfPacketError (one line)."""
+    ifindex = _ifindex(ifname)
+    try:
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+    except PermissionError:
+        raise AfPacketError("af_packet: no permission to open a packet socket "
+                            "(needs CAP_NET_RAW)") from None
+    try:
+        s.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
+        s.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+        s.setsockopt(SOL_PACKET, PACKET_LOSS, 1)
+        s.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+        s.setsockopt(SOL_PACKET, PACKET_RX_RING, geo.req(False))
+        s.setsockopt(SOL_PACKET, PACKET_TX_RING, geo.req(True))
+        s.bind((ifname, ETH_P_ALL))
+        s.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP,
+                     struct.pack("iHH8s", ifindex, PACKET_MR_PROMISC, 0, b""))
+        mode = PACKET_FANOUT_HASH | PACKET_FANOUT_FLAG_DEFRAG
+        if fanout is None:
+            arg = (mode | PACKET_FANOUT_FLAG_UNIQUEID) << 16
+        else:
+            arg = fanout | mode << 16
+        s.setsockopt(SOL_PACKET, PACKET_FANOUT, struct.pack("I", arg))
+        s.setblocking(False)
+    except OSError as exc:
+        s.close()
+        if exc.errno in (errno.ENODEV, errno.ENXIO):
+            raise AfPacketError(f"af_packet: no interface {ifname}") from None
+        raise AfPacketError(f"af_packet: {ifname}: {exc.strerror}") from None
+    return s
+
+
+def fanout_id(s: socket.socket) -> int:
+    """The fanout group id of a socket that joined one."""
+    return s.getsockopt(SOL_PACKET, PACKET_FANOUT) & 0xFFFF
+
+
+class AfPacketControl(PortControl):
+    """The pairs' sockets, owned by the control process; each pair's two
+    workers get copies of its socket and the ring geometry in ``meta``."""
+
+    kind = "af_packet"
+
+    def __init__(self, ifname: str, pairs: int, geo: Optional[Geometry] = None):
+        if pairs < 1:
+            raise AfPacketError("af_packet: need at least one queue pair")
+        self.ifname = ifname
+        self.ifindex = _ifindex(ifname)
+        _check_ether(ifname)
+        self.geo = geo or Geometry()
+        self.socks: List[socket.socket] = []
+        try:
+            first = open_socket(ifname, self.geo, None)
+            self.socks.append(first)
+            self.fanout = fanout_id(first)
+            for _ in range(pairs - 1):
+                self.socks.append(open_socket(ifname, self.geo, self.fanout))
+        except BaseException:
+            self.close()
+            raise
+
+    def fds(self, pair: int) -> List[int]:
+        return [os.dup(self.socks[pair].fileno())]
+
+    def meta(self, pair: int) -> Dict[str, Any]:
+        return dict(self.geo.meta(), ifname=self.ifname, ifindex=self.ifindex,
+                    fanout=self.fanout)
+
+    def stats(self, pair: int) -> Dict[str, int]:
+        """The kernel's PACKET_STATISTICS for pair ``pair`` since the last
+        call: frames received (``packets``) and dropped for a full RX ring
+        (``drops``)."""
+        raw = self.socks[pair].getsockopt(SOL_PACKET, PACKET_STATISTICS, 8)
+        packets, drops = struct.unpack("II", raw)
+        return {"packets": packets, "drops": drops}
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.close()
+        self.socks = []
+
+
+def csum_complete(frame: bytearray, start: int, offset: int) -> None:
+    """Finish a partial checksum in place (virtio NEEDS_CSUM): the
+    one's-complement sum of ``frame[start:]``, whose checksum field at
+    ``start + offset`` holds the pseudo-header sum, complemented into that
+    field.  Raises ValueError if the field lies outside the frame."""
+    pos = start + offset
+    if start < 0 or pos + 2 > len(frame):
+        raise ValueError("checksum field outside the frame")
+    data = bytes(frame[start:])
+    if len(data) & 1:
+        data += b"\0"
+    # the one's-complement sum of 16-bit words is the value mod 0xffff
+    s = int.from_bytes(data, "big") % 0xFFFF
+    if s == 0 and any(data):
+        s = 0xFFFF
+    c = ~s & 0xFFFF
+    if c == 0 and offset == 6:
+        c = 0xFFFF                  # UDP: a computed 0 is sent as 0xffff
+    frame[pos:pos + 2] = struct.pack(">H", c)
+
+
+def _guest_may_take(features: int, gso_type: int) -> bool:
+    need = _GSO_NEEDS.get(gso_type & ~_GSO_ECN)
+    if need is None or not features >> need & 1:
+        return False
+    return not gso_type & _GSO_ECN or bool(features >> _GUEST_ECN & 1)
+
+
+class AfPacketPort(Port):
+    """``--port af_packet:IFNAME`` in a worker (see the module docstring).
+
+    Contract: ``fds[0]`` is the pair's socket (the worker owns and closes
+    it); the port maps the socket's rings and unmaps them at :meth:`close`.
+    :meth:`send` never blocks: a batch is copied into free TX slots and
+    flushed with one non-blocking ``send``.  :meth:`receive` returns at most
+    ``budget`` frames, each ``hdr_len`` header bytes then the Ethernet
+    frame."""
+
+    from shardvu.net import OFFLOADS as offloads
+
+    @classmethod
+    def open_control(cls, arg: str, pairs: int) -> PortControl:
+        try:
+            return AfPacketControl(arg, pairs)
+        except AfPacketError as exc:
+            raise ValueError(str(exc)) from None
+
+    def __init__(self, pair: int, tx: bool, fds: List[int], meta: Dict[str, Any]):
+        super().__init__(pair, tx, fds, meta)
+        self.geo = Geometry.from_meta(meta)
+        self.ifname = meta.get("ifname", "?")
+        self.ifindex = meta.get("ifindex", 0)
+        self.sock = socket.socket(fileno=os.dup(fds[0]))
+        self.mm: Optional[mmap.mmap] = mmap.mmap(fds[0], self.geo.size, mmap.MAP_SHARED,
+                                                 mmap.PROT_READ | mmap.PROT_WRITE)
+        self.slots = self.geo.offsets(tx)
+        self.slot = 0
+        self.max_tx = self.geo.frame_size - _TX_DATA - VNET_LEN
+        self.gone = False
+
+    # -- both sides ---------------------------------------------------------------
+    def _lost(self, why: str) -> None:
+        if not self.gone:
+            self.gone = True
+            log.error("pair %d: af_packet %s failed (%s); dropping its traffic",
+                      self.pair, self.ifname, why)
+
+    def _check_link(self, err: int) -> None:
+        """After a socket error: gone for good if the interface is."""
+        try:
+            name = socket.if_indextoname(self.ifindex)
+        except OSError:
+            name = None
+        if name != self.ifname:
+            self._lost(f"{os.strerror(err)}: the interface is gone")
+        else:
+            log.warning("pair %d: af_packet %s: %s", self.pair, self.ifname, os.strerror(err))
+
+    def close(self) -> None:
+        if self.mm is not None:
+            try:
+                self.mm.close()
+            except BufferError:     # a view still exported: the GC unmaps it
+                pass
+            self.mm = None
+        self.sock.close()
+
+    # -- send side (TX worker) ---------------------------------------------------------
+    def send(self, frames: Sequence) -> None:
+        if self.gone:
+            self.drop(DropReason.PORT_ERROR, len(frames))
+            return
+        mm = self.mm
+        slots = self.slots
+        nslots = len(slots)
+        h = self.hdr_len
+        i = self.slot
+        queued = 0
+        flushed = False
+        for k, f in enumerate(frames):
+            if isinstance(f, (list, tuple)):
+                f = b"".join(f)
+            flen = len(f) - h
+            if flen < 14:
+                self.drop(DropReason.SHORT_FRAME, 1)
+                continue
+            if flen > self.max_tx:
+                self.drop(DropReason.OVERSIZE_FRAME, 1)
+                continue
+            off = slots[i]
+            status = _U32.unpack_from(mm, off)[0]
+            if status not in (TP_STATUS_AVAILABLE, TP_STATUS_WRONG_FORMAT):
+                if not flushed:
+                    self._flush()
+                    flushed = True
+                    queued = 0
+                    status = _U32.unpack_from(mm, off)[0]
+                if status not in (TP_STATUS_AVAILABLE, TP_STATUS_WRONG_FORMAT):
+                    self.drop(DropReason.PORT_FULL, len(frames) - k)
+                    break
+            d = off + _TX_DATA
+            mm[d:d + VNET_LEN] = f[:VNET_LEN]
+            mm[d + VNET_LEN:d + VNET_LEN + flen] = f[h:]
+            _U32.pack_into(mm, off + 4, VNET_LEN + flen)      # tp_len before the status
+            _U32.pack_into(mm, off, TP_STATUS_SEND_REQUEST)
+            queued += 1
+            i += 1
+            if i == nslots:
+                i = 0
+        self.slot = i
+        if queued:
+            self._flush()
+
+    def _flush(self) -> None:
+        try:
+            self.sock.send(b"", socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as exc:
+            if exc.errno == errno.ENOBUFS:
+                return
+            self._check_link(exc.errno)
+
+    # -- receive side (RX worker) ------------------------------------------------------
+    def fileno(self) -> int:
+        return -1 if self.gone else self.fds[0]
+
+    def receive(self, budget: int) -> List[bytes]:
+        if self.gone:
+            return []
+        mm = self.mm
+        slots = self.slots
+        nslots = len(slots)
+        i = self.slot
+        out: List[bytes] = []
+        features = self.features
+        csum_ok = bool(features >> _GUEST_CSUM & 1)
+        tail = b"\x01\x00" if self.hdr_len == 12 else b""
+        while len(out) < budget:
+            off = slots[i]
+            status, tlen, snap, mac, _net, _s, _ns, tci, tpid = _HDR.unpack_from(mm, off)
+            if not status & TP_STATUS_USER:
+                break
+            frame = self._take(mm, off, status, tlen, snap, mac, tci, tpid, csum_ok, features)
+            _U32.pack_into(mm, off, 0)          # the slot goes back to the kernel
+            i += 1
+            if i == nslots:
+                i = 0
+            if frame is not None:
+                out.append(frame[0] + tail + frame[1])
+        self.slot = i
+        if not out:
+            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self._check_link(err)
+        return out
+
+    def _take(self, mm, off: int, status: int, tlen: int, snap: int, mac: int, tci: int,
+              tpid: int, csum_ok: bool, features: int):
+        """(vnet header, frame) of one RX slot, offloads resolved for the
+        guest's features; None when dropped (counted)."""
+        if snap < tlen:
+            self.drop(DropReason.OVERSIZE_FRAME, 1)
+            return None
+        if tlen < 14:
+            self.drop(DropReason.SHORT_FRAME, 1)
+            return None
+        start = off + mac
+        vnet = mm[start - VNET_LEN:start]
+        eth = mm[start:start + snap]
+        flags, gso, hlen, gsize, cstart, coff = _VNET.unpack(vnet)
+        if status & TP_STATUS_VLAN_VALID:
+            tag = struct.pack(">HH", tpid if status & TP_STATUS_VLAN_TPID_VALID else 0x8100, tci)
+            eth = eth[:12] + tag + eth[12:]
+            if flags & _F_NEEDS_CSUM:
+                cstart += 4
+            if gso:
+                hlen += 4
+            vnet = _VNET.pack(flags, gso, hlen, gsize, cstart, coff)
+        if gso and not _guest_may_take(features, gso):
+            self.drop(DropReason.OFFLOAD_NOT_NEGOTIATED, 1)
+            return None
+        if not csum_ok and flags:
+            if flags & _F_NEEDS_CSUM:
+                buf = bytearray(eth)
+                try:
+                    csum_complete(buf, cstart, coff)
+                except ValueError:
+                    self.drop(DropReason.SHORT_FRAME, 1)
+                    return None
+                eth = bytes(buf)
+            vnet = bytes(VNET_LEN)
+        return vnet, eth
