@@ -223,7 +223,8 @@ class ControlServer:
         self.pool = WorkerPool(2 * queue_pairs, port, frame_size, self.pub_endpoint, log_level, cpus,
                                worker_python)
         # Workers complete every buffer in the order they popped it.
-        self.iface = NetIface(queue_pairs, mac, mtu, in_order=True, offloads=self.pool.port.offloads)
+        self.iface = NetIface(queue_pairs, mac, mtu or self.pool.port.mtu, in_order=True,
+                              offloads=self.pool.port.offloads)
         self.port_control = None        # a two-way port's control side (e.g. the tap's queues)
         self.device: Optional[ShardedDevice] = None
         self.collector: Optional[StatsCollector] = None

@@ -128,6 +128,12 @@ class PortSpec:
         """Offload feature bits the device may offer with this port."""
         return self.two_way.offloads if self.two_way is not None else 0
 
+    @property
+    def mtu(self) -> int:
+        """The MTU the port's path allows (offered with VIRTIO_NET_F_MTU
+        unless ``--mtu`` says otherwise); 0: none to advertise."""
+        return self.two_way.path_mtu(self.arg) if self.two_way is not None else 0
+
     def open_control(self, pairs: int) -> Optional["PortControl"]:
         """The control process's part of a two-way port (None otherwise).
         Raises ValueError (one line) if it cannot be opened."""
@@ -170,6 +176,18 @@ def resolve(name: str) -> PortSpec:
         except TapError as exc:
             raise ValueError(str(exc)) from None
         return PortSpec(name, None, "port", two_way=TapPort, arg=ifname)
+    if name.startswith("af_packet:"):
+        from .afpacket import AfPacketPort
+        from .tap import TapError, check_ifname
+        try:
+            check_ifname(name[10:])
+        except TapError as exc:
+            raise ValueError(str(exc).replace("tap:", "af_packet:", 1)) from None
+        return PortSpec(name, None, "port", two_way=AfPacketPort, arg=name[10:])
+    if name.startswith("udp:"):
+        from .udp import UdpPort, parse_spec
+        parse_spec(name[4:])            # ValueError (one line) when malformed
+        return PortSpec(name, None, "port", two_way=UdpPort, arg=name[4:])
     if ":" in name:
         mod, _, attr = name.partition(":")
         try:
@@ -182,6 +200,7 @@ def resolve(name: str) -> PortSpec:
             raise ValueError(f"port {name!r} is not callable")
         return PortSpec(name, fn, "spsc")
     raise ValueError(f"unknown port {name!r} (sink, loopback, generator, tap:IFNAME, "
+                     f"af_packet:IFNAME, udp:LOCAL:PORT,REMOTE:PORT, "
                      f"module:function or module:Class)")
 
 
@@ -253,6 +272,12 @@ class Port:
 
     #: offload feature bits (:data:`shardvu.net.OFFLOADS`) the port carries
     offloads = 0
+
+    @classmethod
+    def path_mtu(cls, arg: str) -> int:
+        """The largest frame payload (MTU) the port carries; 0: no limit to
+        advertise."""
+        return 0
 
     @classmethod
     def open_control(cls, arg: str, pairs: int) -> PortControl:
