@@ -44,6 +44,9 @@ from shardvu.workers.worker import worker_main
 log = logging.getLogger("shardvu.control")
 
 COMMAND_TIMEOUT = 5.0
+#: how long a new worker may take to answer its first command (a spawned
+#: interpreter imports everything first)
+START_TIMEOUT = 60.0
 
 
 class WorkerError(Exception):
@@ -107,6 +110,16 @@ class WorkerHandle:
         return self.command({"cmd": "stats"})
 
 
+def _release(process) -> None:
+    """Free what a finished process object holds (its sentinel pipe)."""
+    close = getattr(process, "close", None)
+    if close is not None:
+        try:
+            close()
+        except ValueError:      # still running: nothing to release yet
+            pass
+
+
 def _foreign_spawn_preparation() -> None:
     """A worker spawned under another interpreter (PyPy) must use its own
     ``sys.path`` and not re-import the control process's ``__main__``:
@@ -162,6 +175,8 @@ class WorkerPool:
                 self._spsc.append(SpscRing.create())
         for i in range(self.num_queues):
             self.workers.append(self._spawn(i))
+        for w in self.workers:
+            self._wait_ready(w)
         self.pin()
         log.info("started %d workers (port %s): pids %s", self.num_queues, self.port_name,
                  [w.pid for w in self.workers])
@@ -178,6 +193,15 @@ class WorkerPool:
         proc.start()
         theirs.close()
         return WorkerHandle(index, proc, mine)
+
+    @staticmethod
+    def _wait_ready(w: WorkerHandle) -> None:
+        """Wait until a new worker answers (it serves commands from then on);
+        one that does not is logged and left to fail its first command."""
+        try:
+            w.command({"cmd": "stats"}, timeout=START_TIMEOUT)
+        except WorkerError as exc:
+            log.error("worker %d did not come up: %s", w.index, exc)
 
     def pin(self, workers: Optional[Sequence[WorkerHandle]] = None) -> None:
         """Pin worker *i* to ``cpus[i % len(cpus)]`` (psutil); all, or ``workers``."""
@@ -230,7 +254,9 @@ class WorkerPool:
             old.process.join(5)
             old.exitcode = old.process.exitcode
         old.chan.close()
+        _release(old.process)
         new = self.workers[index] = self._spawn(index)
+        self._wait_ready(new)
         self.pin([new])
         log.info("worker %d replaced: pid %d (was %d, exit code %s)", index, new.pid, old.pid,
                  old.exitcode)

@@ -128,6 +128,7 @@ class ShardedDevice(Device):
         """The Device's reset; then dead workers are replaced by fresh ones
         (their snapshot follows with the request's barrier)."""
         out = super().reset(keep_protocol)
+        self._failures.clear()      # a reset discards the progress it could not collect
         self._replace_dead()
         return out
 

@@ -1,0 +1,175 @@
+"""One ring state in the sharded runtime: regressions of the defects the two
+copies of it had (issue 10), on ``shardvu run`` and on the ShardedDevice
+in-process, with shardvu's Python front-end."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from shardvu import protocol as P
+from shardvu.control.pool import WorkerPool
+from shardvu.control.server import ControlRunner
+from shardvu.control.sharded import ShardedDevice
+from shardvu.net import NetIface
+from shardvu.protocol import ProtocolFeature as PF, Request as R
+from shardvu.testing.driver import VRING_DESC_F_NEXT
+from shardvu.testing.frontend import Frontend, FrontendError
+from shardvu.testing.runtime import Runtime
+
+from util import wait_for
+
+
+@pytest.fixture
+def runtime(tmp_path):
+    made = []
+
+    def make(queues=1, port="sink", *extra, **kw):
+        rt = Runtime(str(tmp_path / f"st{len(made)}.sock"), queues, port, *extra, **kw)
+        made.append(rt)
+        return rt
+    yield make
+    for rt in made:
+        if rt.proc.poll() is None:
+            assert rt.stop() == 0
+
+
+def frames(pair: int, n: int, size: int = 64):
+    return [bytes([pair, i & 0xFF]) + bytes(size - 2) for i in range(n)]
+
+
+def test_set_status_0_then_set_vring_kick_keeps_guest_notifications(runtime):
+    """A virtio reset (SET_STATUS 0) stops every ring; a new kick fd restarts
+    one.  The call fd was never replaced, so the guest must still be told
+    about used buffers (the worker's own copy once closed it at the stop,
+    while the control process kept it)."""
+    rt = runtime(1)
+    with Frontend(rt.sock) as fe:
+        fe.negotiate()
+        assert fe.has_protocol(PF.STATUS)
+        fe.send(0, frames(0, 3))
+        wait_for(lambda: fe.queues[1].used_idx == 3)
+        wait_for(lambda: fe.calls(1) >= 1)
+        assert fe.reclaim_tx(0) == 3
+        fe.queues[1].enable_interrupts()         # a call for the next used entry, please
+        fe.set_status(0)
+        fe.request(R.SET_VRING_KICK, P.pack_u64(1), [fe.kick_fds[1]])
+        calls = fe.calls(1)
+        fe.send(0, frames(0, 3))
+        wait_for(lambda: fe.queues[1].used_idx == 6)
+        wait_for(lambda: fe.calls(1) > calls)
+
+
+def test_broken_reason_does_not_outlive_a_new_connection(runtime):
+    rt = runtime(1, "loopback")
+    with Frontend(rt.sock) as fe:
+        fe.negotiate()
+        q = fe.queues[1]
+        q.write_desc(0, fe.alloc(64), 64, VRING_DESC_F_NEXT, 0)     # a loop
+        q.push_avail(0)
+        q.write_avail_idx(q.avail_idx)
+        fe.kick(1)
+        wait_for(lambda: rt.queue_stats()[1]["state"] == "broken", interval=0.1)
+        assert rt.queue_stats()[1]["broken_reason"]
+    wait_for(lambda: rt.queue_stats()[1]["state"] != "broken", interval=0.1)
+    assert rt.queue_stats()[1]["broken_reason"] is None
+    with Frontend(rt.sock) as fe:
+        fe.negotiate()
+        fe.post_rx(0, 8)
+        fe.send(0, frames(0, 3))
+        assert len(fe.receive(0, timeout=5, min_frames=3)) == 3
+        wait_for(lambda: rt.queue_stats()[1]["state"] == "running", interval=0.1)
+        assert rt.queue_stats()[1]["broken_reason"] is None
+
+
+def test_a_truncated_region_does_not_kill_the_control_process(runtime):
+    """The front-end shrinks a region's memfd after SET_MEM_TABLE.  The
+    control process never maps guest memory, and a worker re-checks the
+    file (fstat) before it maps: the request is refused, nothing dies."""
+    rt = runtime(1)
+    children = {p.pid for p in rt.workers()}
+    with Frontend(rt.sock) as fe:
+        fe.request(R.GET_FEATURES)
+        fe.request(R.SET_PROTOCOL_FEATURES, P.pack_u64(P.bit(PF.REPLY_ACK)))
+        fe._reply_ack = True
+        fe.request(R.SET_FEATURES, P.pack_u64(P.bit(P.VIRTIO_F_VERSION_1)
+                                              | P.bit(P.VHOST_USER_F_PROTOCOL_FEATURES)))
+        fe.request(R.SET_MEM_TABLE, P.MemoryTable(tuple(fe.region_descs)).pack(), fe.region_fds)
+        os.ftruncate(fe.region_fds[0], 0)        # (this process no longer touches it)
+        uva = fe.region_descs[0].uva
+        with pytest.raises(FrontendError):       # the worker finds the file shrunk
+            fe.request(R.SET_VRING_NUM, P.VringState(1, 256).pack())
+        with pytest.raises(FrontendError):
+            fe.request(R.SET_VRING_ADDR, P.VringAddr(1, 0, uva + 0x1000, uva + 0x3000,
+                                                     uva + 0x2000, 0).pack())
+        time.sleep(0.3)
+        assert rt.proc.poll() is None, rt.log()
+    assert rt.proc.poll() is None
+    assert "SET_VRING_ADDR" in rt.log()
+    with Frontend(rt.sock) as fe:               # and the next front-end is served
+        fe.negotiate()
+        fe.send(0, frames(0, 2))
+        wait_for(lambda: fe.queues[1].used_idx == 2)
+    assert len(rt.workers()) == 2
+    assert {p.pid for p in rt.workers()} == children or rt.proc.poll() is None
+
+
+# -- in-process: a dead worker is replaced for the next connection ----------------
+@pytest.fixture
+def served(tmp_path):
+    path = str(tmp_path / "sharded.sock")
+    pool = WorkerPool(2, "loopback")
+    pool.start()
+    dev = ShardedDevice(pool, NetIface(1, in_order=True))
+    runner = ControlRunner(dev, None)
+    t = threading.Thread(target=runner.serve, args=(path,), daemon=True)
+    t.start()
+    wait_for(lambda: os.path.exists(path))
+    yield path, pool, dev
+    runner.stop()
+    t.join(5)
+    pool.stop()
+
+
+def control_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_killed_worker_is_replaced_for_the_next_connection(served):
+    path, pool, dev = served
+    with Frontend(path) as fe:
+        fe.negotiate()
+        fe.post_rx(0, 8)
+        fe.send(0, frames(0, 2))
+        assert len(fe.receive(0, timeout=5, min_frames=2)) == 2
+    time.sleep(0.3)
+    fds = control_fds()
+    victim = pool[1]
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.process.join(5)
+    with Frontend(path) as fe:                   # no "worker 1 is dead": a fresh worker
+        fe.negotiate()
+        assert pool[1].pid != victim.pid and pool[1].alive
+        fe.post_rx(0, 8)
+        fe.send(0, frames(0, 3))
+        assert len(fe.receive(0, timeout=5, min_frames=3)) == 3
+    time.sleep(0.3)
+    assert control_fds() == fds                  # the dead worker's channel went with it
+
+
+def test_a_worker_killed_mid_session_is_replaced_at_the_reset(served):
+    path, pool, dev = served
+    with Frontend(path) as fe:
+        fe.negotiate()
+        victim = pool[0]
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.process.join(5)
+        fe.reset_device()                        # RESET_DEVICE: dead workers replaced
+        assert pool[0].pid != victim.pid and pool[0].alive
+        fe.negotiate()
+        fe.post_rx(0, 8)
+        fe.send(0, frames(0, 3))
+        assert len(fe.receive(0, timeout=5, min_frames=3)) == 3
