@@ -53,6 +53,11 @@ def _drops_by_reason(msg: Dict[str, Any]) -> Dict[str, int]:
             if str(k) in DROP_REASONS and isinstance(v, int) and v >= 0}
 
 
+#: The keys of :meth:`StatsCollector.set_supervision` a row takes over.
+_SUPERVISION_KEYS = ("last_exit_code", "last_exit_signal", "last_recovery_s", "state",
+                     "broken_reason")
+
+
 class _Queue:
     """What the collector knows about one queue.
 
@@ -63,7 +68,7 @@ class _Queue:
     """
 
     __slots__ = ("pid", "msg", "heard", "named", "exitcode", "base", "base_reasons",
-                 "base_cpu", "cpu_last", "restarts")
+                 "base_cpu", "cpu_last", "restarts", "supervision")
 
     def __init__(self, now: float) -> None:
         self.pid: Optional[int] = None        # worker pid from set_workers / messages
@@ -76,6 +81,7 @@ class _Queue:
         self.base_cpu = 0.0                   # CPU seconds of earlier workers
         self.cpu_last = 0.0                   # CPU seconds of pid, as last read
         self.restarts = 0                     # pid changes after the first pid
+        self.supervision: Dict[str, Any] = {}  # from set_supervision
 
     def fold(self) -> None:
         """Add the latest message's counters to the base (the worker is
@@ -278,6 +284,19 @@ class StatsCollector:
                     q.cpu_last = 0.0
                     q.pid, q.msg, q.heard, q.exitcode, q.named = pid, None, None, None, now
 
+    def set_supervision(self, index: int, info: Dict[str, Any]) -> None:
+        """What the supervisor (:mod:`shardvu.control.supervisor`) knows of
+        queue ``index``'s respawns: ``restarts``, ``last_exit_code``,
+        ``last_exit_signal``, ``last_recovery_s`` and, for a queue given up
+        after a crash loop, ``state`` and ``broken_reason``.  Shown in the
+        queue's snapshot row over the collector's own view; ``restarts``
+        never goes below the pid changes the collector counted itself."""
+        with self._lock:
+            q = self._queues.get(index)
+            if q is None:
+                q = self._queues[index] = _Queue(time.monotonic())
+            q.supervision = dict(info)
+
     def mark_dead(self, index: int, exitcode: Optional[int]) -> None:
         """Record that queue ``index``'s worker exited with ``exitcode``;
         it shows as state "dead" (last counters kept) until ``set_workers``
@@ -314,7 +333,8 @@ class StatsCollector:
 
             {"queues": [{"index", "direction", <COUNTER_FIELDS>, "drops_by_reason",
                          "state", "broken_reason", "exitcode", "worker_pid",
-                         "restarts", "cpu_seconds", "cpu_percent", "rss_bytes",
+                         "restarts", "last_exit_code", "last_exit_signal",
+                         "last_recovery_s", "cpu_seconds", "cpu_percent", "rss_bytes",
                          "private_bytes", "age_s"}, ...],
              "totals": {<COUNTER_FIELDS>, "drops_by_reason", "restarts", "cpu_seconds",
                         "cpu_percent", "rss_bytes", "private_bytes"},
@@ -376,7 +396,14 @@ class StatsCollector:
                     rss_bytes=rss,
                     private_bytes=private,
                     age_s=round(now - (q.heard if q.heard is not None else q.named), 3),
+                    last_exit_code=None,
+                    last_exit_signal=None,
+                    last_recovery_s=None,
                 )
+                for key in _SUPERVISION_KEYS:
+                    if key in q.supervision:
+                        row[key] = q.supervision[key]
+                row["restarts"] = max(q.restarts, int(q.supervision.get("restarts") or 0))
                 rows.append(row)
             for pid in [p for p in self._procs if p not in usage]:
                 del self._procs[pid]

@@ -69,6 +69,21 @@ def human_bytes(n: float) -> str:
     return filesize.decimal(int(n))
 
 
+def last_exit(q: Dict[str, Any]) -> str:
+    """How the queue's previous worker ended: ``"sig 9"``, ``"exit 3"`` or "-"."""
+    if q.get("last_exit_signal") is not None:
+        return f"sig {q['last_exit_signal']}"
+    if q.get("last_exit_code") is not None:
+        return f"exit {q['last_exit_code']}"
+    return "-"
+
+
+def recovery(q: Dict[str, Any]) -> str:
+    """The last respawn's recovery time, e.g. ``"12 ms"``, or "-"."""
+    r = q.get("last_recovery_s")
+    return "-" if r is None else f"{r * 1e3:.0f} ms"
+
+
 def _rate(now: int, old: Optional[int], dt: float) -> Optional[float]:
     """Per-second rate, or None without a baseline."""
     if old is None or dt <= 0 or now < old:
@@ -88,7 +103,8 @@ def build_table(snap: Dict[str, Any], prev: Optional[Dict[str, Any]] = None) -> 
     right = dict(justify="right")
     for name, opts in (("idx", right), ("dir", {}), ("state", {}), ("packets", right),
                        ("Mpps", right), ("bytes", right), ("drops", right), ("kicks", right),
-                       ("calls", right), ("restarts", right), ("pid", right), ("cpu%", right),
+                       ("calls", right), ("restarts", right), ("last exit", right),
+                       ("recovery", right), ("pid", right), ("cpu%", right),
                        ("rss", right), ("private", right)):
         table.add_column(name, **opts)
 
@@ -104,14 +120,15 @@ def build_table(snap: Dict[str, Any], prev: Optional[Dict[str, Any]] = None) -> 
         table.add_row(str(q["index"]), q["direction"], state, str(q["packets"]),
                       mpps(q["packets"], old["packets"] if old else None),
                       human_bytes(q["bytes"]), str(q["drops"]), str(q["kicks"]), str(q["calls"]),
-                      str(q.get("restarts", 0)), str(q["worker_pid"] or "-"),
+                      str(q.get("restarts", 0)), last_exit(q), recovery(q),
+                      str(q["worker_pid"] or "-"),
                       f"{q['cpu_percent']:.1f}", human_bytes(q["rss_bytes"]),
                       human_bytes(q.get("private_bytes", 0)))
     t = snap["totals"]
     footer = ["all", "", "", str(t["packets"]),
               mpps(t["packets"], prev["totals"]["packets"] if prev else None),
               human_bytes(t["bytes"]), str(t["drops"]), str(t["kicks"]), str(t["calls"]),
-              str(t.get("restarts", 0)), "", f"{t['cpu_percent']:.1f}",
+              str(t.get("restarts", 0)), "", "", "", f"{t['cpu_percent']:.1f}",
               human_bytes(t["rss_bytes"]), human_bytes(t.get("private_bytes", 0))]
     for column, text in zip(table.columns, footer):
         column.footer = text

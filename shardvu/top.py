@@ -35,7 +35,7 @@ def render(snap: Dict[str, Any], prev: Optional[Dict[str, Any]] = None,
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
-    from .statscli import human_bytes
+    from .statscli import human_bytes, last_exit, recovery
 
     dt = snap["time"] - prev["time"] if prev else 0.0
     before = {q["index"]: q for q in prev["queues"]} if prev else {}
@@ -69,7 +69,8 @@ def render(snap: Dict[str, Any], prev: Optional[Dict[str, Any]] = None,
         head.append(f"  [{stale}]", style="bold red")
     table = Table(box=box.SIMPLE_HEAD, expand=True)
     for name in ("queue", "dir", "state", "pkt/s", "bytes/s", "drops/s", "kicks/s", "calls/s",
-                 "suppr/s", "packets", "drops", "cpu%", "private", "rss", "restarts", "pid"):
+                 "suppr/s", "packets", "drops", "cpu%", "private", "rss", "restarts",
+                 "last exit", "recovery", "pid"):
         table.add_column(name, justify="left" if name in ("dir", "state") else "right",
                          no_wrap=True)
     styles = {"running": "green", "idle": "", "broken": "bold red", "dead": "bold red",
@@ -85,7 +86,8 @@ def render(snap: Dict[str, Any], prev: Optional[Dict[str, Any]] = None,
             fmt(rate(q, old, "drops")), fmt(rate(q, old, "kicks")), fmt(rate(q, old, "calls")),
             fmt(rate(q, old, "suppressed")), str(q["packets"]), str(q["drops"]),
             f"{q['cpu_percent']:.1f}", human_bytes(q.get("private_bytes", 0)),
-            human_bytes(q["rss_bytes"]), str(q.get("restarts", 0)), str(q["worker_pid"] or "-"))
+            human_bytes(q["rss_bytes"]), str(q.get("restarts", 0)), last_exit(q), recovery(q),
+            str(q["worker_pid"] or "-"))
     parts = [head, table]
     for q in snap["queues"]:
         if q.get("broken_reason"):

@@ -161,6 +161,14 @@ def test_collector_counters_are_monotonic(tmp_path):
         assert row["drops_by_reason"]["no_rx_buffer"] == 3
         assert set(row["drops_by_reason"]) == set(DROP_REASONS)
         assert c.snapshot()["totals"]["drops_by_reason"]["no_rx_buffer"] == 3
+        # The supervisor's view of respawns goes over the collector's.
+        c.set_supervision(0, {"restarts": 4, "last_exit_code": None, "last_exit_signal": 9,
+                              "last_recovery_s": 0.012, "state": "broken",
+                              "broken_reason": "crash_loop"})
+        row = c.snapshot()["queues"][0]
+        assert (row["restarts"], row["last_exit_signal"], row["state"], row["broken_reason"]) == \
+            (4, 9, "broken", "crash_loop")
+        assert row["packets"] == 18
 
 
 def test_metrics_address_parsing():

@@ -21,8 +21,8 @@ from shardvu.workers.stats import COUNTER_FIELDS, Counters, StatsPublisher
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 QUEUE_KEYS = {"index", "direction", *COUNTER_FIELDS, "drops_by_reason", "state", "broken_reason",
-              "exitcode", "worker_pid", "restarts", "cpu_seconds", "cpu_percent", "rss_bytes",
-              "private_bytes", "age_s"}
+              "exitcode", "worker_pid", "restarts", "last_exit_code", "last_exit_signal",
+              "last_recovery_s", "cpu_seconds", "cpu_percent", "rss_bytes", "private_bytes", "age_s"}
 TOTAL_KEYS = {*COUNTER_FIELDS, "drops_by_reason", "restarts", "cpu_seconds", "cpu_percent",
               "rss_bytes", "private_bytes"}
 
