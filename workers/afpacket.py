@@ -366,9 +366,12 @@ class AfPacketPort(Port):
             status = _U32.unpack_from(mm, off)[0]
             if status not in (TP_STATUS_AVAILABLE, TP_STATUS_WRONG_FORMAT):
                 if not flushed:
-                    self._flush()
+                    self._flush(queued)
                     flushed = True
                     queued = 0
+                    if self.gone:
+                        self.drop(DropReason.PORT_ERROR, len(frames) - k)
+                        break
                     status = _U32.unpack_from(mm, off)[0]
                 if status not in (TP_STATUS_AVAILABLE, TP_STATUS_WRONG_FORMAT):
                     self.drop(DropReason.PORT_FULL, len(frames) - k)
@@ -384,9 +387,11 @@ class AfPacketPort(Port):
                 i = 0
         self.slot = i
         if queued:
-            self._flush()
+            self._flush(queued)
 
-    def _flush(self) -> None:
+    def _flush(self, queued: int) -> None:
+        """Send the ``queued`` frames just put in the TX ring (one call);
+        if the interface is gone they are counted as PORT_ERROR."""
         try:
             self.sock.send(b"", socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
@@ -395,6 +400,8 @@ class AfPacketPort(Port):
             if exc.errno == errno.ENOBUFS:
                 return
             self._check_link(exc.errno)
+            if self.gone:
+                self.drop(DropReason.PORT_ERROR, queued)
 
     # -- receive side (RX worker) ------------------------------------------------------
     def fileno(self) -> int:
