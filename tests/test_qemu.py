@@ -9,9 +9,12 @@ best), so these tests prove correctness, not speed.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import socket
 import tempfile
+import threading
 import time
 
 import psutil
@@ -20,6 +23,7 @@ import pytest
 from shardvu.testing.runtime import Runtime
 from shardvu.testing.guest import build_guest, have_guest_tools
 from shardvu.testing.qemu import Guest, have_qemu, leftover_qemus
+from nsutil import can_netns, netns, sh
 
 _qemu_ok, _qemu_why = have_qemu()
 _guest_ok, _guest_why = have_guest_tools() if _qemu_ok else (False, "")
@@ -263,3 +267,118 @@ def test_client_mode(lab):
     stats = settled(rt)
     assert tx_packets(stats, queues) == [COUNT] * queues
     assert_no_errors(rt, g)
+
+
+# -- the tap port: a guest that reaches the host ---------------------------------
+
+def _tcp_sink(port: int, size: int, out: dict) -> threading.Thread:
+    """Accept one connection on HOST_IP:port, read exactly ``size`` bytes
+    (then close: busybox nc exits on EOF), keep them in ``out[port]``."""
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((TAP_HOST_IP, port))
+    srv.listen(1)
+    srv.settimeout(600)
+
+    def run():
+        try:
+            conn, _ = srv.accept()
+            conn.settimeout(120)
+            parts, n = [], 0
+            while n < size:
+                chunk = conn.recv(1 << 20)
+                if not chunk:
+                    break
+                parts.append(chunk)
+                n += len(chunk)
+            conn.close()
+            out[port] = b"".join(parts)
+        finally:
+            srv.close()
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def _sniff(ifname: str, stop: threading.Event, out: dict) -> threading.Thread:
+    """Largest frame seen on the tap in each direction (a packet socket sees
+    GSO frames whole)."""
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))   # ETH_P_ALL
+    s.bind((ifname, 0))
+    s.settimeout(0.2)
+    out.update({"to_guest": 0, "from_guest": 0})
+
+    def run():
+        while not stop.is_set():
+            try:
+                data, addr = s.recvfrom(1 << 17)
+            except socket.timeout:
+                continue
+            key = "to_guest" if addr[2] == socket.PACKET_OUTGOING else "from_guest"
+            out[key] = max(out[key], len(data))
+        s.close()
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+TAP_HOST_IP, TAP_GUEST_IP = "10.77.0.1", "10.77.0.2"
+#: virtio-net offload feature bits the tap port offers
+TAP_OFFLOADS = {"CSUM": 0, "GUEST_CSUM": 1, "GUEST_TSO4": 7, "GUEST_TSO6": 8, "GUEST_ECN": 9,
+                "HOST_TSO4": 11, "HOST_TSO6": 12, "HOST_ECN": 13}
+
+
+@pytest.mark.skipif(bool(can_netns()), reason=can_netns() or "ok")
+def test_tap_guest_ping_and_tcp_both_ways_on_4_pairs(lab):
+    """A 4-pair guest on ``--port tap``: ping into the test's namespace, then
+    48 MiB (50.3 MB) each way over 4 TCP flows with matching md5 at both
+    ends, offloads negotiated and frames larger than the MTU crossing the
+    tap in both directions, and traffic on every queue of every pair."""
+    queues, flows, mib = 4, 4, 48
+    per = mib // flows << 20
+    with netns("shvq"):
+        sh("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1")
+        rt = lab.runtime(queues, "tap:shvq0")
+        sh(f"ip addr add {TAP_HOST_IP}/24 dev shvq0")
+        stop, big = threading.Event(), {}
+        sniffer = _sniff("shvq0", stop, big)
+        got: dict = {}
+        sinks = [_tcp_sink(5001 + i, per, got) for i in range(flows)]
+        g = lab.guest(queues, "tcp", f"shardvu.ip={TAP_GUEST_IP}/24 shardvu.peer={TAP_HOST_IP} "
+                      f"shardvu.count=5 shardvu.mb={mib} shardvu.flows={flows}", mem="1G").start()
+        try:
+            g.wait_for(r"SHARDVU listening", timeout=600)
+            sent = []
+            for i in range(flows):
+                data = os.urandom(per)
+                sent.append(data)
+                with socket.create_connection((TAP_GUEST_IP, 5101 + i), timeout=60) as c:
+                    c.sendall(data)
+            res = g.wait_done(timeout=600)
+        finally:
+            stop.set()
+            sniffer.join(2)
+        for t in sinks:
+            t.join(5)
+        stats = settled(rt)
+    assert "error" not in res, res["error"]
+    ping = res["ping"][0]
+    assert ping["received"] == ping["transmitted"] == 5
+    bits = res["features"][0]["virtio"][1:]          # "v" + the bits, feature 0 first
+    negotiated = {name for name, b in TAP_OFFLOADS.items() if len(bits) > b and bits[b] == "1"}
+    assert {"CSUM", "GUEST_CSUM", "GUEST_TSO4", "HOST_TSO4"} <= negotiated, bits
+    out_sum, in_sum = res["sum"]
+    assert out_sum["dir"] == "out" and out_sum["bytes"] == flows * per
+    # guest -> host: the guest hashed its file, the host the parts it read, in order
+    assert sorted(got) == [5001 + i for i in range(flows)]
+    assert [len(got[5001 + i]) for i in range(flows)] == [per] * flows
+    assert out_sum["md5"] == hashlib.md5(b"".join(got[5001 + i] for i in range(flows))).hexdigest()
+    # host -> guest: the other way round
+    assert in_sum["dir"] == "in" and in_sum["bytes"] == flows * per
+    assert in_sum["md5"] == hashlib.md5(b"".join(sent)).hexdigest()
+    assert big["from_guest"] > 1514 and big["to_guest"] > 1514, big
+    quiet = [q for q in range(2 * queues) if stats[q]["packets"] == 0]
+    assert not quiet, f"queues that carried nothing: {quiet}"
+    assert not errors(rt), errors(rt)
+    print(f"tap guest: ping avg {ping['avg_ms']} ms, largest frames {big}, negotiated {sorted(negotiated)}, "
+          f"per-queue packets {[stats[q]['packets'] for q in range(2 * queues)]}")

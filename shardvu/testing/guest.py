@@ -33,6 +33,14 @@ and an ``/init`` script.  The kernel command line chooses what the guest does:
     ``ip addr add shardvu.ip`` (default 10.0.0.1/24), optionally a permanent
     neighbour ``shardvu.peer`` → ``shardvu.peermac``, and ``ping -c
     shardvu.count shardvu.peer``.
+``shardvu.mode=tcp``
+    ``ip addr add shardvu.ip``, reports the virtio features and ``ping
+    -c shardvu.count shardvu.peer`` (``ping`` with ``avg_ms``); then
+    ``shardvu.mb`` MiB of random data to the peer over ``shardvu.flows``
+    TCP connections (busybox nc; flow *i* carries part *i* to port
+    ``shardvu.port`` + *i*, pinned to vCPU *i*), reported as ``sum dir=out
+    md5=...``; then ``listening`` on ports ``shardvu.rport`` + *i*, the
+    parts concatenated in order reported as ``sum dir=in md5=...``.
 ``shardvu.mode=up``
     Brings eth0 up, says ``ready`` and stays up.
 
@@ -87,6 +95,7 @@ fail() { say error "reason=$*"; finish; }
 P_mode=up; P_count=1000; P_rounds=1; P_settle=1.0; P_size=60; P_delay=0
 P_dstmac=ff:ff:ff:ff:ff:ff; P_time=5; P_until=time; P_timeout=120
 P_ip=10.0.0.1/24; P_peer=10.0.0.2; P_peermac=; P_queues=0; P_sizestep=0
+P_mb=50; P_flows=4; P_port=5001; P_rport=5101
 for a in $(cat /proc/cmdline); do
     case "$a" in
         shardvu.*=*)
@@ -214,6 +223,43 @@ ping)
     tx=$(echo "$out" | sed -n 's/^\([0-9]*\) packets transmitted.*/\1/p')
     rx=$(echo "$out" | sed -n 's/.* \([0-9]*\) packets received.*/\1/p')
     say ping transmitted=${tx:-0} received=${rx:-0}
+    report
+    ;;
+tcp)
+    ip addr add $P_ip dev eth0
+    say features virtio=v$(cat /sys/bus/virtio/devices/virtio*/features 2>/dev/null | head -1) \
+        mtu=$(cat $N/mtu)
+    out=$(ping -c $P_count -W 2 $P_peer 2>&1)
+    tx=$(echo "$out" | sed -n 's/^\([0-9]*\) packets transmitted.*/\1/p')
+    rx=$(echo "$out" | sed -n 's/.* \([0-9]*\) packets received.*/\1/p')
+    rtt=$(echo "$out" | sed -n 's/.*= [0-9.]*\/\([0-9.]*\)\/.*/\1/p')
+    say ping transmitted=${tx:-0} received=${rx:-0} avg_ms=${rtt:-0}
+    # guest -> host: P_mb MiB of random data, P_flows connections, flow i
+    # carries part i on port P_port+i from vCPU i % ncpu
+    per=$((P_mb / P_flows))
+    dd if=/dev/urandom of=/tmp/out bs=1M count=$((per * P_flows)) 2>/dev/null
+    say sum dir=out md5=$(md5sum /tmp/out | cut -d' ' -f1) bytes=$(stat -c %s /tmp/out)
+    i=0
+    while [ $i -lt $P_flows ]; do
+        dd if=/tmp/out bs=1M skip=$((i * per)) count=$per 2>/dev/null | \
+            taskset -c $((i % ncpu)) nc $P_peer $((P_port + i)) >/dev/null &
+        i=$((i + 1))
+    done
+    wait
+    rm -f /tmp/out
+    say sent
+    # host -> guest: the host sends part i on port P_rport+i
+    i=0
+    while [ $i -lt $P_flows ]; do
+        taskset -c $((i % ncpu)) nc -l -p $((P_rport + i)) > /tmp/in$i &
+        i=$((i + 1))
+    done
+    sleep 1
+    say listening
+    wait
+    i=0
+    while [ $i -lt $P_flows ]; do cat /tmp/in$i; i=$((i + 1)); done > /tmp/in
+    say sum dir=in md5=$(md5sum /tmp/in | cut -d' ' -f1) bytes=$(stat -c %s /tmp/in)
     report
     ;;
 up)
