@@ -23,9 +23,10 @@ starts with a pass, no kick needed), and the control signals the queue's
 call eventfd once, so the guest does not wait on an interrupt the dead
 worker swallowed.
 
-Crash loops (:class:`CrashPolicy`): the k-th death within ``window_s`` waits
-``backoff_s[k-1]`` before its respawn; more than ``max_deaths`` deaths
-within ``window_s`` and the queue is given up: marked broken (its err
+Crash loops (:class:`CrashPolicy`, default 5 deaths in 10 s, back-off
+0, 0, 0.1, 0.5, 1 s; ``SHARDVU_CRASH_POLICY`` overrides it): the k-th death
+within ``window_s`` waits ``backoff_s[k-1]`` before its respawn; more than
+``max_deaths`` deaths within ``window_s`` and the queue is given up: marked broken (its err
 eventfd signalled, ``BrokenReason.CRASH_LOOP`` in stats and the log).  The
 other queues are untouched.  A new front-end connection starts the queue
 afresh (:meth:`Supervisor.revive_broken`).
@@ -70,6 +71,22 @@ class CrashPolicy:
 
     def delay(self, deaths: int) -> float:
         return self.backoff_s[min(deaths, len(self.backoff_s)) - 1]
+
+    @classmethod
+    def from_env(cls, environ=os.environ) -> "CrashPolicy":
+        """The default policy, or ``SHARDVU_CRASH_POLICY``:
+        ``MAX_DEATHS/WINDOW_S[:BACKOFF_S,...]``, e.g. ``5/10:0,0,0.1,0.5,1``.
+        ValueError if malformed."""
+        text = environ.get("SHARDVU_CRASH_POLICY")
+        if not text:
+            return cls()
+        try:
+            limits, _, backoff = text.partition(":")
+            deaths, window = limits.split("/")
+            kw = {"backoff_s": [float(x) for x in backoff.split(",")]} if backoff else {}
+            return cls(int(deaths), float(window), **kw)
+        except ValueError:
+            raise ValueError(f"SHARDVU_CRASH_POLICY={text!r}: want MAX_DEATHS/WINDOW_S[:BACKOFF,...]") from None
 
 
 class PidfdProcess:
@@ -151,7 +168,7 @@ class Supervisor:
                  policy: Optional[CrashPolicy] = None, collector=None):
         self.pool = pool
         self.zygote = zygote
-        self.policy = policy or CrashPolicy()
+        self.policy = policy or CrashPolicy.from_env()
         self.collector = collector
         self.device = None
         self.kind = pool.worker_python or CPYTHON
@@ -302,6 +319,7 @@ class Supervisor:
         if self.zygote is None:
             log.error("queue %d: no zygote, worker not replaced", index)
             return False
+        t0 = time.monotonic()
         try:
             taken = self.zygote.take(self.kind)
         except ZygoteError as exc:
@@ -315,7 +333,9 @@ class Supervisor:
         self._watch(index, taken.pid, taken.pidfd)
         self.pool.workers[index] = handle
         try:
+            t1 = time.monotonic()
             self._become(handle)
+            t2 = time.monotonic()
             self._resume(handle)
         except (WorkerError, ctl.ChannelClosed, OSError, ValueError) as exc:
             log.error("queue %d: replacement %d failed to resume: %s", index, taken.pid, exc)
@@ -323,8 +343,9 @@ class Supervisor:
             return False
         rec.restarts += 1
         rec.recovery_s = time.monotonic() - rec.died_at if rec.died_at else None
-        log.info("queue %d: worker %d replaced by pid %d in %.1f ms", index, old_pid, taken.pid,
-                 (rec.recovery_s or 0) * 1e3)
+        log.info("queue %d: worker %d replaced by pid %d in %.1f ms (take %.1f, become %.1f, "
+                 "resume %.1f)", index, old_pid, taken.pid, (rec.recovery_s or 0) * 1e3,
+                 (t1 - t0) * 1e3, (t2 - t1) * 1e3, (time.monotonic() - t2) * 1e3)
         if self.collector is not None:
             self.collector.set_workers({index: taken.pid})
         self._publish(index)

@@ -45,6 +45,7 @@ The spare side (:func:`spare_main`) runs on Python 3.9 / PyPy 3.9 too.
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import os
 import select
@@ -127,6 +128,11 @@ def spare_main(chan_fd: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     chan = socket.socket(fileno=chan_fd)
     from shardvu.workers.worker import worker_main     # warm: imported before the call
+    # What exists now is the worker code: out of the collector's way before
+    # the call, so the worker's start-up collection has little to scan.
+    gc.collect()
+    if hasattr(gc, "freeze"):       # CPython; PyPy's gc has none
+        gc.freeze()
     try:
         ctl.send(chan, {"ready": True})
         obj, fds = ctl.recv(chan)

@@ -1,0 +1,242 @@
+"""Crash isolation: kill -9 of workers under load, from shardvu's own
+front-end, which numbers its frames.  Every drill is bounded in time and
+counts the control process's fds and child processes before and after; no
+zombie may be left.  (Latency is bench/respawn.py's business, not a test's.)"""
+from __future__ import annotations
+
+import os
+import select
+import signal
+import struct
+import time
+
+import psutil
+import pytest
+
+from shardvu.control.zygote import CPYTHON, Zygote
+from shardvu.testing.frontend import Frontend
+from shardvu.testing.runtime import Runtime
+from shardvu.workers import ctl
+from util import wait_for
+
+PYPY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv-pypy", "bin", "python")
+INTERPRETERS = [pytest.param((), id="cpython"),
+                pytest.param(("--worker-python", PYPY), id="pypy",
+                             marks=pytest.mark.skipif(not os.path.exists(PYPY),
+                                                      reason="no PyPy venv at .venv-pypy"))]
+
+
+@pytest.fixture
+def runtime(tmp_path):
+    made = []
+
+    def make(queues=1, port="sink", *extra, **kw):
+        rt = Runtime(str(tmp_path / f"rt{len(made)}.sock"), queues, port, *extra, **kw)
+        made.append(rt)
+        return rt
+    yield make
+    for rt in made:
+        if rt.proc.poll() is None:
+            assert rt.stop() == 0
+        assert not _zombies(rt), "zombies left behind"
+
+
+def _zombies(rt: Runtime):
+    out = []
+    for p in rt._children():
+        try:
+            if p.status() == psutil.STATUS_ZOMBIE:
+                out.append(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def _numbered(start: int, n: int) -> list:
+    return [struct.pack("<I", start + i) + bytes(60) for i in range(n)]
+
+
+def _seq(frame: bytes) -> int:
+    return struct.unpack_from("<I", frame)[0]
+
+
+def _pid(rt: Runtime, q: int) -> int:
+    return rt.queue_stats()[q]["worker_pid"]
+
+
+def _replaced(rt: Runtime, q: int, old: int) -> bool:
+    pid = rt.queue_stats()[q]["worker_pid"]
+    return pid is not None and pid != old and psutil.pid_exists(pid)
+
+
+class Traffic:
+    """Numbered frames through a loopback pair, in rounds: send a batch,
+    take what came back.  ``got`` is every sequence number received."""
+
+    def __init__(self, fe: Frontend, pair: int = 0):
+        self.fe, self.pair = fe, pair
+        self.sent = 0
+        self.got: list = []
+        fe.post_rx(pair, 256)
+
+    def round(self, n: int = 32) -> None:
+        frames = _numbered(self.sent, n)
+        done = 0
+        deadline = time.monotonic() + 10
+        while done < n:
+            done += self.fe.send(self.pair, frames[done:])
+            if done < n:
+                self.fe.reclaim_tx(self.pair)
+                self._take(0.01)
+            assert time.monotonic() < deadline, "TX ring stayed full"
+        self.sent += n
+        self._take(0)
+
+    def _take(self, timeout: float) -> None:
+        self.got += [_seq(f) for f in self.fe.receive(self.pair, timeout=timeout, min_frames=1)]
+
+    def drain(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.got) < self.sent and time.monotonic() < deadline:
+            self._take(0.2)
+        time.sleep(0.2)         # a duplicate would arrive late
+        self._take(0.05)
+
+
+def _exactly_once(t: Traffic) -> None:
+    lost = sorted(set(range(t.sent)) - set(t.got))
+    dups = len(t.got) - len(set(t.got))
+    assert not lost and not dups, f"{len(lost)} lost (first {lost[:5]}), {dups} repeated, of {t.sent}"
+
+
+# -- the zygote on its own ---------------------------------------------------------------
+def test_zygote_hands_out_warm_spares_and_reaps_them():
+    before = len(os.listdir("/proc/self/fd"))
+    z = Zygote([CPYTHON], spares=2)
+    z.start()
+    try:
+        zyg = psutil.Process(z.pid)
+        wait_for(lambda: len(zyg.children()) == 2, timeout=10, interval=0.05)
+        assert {p.name() for p in zyg.children()} == {"shardvu-spare"}
+        taken = z.take(CPYTHON)
+        ctl.send(taken.chan, {"cmd": "become", "index": 1, "port": "sink", "frame_size": 64,
+                              "stats_endpoint": None, "log_level": "WARNING", "cpu": 0})
+        reply, _ = ctl.recv(taken.chan)
+        assert reply == {"ok": True, "pid": taken.pid}
+        assert psutil.Process(taken.pid).cpu_affinity() == [0]
+        ctl.send(taken.chan, {"cmd": "stats"})
+        assert ctl.recv(taken.chan)[0]["ok"]
+        wait_for(lambda: len(zyg.children()) == 3, timeout=10, interval=0.05)     # refilled
+        os.kill(taken.pid, signal.SIGKILL)
+        assert select.select([taken.pidfd], [], [], 5)[0], "pidfd did not report the death"
+        wait_for(lambda: any(e["pid"] == taken.pid for e in _events(z)), timeout=5, interval=0.02)
+        assert not psutil.pid_exists(taken.pid) or \
+            psutil.Process(taken.pid).status() != psutil.STATUS_ZOMBIE
+        os.close(taken.pidfd)
+        taken.chan.close()
+    finally:
+        z.stop()
+    assert not psutil.pid_exists(z.pid)
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+_seen: list = []
+
+
+def _events(z: Zygote) -> list:
+    _seen.extend(z.poll_events())
+    return _seen
+
+
+# -- kill drills ------------------------------------------------------------------------
+@pytest.mark.parametrize("interp", INTERPRETERS)
+@pytest.mark.parametrize("victims", [(1,), (0,), (0, 1)], ids=["tx", "rx", "pair"])
+def test_kill_under_load_loopback_exactly_once(runtime, interp, victims):
+    rt = runtime(1, "loopback", *interp)
+    with Frontend(rt.sock) as fe:
+        fe.negotiate()
+        t = Traffic(fe)
+        for _ in range(4):
+            t.round()
+        fds, children = rt.fds(), len(rt._children())
+        counts = []
+        for drill in range(3):
+            old = {q: _pid(rt, q) for q in victims}
+            for _ in range(2):
+                t.round()
+            for q in victims:
+                os.kill(old[q], signal.SIGKILL)
+            for _ in range(6):          # keep sending while the queue comes back
+                t.round()
+            for q in victims:
+                wait_for(lambda: _replaced(rt, q, old[q]), timeout=15, interval=0.05)
+            wait_for(lambda: len(rt._children()) == children, timeout=10, interval=0.1)
+            counts.append(rt.fds())
+        for _ in range(4):
+            t.round()
+        t.drain()
+        _exactly_once(t)
+        info = rt.queue_stats()
+        for q in victims:
+            assert info[q]["restarts"] == 3
+            assert info[q].get("last_exit_signal", signal.SIGKILL) == signal.SIGKILL
+    assert "replaced by pid" in rt.log()
+    # A worker the pool started holds one fd more in the control (its
+    # multiprocess sentinel) than a replacement: the count may drop once.
+    assert counts[0] <= fds and counts[1] == counts[0] and counts[2] == counts[0], (fds, counts)
+    assert not _zombies(rt)
+
+
+@pytest.mark.parametrize("interp", INTERPRETERS)
+def test_kill_sink_tx_worker_every_frame_consumed_once(runtime, interp):
+    rt = runtime(1, "sink", *interp)
+    with Frontend(rt.sock) as fe:
+        fe.negotiate()
+        fds = rt.fds()
+        total = 0
+        for round_ in range(12):
+            if round_ == 4:
+                old = _pid(rt, 1)
+                os.kill(old, signal.SIGKILL)
+            n = 0
+            deadline = time.monotonic() + 10
+            while n < 64:
+                n += fe.send(0, _numbered(total + n, 64 - n))
+                fe.reclaim_tx(0)
+                assert time.monotonic() < deadline
+            total += 64
+        wait_for(lambda: fe.queues[1].used_idx == total & 0xFFFF, timeout=15, interval=0.02)
+        assert _replaced(rt, 1, old)
+        assert rt.fds() <= fds      # the pool's worker had a multiprocess sentinel more
+
+
+def test_crash_loop_gives_the_queue_up_and_leaves_the_others(runtime):
+    rt = runtime(2, "loopback")
+    with Frontend(rt.sock, queue_pairs=2) as fe:
+        fe.negotiate()
+        for _ in range(6):              # default policy: more than 5 deaths in 10 s
+            old = _pid(rt, 3)
+            try:
+                os.kill(old, signal.SIGKILL)
+            except ProcessLookupError:
+                raise AssertionError(f"worker {old} gone before its kill:\n{rt.log()}") from None
+            wait_for(lambda: _replaced(rt, 3, old) or "broken: crash_loop" in rt.log(), timeout=10,
+                     interval=0.02)
+        wait_for(lambda: "queue 3 broken: crash_loop" in rt.log(), timeout=10, interval=0.05)
+        wait_for(lambda: fe.errors(3) >= 1, timeout=5)
+        q3 = rt.queue_stats()[3]
+        if "last_exit_signal" in q3:            # stats carry the supervisor's facts
+            assert q3["state"] == "broken" and q3["broken_reason"] == "crash_loop"
+        # pair 0 is untouched
+        t = Traffic(fe, 0)
+        for _ in range(3):
+            t.round()
+        t.drain()
+        _exactly_once(t)
+    # a new session gets the queue back
+    with Frontend(rt.sock, queue_pairs=2) as fe:
+        fe.negotiate()
+        t = Traffic(fe, 1)
+        t.round()
+        t.drain()
+        _exactly_once(t)
