@@ -261,3 +261,48 @@ def test_frame_larger_than_rx_buffers_dropped_and_counted(ns):
         assert not any(b"B" * 100 in g for g in got)
         wait_for(lambda: rt.queue_stats()[0]["drops_by_reason"]["rx_buffer_too_small"] >= 1,
                  timeout=5, interval=0.1)
+
+
+def test_header_the_kernel_refuses_is_a_counted_drop(ns):
+    """A GSO type the kernel does not know makes the tap write fail with
+    EINVAL: that frame is dropped (PORT_ERROR), the next one goes through."""
+    rt = ns("shvt8", 1)
+    want = DEFAULT_FEATURES | bits("CSUM", "HOST_TSO4")
+    with Frontend(rt.sock, queue_pairs=1, features=want) as fe:
+        fe.negotiate()
+        before = T.link_stats("shvt8")["rx_packets"]
+        bad = _HDR.pack(0, 0x55, 0, 0, 0, 0, 0)                 # no such gso_type
+        assert fe.send(0, [_frame(OTHER_MAC, 1)], header=bad) == 1
+        assert fe.send(0, [_frame(OTHER_MAC, 2)]) == 1
+        wait_for(lambda: rt.queue_stats()[1]["drops_by_reason"]["port_error"] == 1
+                 and rt.queue_stats()[1]["packets"] == 1, timeout=5, interval=0.1)
+        assert T.link_stats("shvt8")["rx_packets"] - before == 1
+        assert rt.proc.poll() is None
+
+
+PYPY = os.path.join(ROOT, ".venv-pypy", "bin", "python")
+
+
+@pytest.mark.skipif(not os.path.exists(PYPY), reason="no PyPy venv (.venv-pypy)")
+def test_pypy_workers_both_ways(ns):
+    """The same port with PyPy workers (split_fast_struct loops, cffi)."""
+    rt = ns("shvt9", 2, "--worker-python", PYPY)
+    with Frontend(rt.sock, queue_pairs=2) as fe:
+        fe.negotiate()
+        _addresses("shvt9")
+        before = T.link_stats("shvt9")
+        for pair in (0, 1):
+            assert fe.send(pair, [_frame(OTHER_MAC, i) for i in range(200)]) == 200
+            fe.post_rx(pair, 128)
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for port in range(9200, 9232):
+            s.sendto(b"pypy", (GUEST_IP, port))
+        s.close()
+        got = []
+        deadline = time.monotonic() + 10
+        while len(got) < 32 and time.monotonic() < deadline:
+            for pair in (0, 1):
+                got += [f for f in fe.receive(pair, timeout=0.2) if f.endswith(b"pypy")]
+        assert len(got) == 32
+        wait_for(lambda: T.link_stats("shvt9")["rx_packets"] - before["rx_packets"] == 400,
+                 timeout=5, interval=0.1)
