@@ -270,20 +270,6 @@ class WorkerPool:
     def __getitem__(self, index: int) -> WorkerHandle:
         return self.workers[index]
 
-    def command_all(self, obj: Dict[str, Any], fds: Sequence[int] = ()) -> None:
-        """Send ``obj`` to every live worker and wait for all answers; raises
-        WorkerError naming every worker that failed (the others applied it)."""
-        failures = []
-        for w in self.workers:
-            if w.exitcode is not None:
-                continue
-            try:
-                w.command(obj, fds)
-            except WorkerError as exc:
-                failures.append(str(exc))
-        if failures:
-            raise WorkerError("; ".join(failures))
-
     def spsc_ring(self, index: int):
         """The shared ring of queue ``index``'s pair (None if the port has none)."""
         pair = index // 2

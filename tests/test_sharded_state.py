@@ -173,3 +173,43 @@ def test_a_worker_killed_mid_session_is_replaced_at_the_reset(served):
         fe.post_rx(0, 8)
         fe.send(0, frames(0, 3))
         assert len(fe.receive(0, timeout=5, min_frames=3)) == 3
+
+
+def test_the_control_process_never_maps_guest_memory(runtime):
+    rt = runtime(1, "loopback")
+    with Frontend(rt.sock) as fe:
+        fe.negotiate()
+        fe.post_rx(0, 8)
+        fe.send(0, frames(0, 2))
+        assert len(fe.receive(0, timeout=5, min_frames=2)) == 2
+
+        def guest_maps(pid: int) -> int:
+            with open(f"/proc/{pid}/maps") as f:
+                return sum("shardvu-guest" in line for line in f)
+        assert guest_maps(rt.proc.pid) == 0
+        assert all(guest_maps(w.pid) > 0 for w in rt.workers())
+
+
+def worker_fds(pool) -> dict:
+    return {w.index: len(os.listdir(f"/proc/{w.pid}/fd")) for w in pool.workers}
+
+
+def test_a_session_leaves_no_fd_behind_in_the_control_or_the_workers(served):
+    path, pool, dev = served
+    with Frontend(path) as fe:              # a first session: lazily opened things exist
+        fe.negotiate()
+    time.sleep(0.3)
+    control, workers = control_fds(), worker_fds(pool)
+    for _ in range(2):
+        with Frontend(path, regions=3) as fe:
+            fe.negotiate()
+            fe.set_log_base()
+            fe.get_inflight_fd()
+            fe.set_vring_addr(1)
+            fe.post_rx(0, 8)
+            fe.send(0, frames(0, 4))
+            assert len(fe.receive(0, timeout=5, min_frames=4)) == 4
+            assert worker_fds(pool)[1] > workers[1]     # the session's fds, in the worker
+        time.sleep(0.3)
+        assert control_fds() == control
+        assert worker_fds(pool) == workers

@@ -19,9 +19,7 @@ def bits(*names: str) -> int:
 
 def set_features(dev: Device, features: int) -> bool:
     """SET_FEATURES with REPLY_ACK semantics: True when it was accepted."""
-    before = dev.errors
-    dev.handle(Message(R.SET_FEATURES, P.VERSION, P.pack_u64(features)))
-    return dev.errors == before
+    return dev.handle(Message(R.SET_FEATURES, P.VERSION, P.pack_u64(features))).ok
 
 
 def test_offered_only_when_the_port_carries_them():
