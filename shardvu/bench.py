@@ -27,16 +27,34 @@ from .testing.frontend import Frontend
 
 
 def run(queues: int = 2, seconds: float = 5.0, port: str = "loopback", frame_size: int = 64,
-        batch: int = 32, out=sys.stdout) -> Dict:
+        batch: int = 32, out=sys.stdout, connect: Optional[str] = None,
+        name: Optional[str] = None) -> Dict:
     """Run the benchmark and print a report to ``out``.  Returns ``{"port",
     "queues": [{"index", "direction", "packets", "pps"}...], "seconds",
-    "total_pps", "frontend": {"sent", "received"}}``."""
-    from .testing.runtime import Runtime
+    "total_pps", "frontend": {"sent", "received"}}``.
 
-    tmp = tempfile.mkdtemp(prefix="shardvu-bench-")
-    sock = os.path.join(tmp, "vhost.sock")
-    rt = Runtime(sock, queues, port, "--frame-size", str(frame_size), "--log-level", "WARNING",
-                 log_path=os.path.join(tmp, "shardvu.log"))
+    By default it starts its own ``shardvu run``.  With ``connect`` (a
+    vhost-user socket path) it drives an instance already running there
+    instead, whose stats it reads by ``name`` (its ``--name``) or by the
+    socket path; ``port`` must then say what that instance's port does with
+    frames (``sink``: send only; ``loopback``: send and take back;
+    ``generator``: take only)."""
+    from .statsapi import endpoints, name_endpoints, query
+
+    tmp = rt = None
+    if connect is None:
+        from .testing.runtime import Runtime
+        tmp = tempfile.mkdtemp(prefix="shardvu-bench-")
+        sock = os.path.join(tmp, "vhost.sock")
+        rt = Runtime(sock, queues, port, "--frame-size", str(frame_size), "--log-level", "WARNING",
+                     log_path=os.path.join(tmp, "shardvu.log"))
+        stats = rt.stats
+        who = f"{2 * queues} workers (control pid {rt.proc.pid})"
+    else:
+        sock = connect
+        endpoint = name_endpoints(name)[1] if name else endpoints(connect)[1]
+        stats = lambda: query(endpoint, 2.0)    # noqa: E731
+        who = f"shardvu at {connect}"
     sent = received = 0
     try:
         frame = (bytes(range(256)) * (frame_size // 256 + 1))[:frame_size]
@@ -46,10 +64,9 @@ def run(queues: int = 2, seconds: float = 5.0, port: str = "loopback", frame_siz
             if port != "sink":
                 for p in range(queues):
                     fe.post_rx(p, 256)
-            base = _packets(rt)
+            base = _packets(stats)
             print(f"shardvu bench: {queues} queue pair(s), port {port}, {frame_size}-byte frames, "
-                  f"{seconds:g} s; {2 * queues} workers (control pid {rt.proc.pid})",
-                  file=out, flush=True)
+                  f"{seconds:g} s; {who}", file=out, flush=True)
             start = last = time.monotonic()
             last_total = 0
             while True:
@@ -62,18 +79,19 @@ def run(queues: int = 2, seconds: float = 5.0, port: str = "loopback", frame_siz
                     if port != "sink":
                         received += len(fe.receive(p, timeout=0, min_frames=0))
                 if now - last >= 1.0:
-                    total = sum(_packets(rt).values()) - sum(base.values())
+                    total = sum(_packets(stats).values()) - sum(base.values())
                     print(f"  {now - start:4.1f} s  {(total - last_total) / (now - last) / 1e3:9.1f} kpps"
                           f"  (all workers)", file=out, flush=True)
                     last, last_total = now, total
             elapsed = time.monotonic() - start
             time.sleep(0.6)                       # one more stats period
-            final = _packets(rt)
+            final = _packets(stats)
     finally:
-        rt.stop()
-        for name in os.listdir(tmp):
-            os.unlink(os.path.join(tmp, name))
-        os.rmdir(tmp)
+        if rt is not None:
+            rt.stop()
+            for entry in os.listdir(tmp):
+                os.unlink(os.path.join(tmp, entry))
+            os.rmdir(tmp)
     rows = []
     for q in sorted(final):
         n = final[q] - base.get(q, 0)
@@ -102,8 +120,8 @@ def print_report(rows: List[Dict], total_pps: float, out) -> None:
     console.print(table)
 
 
-def _packets(rt) -> Dict[int, int]:
-    return {q["index"]: q["packets"] for q in rt.stats()["queues"]}
+def _packets(stats) -> Dict[int, int]:
+    return {q["index"]: q["packets"] for q in stats()["queues"]}
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -111,10 +129,20 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--port", default="loopback", choices=["sink", "loopback", "generator"])
     ap.add_argument("--frame-size", type=int, default=64)
+    ap.add_argument("--connect", metavar="PATH",
+                    help="drive a shardvu already running on this vhost-user socket "
+                         "(its --port must match --port) instead of starting one")
+    ap.add_argument("--name", help="with --connect: that instance's --name, to read its stats")
 
 
 def command(args) -> int:
-    result = run(args.queues, args.seconds, args.port, args.frame_size)
+    from .statsapi import NoAnswer
+    try:
+        result = run(args.queues, args.seconds, args.port, args.frame_size,
+                     connect=args.connect, name=args.name)
+    except (OSError, ValueError, NoAnswer) as exc:    # nothing listening, bad name, no stats
+        print(f"shardvu bench: {exc}", file=sys.stderr)
+        return 1
     return 0 if result["total_pps"] > 0 else 1
 
 
