@@ -417,3 +417,101 @@ def test_qemu_style_duplicate_add_mem_reg_and_early_enable(served):
         assert len(b.device.mem) == 1 and b.device.mem.regions[0].refs == 2
         fe.request(R.REM_MEM_REG, P.MemRegMsg(fe.region_descs[0]).pack())
         assert len(b.device.mem) == 1
+
+
+# -- Device.handle's typed outcome ----------------------------------------------------
+from shardvu.device import Outcome, Unwatch, Watch  # noqa: E402
+from shardvu.protocol import Message, MemoryRegion  # noqa: E402
+from shardvu import eventfd  # noqa: E402
+from util import fd_is_open, memfd  # noqa: E402
+
+UVA = 0x7F00_0000_0000
+
+
+def _msg(req, payload=b"", fds=(), need_reply=True):
+    return Message(req, P.VERSION | (P.FLAG_NEED_REPLY if need_reply else 0), payload, list(fds))
+
+
+def _acked_device(**kw) -> Device:
+    dev = Device(2, NetIface(1), **kw)
+    assert dev.handle(_msg(R.SET_PROTOCOL_FEATURES, P.pack_u64(bit(PF.REPLY_ACK)))).ok
+    return dev
+
+
+def test_outcome_of_success_and_of_failure():
+    dev = _acked_device()
+    out = dev.handle(_msg(R.GET_FEATURES))
+    assert isinstance(out, Outcome) and out.ok and out.reason == "" and out.changed == ()
+    assert len(out.replies) == 1 and P.unpack_u64(out.replies[0].data[12:]) == dev.offered_features()
+    out = dev.handle(_msg(R.SET_VRING_NUM, P.VringState(1, 3).pack()))
+    assert not out.ok and "power of two" in out.reason and out.changed == ()
+    assert [P.unpack_u64(r.data[12:]) for r in out.replies] == [1]      # REPLY_ACK failure
+    out = dev.handle(_msg(R.SET_VRING_NUM, P.VringState(1, 256).pack()))
+    assert out.ok and out.changed == (1,)
+    assert [P.unpack_u64(r.data[12:]) for r in out.replies] == [0]
+    dev.close()
+
+
+def test_outcome_names_the_fd_actions_and_the_changed_queues():
+    dev = _acked_device()
+    kick = eventfd.eventfd()
+    out = dev.handle(_msg(R.SET_VRING_KICK, P.pack_u64(0), [os.dup(kick)]))
+    assert out.ok and out.changed == (0,)
+    assert [type(a) for a in out.actions] == [Watch] and out.actions[0].qidx == 0
+    watched = out.actions[0].fd
+    out = dev.handle(_msg(R.GET_VRING_BASE, P.VringState(0, 0).pack()))
+    assert out.ok and out.changed == (0,)
+    assert [(type(a), a.fd) for a in out.actions] == [(Unwatch, watched)]
+    fd = memfd(1 << 20)
+    table = P.MemoryTable((MemoryRegion(0, 1 << 20, UVA, 0),)).pack()
+    out = dev.handle(_msg(R.SET_MEM_TABLE, table, [fd]))
+    assert out.ok and out.changed == (0, 1)          # device-wide: every queue
+    dev.close()
+    os.close(kick)
+
+
+def test_refuse_turns_an_applied_request_into_a_failure():
+    dev = _acked_device()
+    msg = _msg(R.SET_VRING_NUM, P.VringState(0, 64).pack())
+    out = dev.handle(msg)
+    errors = dev.errors
+    refused = dev.refuse(msg, out, "worker 0 is gone")
+    assert not refused.ok and refused.reason == "worker 0 is gone" and refused.changed == (0,)
+    assert [P.unpack_u64(r.data[12:]) for r in refused.replies] == [1]
+    assert dev.errors == errors + 1
+    dev.close()
+
+
+def test_an_unmapped_device_checks_ring_addresses_by_arithmetic():
+    """The sharded control's Device: regions kept, never mapped; ring
+    addresses checked against the table alone."""
+    dev = _acked_device(map_memory=False)
+    fd = memfd(1 << 20)
+    table = P.MemoryTable((MemoryRegion(0, 1 << 20, UVA, 0),)).pack()
+    assert dev.handle(_msg(R.SET_MEM_TABLE, table, [fd])).ok
+    assert dev.mem.regions[0].view is None
+    assert dev.handle(_msg(R.SET_VRING_NUM, P.VringState(0, 256).pack())).ok
+    inside = P.VringAddr(0, 0, UVA + 0x1000, UVA + 0x3000, UVA + 0x2000, 0).pack()
+    assert dev.handle(_msg(R.SET_VRING_ADDR, inside)).ok
+    assert not dev.vqs[0].mapped
+    outside = P.VringAddr(0, 0, UVA + (1 << 20) - 16, UVA + 0x3000, UVA + 0x2000, 0).pack()
+    out = dev.handle(_msg(R.SET_VRING_ADDR, outside))
+    assert not out.ok and "descriptor table" in out.reason and "not inside one memory region" in out.reason
+    snap = dev.queue_snapshot(0)
+    assert snap.addr == tuple(P.VringAddr.unpack(inside)) and snap.region_fds == (dev.mem.regions[0].fd,)
+    dev.close()
+    assert not fd_is_open(fd)
+
+
+def test_base_serial_changes_only_when_the_front_end_sets_a_base():
+    dev = _acked_device()
+    s0 = dev.queue_snapshot(1)
+    dev.handle(_msg(R.SET_VRING_NUM, P.VringState(1, 64).pack()))
+    assert dev.queue_snapshot(1).base_serial == s0.base_serial
+    dev.handle(_msg(R.SET_VRING_BASE, P.VringState(1, 9).pack()))
+    s1 = dev.queue_snapshot(1)
+    assert s1.base == 9 and s1.base_serial != s0.base_serial and s1.generation == s0.generation
+    dev.handle(_msg(R.SET_VRING_BASE, P.VringState(1, 9).pack()))
+    assert dev.queue_snapshot(1).base_serial != s1.base_serial
+    dev.close()
+    assert dev.queue_snapshot(1).generation != s1.generation
