@@ -96,6 +96,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mac", help="MAC address in config space (default 52:54:00:00:00:01)")
     p.add_argument("--mtu", type=int, default=0, help="MTU offered with VIRTIO_NET_F_MTU")
     p.add_argument("--frame-size", type=int, default=64, help="generator frame size (default 64)")
+    p.add_argument("--pcap", metavar="FILE",
+                   help="capture every frame of a two-way port (tap, af_packet, udp) to a pcapng "
+                        "FILE: interface = queue pair, direction = inbound/outbound")
+    p.add_argument("--pcap-limit", type=int, default=0, metavar="BYTES",
+                   help="stop capturing before FILE exceeds BYTES (default: no limit)")
     p.add_argument("--name", type=_checked(check_name),
                    help="instance name for stats, top and metrics (default: from the socket path)")
     p.add_argument("--socket-mode", type=_checked(parse_mode), default=0o600, metavar="MODE",
@@ -148,7 +153,10 @@ def run_command(args, prog: str = "shardvu run") -> int:
         if args.metrics:
             parse_address(args.metrics)
         gid = resolve_group(args.socket_group) if args.socket_group else None
-        resolve(args.port)
+        spec = resolve(args.port)
+        if args.pcap and spec.two_way is None:
+            return _fail(prog, f"--pcap needs a two-way port (tap, af_packet, udp, module:Class), "
+                               f"not {args.port}", 2)
         mac = parse_mac(args.mac) if args.mac else None
         logsetup.setup(args.log_level, args.log_format, role="control")
         server = ControlServer(args.socket, args.queues, args.port, client=args.client,
@@ -157,7 +165,19 @@ def run_command(args, prog: str = "shardvu run") -> int:
                                worker_python=args.worker_python, name=args.name,
                                socket_mode=args.socket_mode, socket_group=gid,
                                queue_size=args.queue_size, metrics=args.metrics)
-        return server.run()
+        capture = None
+        if args.pcap:
+            from .control.capture import Capture, CaptureError
+            try:
+                capture = Capture.start(args.pcap, 2 * args.queues, args.pcap_limit,
+                                        args.log_level)
+            except CaptureError as exc:
+                return _fail(prog, str(exc))
+        try:
+            return server.run()
+        finally:
+            if capture is not None:
+                capture.stop()
     except (StartupError, ValueError) as exc:
         return _fail(prog, str(exc))
 
@@ -258,7 +278,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.set_defaults(func=_echo)
 
     args = ap.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:           # Ctrl-C before a command installed its own handling
+        return 130
 
 
 def net_main(argv: Optional[List[str]] = None) -> int:
@@ -267,7 +290,10 @@ def net_main(argv: Optional[List[str]] = None) -> int:
                 description="shardvu's vhost-user net back-end (QEMU's back-end program conventions).")
     ap.add_argument("--version", action="version", version=f"shardvu {__version__}")
     add_run_arguments(ap)
-    return run_command(ap.parse_args(argv), prog="shardvu-net")
+    try:
+        return run_command(ap.parse_args(argv), prog="shardvu-net")
+    except KeyboardInterrupt:
+        return 130
 
 
 def _echo(args) -> int:
