@@ -319,6 +319,8 @@ class Worker:
         self.twoway = cls(self.index // 2, self.is_tx, self.port_fds, self.port_meta)
         self.twoway.drop = self._drop
         self.twoway.configure(self.vq.features, self.hdr_len)
+        from .pcap import wrap as capture       # --pcap: record the port's frames
+        capture(self.twoway, self.index)
         if not self.is_tx:
             self.port_rx = PortRx(self.twoway, self._drop)
 
@@ -668,7 +670,9 @@ class Worker:
         """After an empty pass while busy: give the CPU away (a worker
         sharing it may be the one about to produce our next frames) and
         probe, until :meth:`probe` says there is work (True), or the
-        monotonic ``deadline`` passes or a command or kick arrives (False)."""
+        monotonic ``deadline`` passes or a command or kick arrives (False).
+        A probe that says yes after the deadline counts as no: work a pass
+        cannot move (a frame waiting for more RX buffers) must not spin."""
         probe = self.probe
         sched_yield = os.sched_yield
         poll = self._poller.poll
@@ -677,7 +681,7 @@ class Worker:
         while True:
             sched_yield()
             if probe():
-                return True
+                return monotonic() < deadline
             i += 1
             if not i & 15 and (monotonic() >= deadline or poll(0)):
                 return False

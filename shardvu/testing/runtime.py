@@ -60,7 +60,8 @@ class Runtime:
         """The worker processes (not multiprocess's resource tracker, which
         a spawning control process also starts, nor the zygote and its
         spare workers)."""
-        return [p for p in self._children() if not _is_resource_tracker(p) and not _is_zygote(p)]
+        return [p for p in self._children() if not _is_resource_tracker(p) and not _is_zygote(p)
+                and not _is_capture(p)]
 
     def _children(self) -> List[psutil.Process]:
         try:
@@ -118,6 +119,14 @@ def _is_zygote(p: psutil.Process) -> bool:
     try:
         return (p.name() in ("shardvu-zygote", "shardvu-spare")
                 or any("shardvu.control.zygote" in a for a in p.cmdline()))
+    except psutil.Error:
+        return False
+
+
+def _is_capture(p: psutil.Process) -> bool:
+    """The --pcap capture process (control/capture.py)."""
+    try:
+        return any("shardvu.control.capture" in a for a in p.cmdline())
     except psutil.Error:
         return False
 
