@@ -20,9 +20,6 @@ import time
 from typing import Any, Dict, Optional, TextIO
 
 import zmq
-from rich import box, filesize
-from rich.console import Console
-from rich.table import Table
 
 from .statsapi import (NoAnswer, endpoints, instance_names, name_endpoints,  # noqa: F401
                        query, run_dir)
@@ -66,6 +63,7 @@ def target_endpoint(args) -> str:
 
 def human_bytes(n: float) -> str:
     """``n`` bytes, e.g. ``"12.3 MB"`` (rich's decimal units)."""
+    from rich import filesize
     return filesize.decimal(int(n))
 
 
@@ -91,10 +89,12 @@ def _rate(now: int, old: Optional[int], dt: float) -> Optional[float]:
     return (now - old) / dt
 
 
-def build_table(snap: Dict[str, Any], prev: Optional[Dict[str, Any]] = None) -> Table:
+def build_table(snap: Dict[str, Any], prev: Optional[Dict[str, Any]] = None):
     """``snap`` as a rich Table; with ``prev`` (an earlier snapshot from the
     same instance) the Mpps column is the packet rate between the two,
     otherwise "-"."""
+    from rich import box
+    from rich.table import Table
     dt = snap["time"] - prev["time"] if prev else 0.0
     before = {q["index"]: q for q in prev["queues"]} if prev else {}
     title = " ".join(x for x in ("shardvu stats", snap.get("name") or snap.get("socket") or "",
@@ -141,8 +141,9 @@ def build_table(snap: Dict[str, Any], prev: Optional[Dict[str, Any]] = None) -> 
 
 
 def format_table(snap: Dict[str, Any], prev: Optional[Dict[str, Any]] = None,
-                 width: int = 140) -> str:
+                 width: int = 200) -> str:
     """:func:`build_table` rendered as plain text ``width`` columns wide."""
+    from rich.console import Console
     console = Console(file=io.StringIO(), width=width, color_system=None, force_terminal=False)
     console.print(build_table(snap, prev))
     return "\n".join(line.rstrip() for line in console.file.getvalue().rstrip().splitlines())
@@ -173,11 +174,12 @@ def command(args, out: Optional[TextIO] = None, err: Optional[TextIO] = None) ->
             if args.json:
                 print(json.dumps(snap, indent=2), file=out)
                 return 0
-            width = shutil.get_terminal_size((140, 24)).columns if out.isatty() else 140
+            width = shutil.get_terminal_size((200, 24)).columns if out.isatty() else 200
             if not args.watch:
                 print(format_table(snap, width=width), file=out)
                 return 0
             if out.isatty():
+                from rich.console import Console
                 Console(file=out).clear()
             print(format_table(snap, prev, width=width), file=out, flush=True)
             if not out.isatty():
