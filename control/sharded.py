@@ -80,21 +80,30 @@ class ShardedDevice(Device):
         return outcome
 
     def sync(self, queues: Iterable[int]) -> List[str]:
-        """Send ``queues`` (and every worker not up to date) the current
-        snapshot, then start the rings the Device has started (and stop
-        any it has not).  Returns the failures (also those of progress
-        collected during the request), each naming its worker."""
+        """Send ``queues`` the current snapshot, then start the rings the
+        Device has started (and stop any it has not).  Returns the failures
+        that concern ``queues`` (also those of progress collected during the
+        request), each naming its worker.  Live workers left behind by an
+        earlier failure are brought up to date too, but their failures are
+        only logged: one stuck queue does not fail requests for the others."""
+        wanted = set(queues)
         failures, self._failures = self._failures, []
-        targets = set(queues) | {q for q, ok in enumerate(self._applied) if not ok}
-        for q in sorted(targets):
-            w = self.pool[q]
-            try:
-                self._applied[q] = False
-                w.apply(self.queue_snapshot(q))
-                self._applied[q] = True
-            except WorkerError as exc:
+
+        def failed(q: int, exc: Exception) -> None:
+            if q in wanted:
                 failures.append(str(exc))
+            else:
+                log.warning("queue %d: still not up to date: %s", q, exc)
+        stale = {q for q, ok in enumerate(self._applied)
+                 if not ok and self.pool[q].exitcode is None}
+        for q in sorted(wanted | stale):
+            self._applied[q] = False
+            try:
+                self.pool[q].apply(self.queue_snapshot(q))
+            except WorkerError as exc:
+                failed(q, exc)
                 continue
+            self._applied[q] = True
         for q, vq in enumerate(self.vqs):
             if vq.started == self._running[q] or not self._applied[q]:
                 continue
@@ -105,7 +114,7 @@ class ShardedDevice(Device):
                     self.pool[q].stop()
                 self._running[q] = vq.started
             except WorkerError as exc:
-                failures.append(str(exc))
+                failed(q, exc)
         return failures
 
     def collect_progress(self, vq: VirtQueue) -> None:

@@ -213,3 +213,19 @@ def test_a_session_leaves_no_fd_behind_in_the_control_or_the_workers(served):
         time.sleep(0.3)
         assert control_fds() == control
         assert worker_fds(pool) == workers
+
+
+def test_a_dead_worker_fails_only_the_requests_for_its_queue(served):
+    path, pool, dev = served
+    dev.replaces_dead_workers = False          # as under a respawning supervisor
+    with Frontend(path) as fe:
+        fe.negotiate()
+        victim = pool[0]
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.process.join(5)
+        with pytest.raises(FrontendError):
+            fe.set_vring_enable(0, False)      # queue 0's barrier cannot pass
+        fe.set_vring_enable(1, False)          # queue 1's can
+        fe.set_vring_enable(1, True)
+        fe.send(0, frames(0, 2))
+        wait_for(lambda: fe.queues[1].used_idx == 2)
