@@ -190,3 +190,39 @@ def test_workers_import_neither_prometheus_nor_rich(python):
             "('rich', 'prometheus_client', 'psutil')); print(bad); sys.exit(1 if bad else 0)")
     out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+@needs_net
+def test_counters_monotonic_across_a_worker_respawn(tmp_path, env, runtime_dir):
+    """SIGKILL a worker: its replacement continues the queue's series (no
+    pid label) from where the dead one left them, and a restart is counted."""
+    import signal as sig
+
+    sock = str(tmp_path / "vu.sock")
+    log = str(tmp_path / "net.log")
+    proc = start([NET, "--socket-path", sock, "--port", "loopback", "--name", "resp",
+                  "--metrics", "127.0.0.1:0"], env=env, log=log)
+    try:
+        endpoint = name_endpoints("resp")[1]
+        wait_stats(endpoint, proc, log)
+        url = metrics_url(log)
+        assert traffic(sock, 10) == 10
+        before_snap = settled(endpoint)
+        before = {k: v for k, v in scrape(url).items() if k[0].endswith("_total")}
+        tx = next(q for q in before_snap["queues"] if q["direction"] == "tx")
+        os.kill(tx["worker_pid"], sig.SIGKILL)
+        deadline = time.monotonic() + 20
+        while True:
+            q = next(q for q in stats(endpoint)["queues"] if q["index"] == tx["index"])
+            if q["worker_pid"] != tx["worker_pid"] and q["state"] != "starting" and q["restarts"] >= 1:
+                break
+            assert time.monotonic() < deadline, (q, open(log).read())
+            time.sleep(0.1)
+        after = scrape(url)
+        for key, value in before.items():
+            assert after[key] >= value, key
+        lab = dict(name="resp", queue=tx["index"], direction="tx")
+        assert sample(after, "shardvu_worker_restarts_total", **lab) >= 1
+        assert sample(after, "shardvu_packets_total", **lab) == tx["packets"]
+    finally:
+        stop(proc)
