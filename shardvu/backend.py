@@ -6,18 +6,55 @@ CONFIG_CHANGE_MSG, VRING_HOST_NOTIFIER_MSG and in-band VRING_CALL/VRING_ERR.
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import stat
 import threading
 from typing import Sequence
 
 from . import protocol as P
-from .transport import send_with_fds
+from .transport import fd_kind, send_with_fds
 
 log = logging.getLogger("shardvu.backend")
 
 
+def _check_channel_fd(fd: int) -> None:
+    """ValueError unless ``fd`` is a connected Unix stream socket.  Asks
+    the kernel: fstat first (S_ISSOCK), then getsockopt on a duplicate."""
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as exc:
+        raise ValueError(f"back-end request fd {fd}: {exc.strerror}") from None
+    if not stat.S_ISSOCK(mode):
+        raise ValueError(f"back-end request fd is {fd_kind(mode)}, not a socket")
+    probe = socket.socket(fileno=os.dup(fd))
+    try:
+        family = probe.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
+        kind = probe.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+        listening = probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        try:
+            probe.getpeername()
+            connected = True
+        except OSError:
+            connected = False
+    finally:
+        probe.close()
+    if family != socket.AF_UNIX or kind != socket.SOCK_STREAM:
+        raise ValueError(f"back-end request fd is a socket of family {family} type {kind}, "
+                         "not a Unix stream socket")
+    if listening:
+        raise ValueError("back-end request fd is a listening socket, not a connected one")
+    if not connected:
+        raise ValueError("back-end request fd is a socket that is not connected")
+
+
 class BackendChannel:
     """Owns the channel's fd (closed by :meth:`close`).
+
+    The constructor takes ownership of ``fd`` even when it fails: an fd
+    that is not a connected ``AF_UNIX`` ``SOCK_STREAM`` socket (an eventfd,
+    a pipe, a listening or datagram socket...) is closed and ValueError
+    raised naming what it is.
 
     Contract: :meth:`request` sends one message (fds in the same sendmsg)
     and, when ``need_reply`` is true, waits up to ``timeout`` seconds for the
@@ -28,6 +65,11 @@ class BackendChannel:
     """
 
     def __init__(self, fd: int, timeout: float = 5.0):
+        try:
+            _check_channel_fd(fd)
+        except BaseException:
+            os.close(fd)
+            raise
         self.sock = socket.socket(fileno=fd)
         self.sock.settimeout(timeout)
         self._lock = threading.Lock()

@@ -24,6 +24,7 @@ import os
 
 from . import eventfd
 from .protocol import VHOST_LOG_PAGE
+from .transport import check_mappable
 
 __all__ = ["DirtyLog", "VHOST_LOG_PAGE"]
 
@@ -54,8 +55,10 @@ class DirtyLog:
     ``DirtyLog(fd, mmap_size, mmap_offset)`` maps ``mmap_size`` bytes that
     start ``mmap_offset`` bytes into ``fd`` (``MAP_SHARED``).  It takes
     ownership of ``fd``: :meth:`close` closes it, and so does a failing
-    constructor, which raises :class:`ValueError` (zero size, or a file too
-    small to back the log, which would fault on access) or :class:`OSError`.
+    constructor, which raises :class:`ValueError` (zero size, an fd that is
+    not a regular file, or a file too small to back the log, which would
+    fault on access: :func:`~shardvu.transport.check_mappable`) or
+    :class:`OSError` (``mmap`` refused it).
 
     ``call_fd`` is the SET_LOG_FD eventfd (``-1`` when none).  It is *not*
     owned by the log: the caller sets it and closes it.
@@ -65,16 +68,12 @@ class DirtyLog:
 
     def __init__(self, fd: int, mmap_size: int, mmap_offset: int):
         try:
-            if mmap_size <= 0:
-                raise ValueError("dirty log size is zero")
-            if mmap_offset < 0:
-                raise ValueError(f"negative dirty log offset {mmap_offset}")
-            file_size = os.fstat(fd).st_size
-            if file_size < mmap_offset + mmap_size:
-                raise ValueError(f"dirty log fd holds {file_size} bytes, "
-                                 f"{mmap_offset + mmap_size} needed")
-            mm = mmap.mmap(fd, mmap_offset + mmap_size, flags=mmap.MAP_SHARED,
-                           prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            check_mappable(fd, mmap_offset, mmap_size, "dirty log")
+            try:
+                mm = mmap.mmap(fd, mmap_offset + mmap_size, flags=mmap.MAP_SHARED,
+                               prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            except OverflowError as exc:
+                raise ValueError(f"cannot map the dirty log: {exc}") from None
         except BaseException:
             os.close(fd)
             raise

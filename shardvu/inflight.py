@@ -13,12 +13,14 @@ index by the layout's ``queue_size``, never by the header's ``desc_num``.
 """
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import struct
 from typing import Dict, Optional
 
 from .protocol import VIRTQUEUE_MAX_SIZE, InflightDesc
+from .transport import check_mappable
 
 __all__ = ["queue_region_size", "InflightBuffer", "InflightQueue",
            "INFLIGHT_VERSION", "INFLIGHT_ALIGNMENT"]
@@ -35,6 +37,11 @@ _U16 = struct.Struct("H")
 _U64 = struct.Struct("Q")
 _OFF_FEATURES, _OFF_VERSION, _OFF_DESC_NUM, _OFF_LAST_BATCH, _OFF_USED_IDX = 0, 8, 10, 12, 14
 _D_INFLIGHT, _D_NEXT, _D_COUNTER = 0, 6, 8
+# Linux's values where fcntl lacks the names (PyPy 3.9)
+_F_ADD_SEALS = getattr(fcntl, "F_ADD_SEALS", 1033)
+_F_SEAL_SEAL = getattr(fcntl, "F_SEAL_SEAL", 0x1)
+_F_SEAL_SHRINK = getattr(fcntl, "F_SEAL_SHRINK", 0x2)
+_F_SEAL_GROW = getattr(fcntl, "F_SEAL_GROW", 0x4)
 
 
 def queue_region_size(queue_size: int) -> int:
@@ -189,12 +196,16 @@ class InflightBuffer:
     def create(cls, num_queues: int, queue_size: int) -> "InflightBuffer":
         """A new zeroed memfd buffer for ``num_queues`` queues of
         ``queue_size`` descriptors, every region initialised (version 1,
-        ``desc_num`` = ``queue_size``).  Raises ValueError on a bad geometry."""
+        ``desc_num`` = ``queue_size``), sealed against shrinking and
+        growing.  Raises ValueError on a bad geometry."""
         _check_geometry(num_queues, queue_size)
         size = num_queues * queue_region_size(queue_size)
-        fd = os.memfd_create("shardvu-inflight", os.MFD_CLOEXEC)
+        fd = os.memfd_create("shardvu-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
+            # The front-end gets this fd: sealed, it cannot shrink the file
+            # under our mapping (SIGBUS), as libvhost-user seals its own.
+            fcntl.fcntl(fd, _F_ADD_SEALS, _F_SEAL_SHRINK | _F_SEAL_GROW | _F_SEAL_SEAL)
             mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED,
                            prot=mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
@@ -224,10 +235,7 @@ class InflightBuffer:
                                  f"{num_queues} queues of {queue_size}")
             if mmap_offset < 0 or mmap_offset + mmap_size > 1 << 63:
                 raise ValueError(f"bad inflight mmap_offset {mmap_offset}")
-            file_size = os.fstat(fd).st_size
-            if file_size < mmap_offset + mmap_size:
-                raise ValueError(f"inflight fd holds {file_size} bytes, "
-                                 f"{mmap_offset + mmap_size} needed")
+            check_mappable(fd, mmap_offset, mmap_size, "inflight")
             try:
                 mm = mmap.mmap(fd, mmap_offset + mmap_size, flags=mmap.MAP_SHARED,
                                prot=mmap.PROT_READ | mmap.PROT_WRITE)

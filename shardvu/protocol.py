@@ -436,12 +436,18 @@ def encode_reply(request: int, payload: bytes = b"") -> bytes:
 
 
 def validate_size(msg: Message) -> None:
-    """Raise :class:`ProtocolError` unless the payload size fits the request."""
+    """Raise :class:`ProtocolError` unless the payload size fits the request.
+
+    Every code, including 0 and any code outside :class:`Request` or absent
+    from :data:`PAYLOAD_SIZE`, gets a ProtocolError naming it; nothing else
+    is raised."""
     try:
         req = Request(msg.request)
     except ValueError:
         raise ProtocolError("unknown request code", msg.request) from None
-    want = PAYLOAD_SIZE[req]
+    want = PAYLOAD_SIZE.get(req)
+    if want is None:        # NONE (0): a code with no request behind it
+        raise ProtocolError(f"request code {msg.request} is not a front-end request", msg.request)
     size = len(msg.payload)
     if want == _VAR:
         if req == Request.SET_MEM_TABLE:

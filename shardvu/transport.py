@@ -4,7 +4,9 @@ the sharded runtime's control process has its own loop in ``control/``)."""
 from __future__ import annotations
 
 import array
+import os
 import socket
+import stat
 from typing import List, Sequence, Tuple
 
 #: Room for more fds than any request may carry, so extras are seen (and
@@ -34,3 +36,37 @@ def send_with_fds(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> 
     sent = sock.sendmsg([data], anc)
     if sent < len(data):
         sock.sendall(data[sent:])
+
+
+_FILE_TYPES = ((stat.S_ISREG, "a regular file"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISFIFO, "a pipe"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"))
+
+
+def fd_kind(mode: int) -> str:
+    """What an fd of ``st_mode`` ``mode`` is, for error messages ("a pipe";
+    an eventfd, epoll or timer fd has no file type: "an anonymous inode")."""
+    for test, name in _FILE_TYPES:
+        if test(mode):
+            return name
+    return "an anonymous inode (eventfd or similar)"
+
+
+def check_mappable(fd: int, offset: int, size: int, what: str) -> None:
+    """ValueError unless ``fd`` is a regular file (memfd, shm, hugetlbfs)
+    whose size covers ``offset + size`` bytes, with ``offset >= 0`` and
+    ``size > 0``: what every mapper checks before ``mmap``, so that no
+    access within the mapping can fault (short of a later truncation).
+    ``what`` names the fd in the message ("dirty log")."""
+    if size <= 0:
+        raise ValueError(f"{what} size is zero")
+    if offset < 0:
+        raise ValueError(f"negative {what} offset {offset}")
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        raise ValueError(f"{what} fd: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{what} fd is {fd_kind(st.st_mode)}, not a file that can be mapped")
+    if st.st_size < offset + size:
+        raise ValueError(f"{what} fd holds {st.st_size} bytes, {offset + size} needed")

@@ -32,7 +32,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from .. import protocol as P
 from ..dirtylog import DirtyLog
@@ -464,17 +464,31 @@ class Frontend:
         (when PROTOCOL_FEATURES was negotiated), then SET_STATUS with
         DRIVER_OK.  Raises :class:`FrontendError` on a refused request or
         when the back-end offers fewer queues or slots than needed."""
+        for _step in self.negotiation(vring_bases):
+            pass
+
+    def negotiation(self, vring_bases: Optional[Dict[int, int]] = None) -> Iterator[int]:
+        """:meth:`negotiate` one request at a time: yields the code of each
+        request *before* sending it, and sends it when resumed.  Closing the
+        generator instead (``break``) leaves the negotiation cut just before
+        that request: a valid prefix of any length, for fuzzers.  Several
+        steps may share a code (per queue); :attr:`negotiated` turns true
+        only when the generator runs to its end."""
         self._require_sock()
+        yield Request.GET_FEATURES
         self.offered_features = self._get_u64(Request.GET_FEATURES)
         self._reply_ack = False
         self.protocol_features = 0
         pf_offered = bool(self.offered_features & bit(P.VHOST_USER_F_PROTOCOL_FEATURES))
         if pf_offered:
+            yield Request.GET_PROTOCOL_FEATURES
             self.offered_protocol_features = self._get_u64(Request.GET_PROTOCOL_FEATURES)
             self.protocol_features = self.offered_protocol_features & self.wanted_protocol_features
+            yield Request.SET_PROTOCOL_FEATURES
             self._set_u64(Request.SET_PROTOCOL_FEATURES, self.protocol_features)
             self._reply_ack = bool(self.protocol_features & bit(ProtocolFeature.REPLY_ACK))
         if self.has_protocol(ProtocolFeature.MQ):
+            yield Request.GET_QUEUE_NUM
             self.max_queues = self._get_u64(Request.GET_QUEUE_NUM)
             if self.max_queues < self.num_queues:
                 raise FrontendError(Request.GET_QUEUE_NUM, -1,
@@ -484,6 +498,7 @@ class Frontend:
             raise FrontendError(Request.GET_QUEUE_NUM, -1, "several queue pairs need protocol MQ")
         slots = self.use_mem_slots and self.has_protocol(ProtocolFeature.CONFIGURE_MEM_SLOTS)
         if slots:
+            yield Request.GET_MAX_MEM_SLOTS
             self.max_mem_slots = self._get_u64(Request.GET_MAX_MEM_SLOTS)
             if self.max_mem_slots < len(self.region_descs):
                 raise FrontendError(Request.GET_MAX_MEM_SLOTS, -1,
@@ -491,39 +506,61 @@ class Frontend:
         elif len(self.region_descs) > P.MEMORY_BASELINE_NREGIONS:
             raise FrontendError(Request.SET_MEM_TABLE, -1,
                                 f"{len(self.region_descs)} regions need CONFIGURE_MEM_SLOTS")
+        yield Request.SET_OWNER
         self.request(Request.SET_OWNER)
         self.features = self.offered_features & self.wanted_features
+        yield Request.SET_FEATURES
         self.set_features(self.features)
         if self.has_protocol(ProtocolFeature.STATUS):
+            yield Request.SET_STATUS
             self.set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK)
         if self.has_protocol(ProtocolFeature.BACKEND_REQ):
+            yield Request.SET_BACKEND_REQ_FD
             self._setup_backend_channel()
         if self.has_protocol(ProtocolFeature.INFLIGHT_SHMFD):
             if self.inflight_fd < 0 and self.want_inflight:
+                yield Request.GET_INFLIGHT_FD
                 self.get_inflight_fd()
             if self.inflight_fd >= 0:
+                yield Request.SET_INFLIGHT_FD
                 self.set_inflight_fd()
         if slots:
             for desc, fd in zip(self.region_descs, self.region_fds):
+                yield Request.ADD_MEM_REG
                 self.request(Request.ADD_MEM_REG, MemRegMsg(desc).pack(), [fd])
         else:
+            yield Request.SET_MEM_TABLE
             self.request(Request.SET_MEM_TABLE, MemoryTable(tuple(self.region_descs)).pack(),
                          self.region_fds)
         event_idx = bool(self.features & bit(P.VIRTIO_RING_F_EVENT_IDX))
         bases = vring_bases or {}
         for q, vq in enumerate(self.queues):
             vq.event_idx = event_idx
+            yield Request.SET_VRING_NUM
             self.request(Request.SET_VRING_NUM, VringState(q, vq.size).pack())
+            yield Request.SET_VRING_BASE
             self.request(Request.SET_VRING_BASE, VringState(q, bases.get(q, 0)).pack())
+            yield Request.SET_VRING_ADDR
             self.set_vring_addr(q, log=False)
+            yield Request.SET_VRING_CALL
             self.request(Request.SET_VRING_CALL, pack_u64(q), [self.call_fds[q]])
+            yield Request.SET_VRING_ERR
             self.request(Request.SET_VRING_ERR, pack_u64(q), [self.err_fds[q]])
+            yield Request.SET_VRING_KICK
             self.request(Request.SET_VRING_KICK, pack_u64(q), [self.kick_fds[q]])
             if pf_offered and self.features & bit(P.VHOST_USER_F_PROTOCOL_FEATURES):
+                yield Request.SET_VRING_ENABLE
                 self.set_vring_enable(q, True)
         if self.has_protocol(ProtocolFeature.STATUS):
+            yield Request.SET_STATUS
             self.set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK)
         self.negotiated = True
+
+    @property
+    def reply_ack(self) -> bool:
+        """Whether REPLY_ACK was negotiated (every request then gets an answer
+        when it sets NEED_REPLY)."""
+        return self._reply_ack
 
     def has_feature(self, n: int) -> bool:
         """Whether virtio/vhost feature bit ``n`` was negotiated."""
