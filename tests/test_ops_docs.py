@@ -24,6 +24,8 @@ def test_every_option_in_the_options_table_exists():
     helptext = subprocess.run([sys.executable, "-m", "shardvu", "run", "--help"],
                               capture_output=True, text=True, timeout=60).stdout
     assert documented and all(opt in helptext for opt in documented), documented
+    offered = set(re.findall(r"(--[a-z][a-z-]+)", helptext)) - {"--help", "--socket"}
+    assert offered <= documented, offered - documented     # and the table leaves none out
 
 
 def test_every_metric_in_the_readme_is_exported():
