@@ -27,7 +27,21 @@ workload    virtio-user testpmd          shardvu --port    DPDK vhost mode
 ``tx``      ``txonly --txpkts=SIZE``     ``sink``          ``rxonly``
 ``rx``      ``rxonly``                   ``generator``     ``txonly --txpkts=SIZE``
 ``loop``    ``io --tx-first --txpkts``   ``loopback``      ``io``
+``tap-tx``  ``txonly --txpkts=SIZE``     ``tap:IFNAME``    ``io``, net_tap
+``tap-rx``  ``rxonly``                   ``tap:IFNAME``    ``io``, net_tap
 ==========  ===========================  ================  ================
+
+The tap workloads connect the guest to a Linux tap made inside a network
+namespace this script creates (and removes): shardvu ``--port tap:IFNAME``
+against DPDK doing the same job, ``testpmd --vdev net_vhost0,... --vdev
+net_tap0,iface=IFNAME --forward-mode=io``.  ``tap-tx`` (guest → tap) is
+counted on the tap interface itself (its ``rx_packets``, read with
+rtnetlink: the kernel's count of what either back-end wrote into it);
+``tap-rx`` (tap → guest) has a third testpmd, a ``net_af_packet`` vdev on
+the tap's host side running ``txonly`` (``--txonly-multi-flow`` with
+several pairs) on the front-end's CPUs, and is counted by the front-end
+(rxonly).  On two CPUs that third busy poller oversubscribes the machine:
+those cells are reported, not gated.
 
 ``loop`` uses DPDK's ``io`` mode, not ``macswap``: shardvu's loopback hands
 the guest's frames back unmodified, and ``io`` is the DPDK mode that does
@@ -94,6 +108,7 @@ matplotlib: ``pip install -e '.[bench]'``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -107,7 +122,7 @@ import psutil
 
 import abrun
 from abrun import LABELS, SHARDVU, SYSTEMS, machine_busy, med
-from shardvu.testing.testpmd import RUNTIME_DIR, TestPmd, have_testpmd, leftover_testpmds
+from shardvu.testing.testpmd import RUNTIME_DIR, TestPmd, have_testpmd, leftover_testpmds, vhost_vdev
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKLOADS = {
@@ -115,7 +130,10 @@ WORKLOADS = {
     "tx":   ("txonly", "sink", "rxonly", "backend"),
     "rx":   ("rxonly", "generator", "txonly", "frontend"),
     "loop": ("io", "loopback", "io", "frontend"),
+    "tap-tx": ("txonly", "tap", "io", "tap"),
+    "tap-rx": ("rxonly", "tap", "io", "frontend"),
 }
+_taps = iter(range(1 << 30))
 POLL_S = 0.05               # sampling loop period
 STATS_POLL_S = 0.25         # shardvu stats query period (each worker publishes every 0.5 s)
 
@@ -170,6 +188,34 @@ class TelemetrySampler:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class TapSampler:
+    """(time, counter) series of a kernel interface (rtnetlink), e.g. a
+    tap's ``rx_packets``: what the back-end under test wrote into it."""
+
+    def __init__(self, ifname: str, period: float = 0.1):
+        from shardvu.workers.tap import link_stats
+        self.ifname, self.period, self._stats = ifname, period, link_stats
+        self.next_due = 0.0
+        self.samples: List[Tuple[float, Dict]] = []
+
+    def sample(self) -> None:
+        ta = time.time()
+        st = self._stats(self.ifname)
+        self.samples.append(((ta + time.time()) / 2, st))
+
+    def poll(self) -> None:
+        now = time.monotonic()
+        if now >= self.next_due:
+            self.next_due = now + self.period
+            try:
+                self.sample()
+            except Exception:                   # noqa: BLE001 - the tap may be gone
+                pass
+
+    def series(self, key: str) -> List[Tuple[float, int]]:
+        return [(t, f[key]) for t, f in self.samples if key in f]
 
 
 class ShardvuSampler:
@@ -312,7 +358,12 @@ class Measurement:
         res: Dict = {"system": self.system, "workload": self.workload, "size": self.size,
                      "queues": self.queues, "start": time.time()}
         rt = be = fe = None
+        self.feeder = None
         sockets: List[TelemetrySampler] = []
+        tap = f"shvb{next(_taps)}" if port == "tap" else None
+        if tap:
+            port = f"tap:{tap}"
+            res["tap"] = tap
         try:
             # back-end
             if self.system in SHARDVU:
@@ -322,6 +373,17 @@ class Measurement:
                              "--cpus", a.shardvu_cpus, "--log-level", "WARNING", *extra,
                              log_path=os.path.join(tmp, "shardvu.log"))
                 be_sampler = ShardvuSampler(rt)
+            elif tap:
+                be = TestPmd([vhost_vdev(sock, self.queues), f"net_tap0,iface={tap}"],
+                             queues=self.queues, mode=be_mode, cores=a.be_lcores,
+                             extra_eal=["--main-lcore", a.be_main],
+                             extra_app=["--disable-link-check", f"--nb-cores={a.be_nb_cores}"],
+                             mem_mb=1024, total_mbufs=32768, stats_period=0,
+                             log_path=os.path.join(tmp, "be.log"))
+                be.start()
+                be.wait_started(a.start_timeout)
+                be_sampler = TelemetrySampler(be.file_prefix)
+                sockets.append(be_sampler)
             else:
                 be = TestPmd.vhost(sock, self.queues, mode=be_mode, cores=a.be_lcores,
                                    extra_eal=["--main-lcore", a.be_main],
@@ -343,11 +405,23 @@ class Measurement:
                                      log_path=os.path.join(tmp, "fe.log"))
             fe.start()
             fe.wait_started(a.start_timeout)
+            tap_sampler = TapSampler(tap) if tap else None
+            if tap and self.workload == "tap-rx":
+                # the tap's host side feeds it: net_af_packet txonly
+                self.feeder = TestPmd(f"net_af_packet0,iface={tap}", queues=1, mode="txonly",
+                                      cores=a.fe_lcores, extra_eal=["--main-lcore", a.fe_main],
+                                      txpkts=self.size, mem_mb=512, total_mbufs=16384,
+                                      stats_period=0, extra_app=["--txonly-multi-flow"]
+                                      if self.queues > 1 else [],
+                                      log_path=os.path.join(tmp, "feeder.log"))
+                self.feeder.start()
+                self.feeder.wait_started(a.start_timeout)
             t_fwd = time.time()
             fe_sampler = TelemetrySampler(fe.file_prefix)
             sockets.append(fe_sampler)
             t0, t1 = t_fwd + a.warmup, t_fwd + a.warmup + a.seconds
-            telemetry = [fe_sampler] + ([be_sampler] if be is not None else [])
+            telemetry = [fe_sampler] + ([be_sampler] if be is not None else []) + \
+                ([tap_sampler] if tap_sampler is not None else [])
             cpu_a = cpu_b = None
             pids = self._pids(rt, be, fe)
             while cpu_b is None:
@@ -371,13 +445,18 @@ class Measurement:
                     break
                 fe_sampler.poll()
                 be_sampler.poll()
+                if tap_sampler is not None:
+                    tap_sampler.poll()
                 if not fe.running() or (be is not None and not be.running()) or \
                         (rt is not None and rt.proc.poll() is not None):
                     raise RuntimeError("a process exited during the run")
                 time.sleep(POLL_S)
             res["window"] = {"t_forwarding": t_fwd, "t0": t0, "t1": t1}
             # rate
-            if counter == "frontend":
+            if counter == "tap":
+                r = window_rate(tap_sampler.series("rx_packets"), t0, t1)
+                res["counted_by"] = f"tap {tap} rx_packets (rtnetlink)"
+            elif counter == "frontend":
                 r = window_rate(fe_sampler.series("ipackets"), t0, t1)
                 res["counted_by"] = "front-end port 0 ipackets (DPDK telemetry)"
             elif self.system == "dpdk":
@@ -386,7 +465,11 @@ class Measurement:
             else:
                 r = shardvu_tx_rate(be_sampler, self.queues, t0, t1)
                 res["counted_by"] = "shardvu TX-queue workers' packets (sum of per-queue rates)"
-            res["series"] = self._series(counter, fe_sampler, be_sampler, t_fwd)
+            res["series"] = self._series(counter, fe_sampler, be_sampler, t_fwd, tap_sampler)
+            if tap_sampler is not None:
+                first, last = tap_sampler.samples[0][1], tap_sampler.samples[-1][1]
+                res["tap_counters"] = {k: last[k] - first[k] for k in
+                                       ("rx_packets", "rx_dropped", "tx_packets", "tx_dropped")}
             if r is None:
                 raise RuntimeError("not enough counter samples inside the window")
             res["pps"] = r.pop("pps")
@@ -426,9 +509,11 @@ class Measurement:
         res["end"] = time.time()
         return res
 
-    def _series(self, counter, fe_sampler, be_sampler, t_fwd) -> Dict[str, List]:
+    def _series(self, counter, fe_sampler, be_sampler, t_fwd, tap_sampler=None) -> Dict[str, List]:
         """The receiver's raw samples, [seconds since forwarding began, count]."""
-        if counter == "frontend":
+        if counter == "tap":
+            raw = {"tap_rx_packets": tap_sampler.series("rx_packets")}
+        elif counter == "frontend":
             raw = {"fe_ipackets": fe_sampler.series("ipackets")}
         elif self.system == "dpdk":
             raw = {"be_ipackets": be_sampler.series("ipackets")}
@@ -441,6 +526,9 @@ class Measurement:
 
     def _stop(self, rt, be, fe) -> Dict:
         out: Dict = {}
+        if self.feeder is not None:
+            st = self.feeder.stop()
+            out["feeder_final"] = _final(st, self.feeder.returncode)
         if fe is not None:
             st = fe.stop()
             out["fe_final"] = _final(st, fe.returncode)
@@ -625,7 +713,8 @@ def plot(rows: List[Dict], path: str) -> None:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workloads", default="tx,rx,loop", help="tx, rx, loop (default all)")
+    ap.add_argument("--workloads", default="tx,rx,loop",
+                    help="tx, rx, loop, tap-tx, tap-rx (default tx,rx,loop)")
     ap.add_argument("--sizes", default="64,1518", help="frame sizes in bytes (default 64,1518)")
     ap.add_argument("--queues", default="1,2,4,8", help="queue pairs (default 1,2,4,8)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds per configuration, each system once per round (default 3)")
@@ -663,7 +752,7 @@ def parse_args(argv=None):
     args.workloads = [w for w in args.workloads.split(",") if w]
     for w in args.workloads:
         if w not in WORKLOADS:
-            ap.error(f"unknown workload {w!r} (tx, rx, loop)")
+            ap.error(f"unknown workload {w!r} (tx, rx, loop, tap-tx, tap-rx)")
     args.sizes = abrun.ints(args.sizes)
     args.queues = abrun.ints(args.queues)
     args.systems = abrun.parse_systems(ap, args.systems)
@@ -749,12 +838,17 @@ def main(argv=None) -> int:
         meta["worker_python"] = subprocess.run(
             [args.worker_python, "-c", "import sys; print(sys.version.replace(chr(10), ' '))"],
             capture_output=True, text=True, timeout=60).stdout.strip()
-    samples, rows = abrun.run_plan(
-        args, plan, meta, base, key="mpps", config_of=_config,
-        measure=lambda cfg, system: Measurement(args, system, *cfg).run(),
-        describe=lambda cfg: f"{cfg[0]:4s} {cfg[1]:4d}B q={cfg[2]}",
-        report=_report, summarize=lambda samples: summarize(samples, configs, args.systems),
-        table=table)
+    with contextlib.ExitStack() as stack:
+        if any(w.startswith("tap") for w in args.workloads):
+            # the taps and their traffic stay inside a namespace of our own
+            from shardvu.testing.netns import can_netns, netns, sh
+            why = can_netns()
+            if why:
+                print(f"compare.py: tap workloads: {why}", file=sys.stderr)
+                return 2
+            stack.enter_context(netns("shvbench"))
+            sh("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1")
+        samples, rows = _run(args, plan, meta, base, configs)
     if args.plot and rows:
         plot(rows, base + ".png")
         print(f"plot:    {base}.png")
@@ -762,6 +856,15 @@ def main(argv=None) -> int:
     if left:
         print(f"WARNING: testpmd processes left behind: {left}", file=sys.stderr)
     return 0 if all("mpps" in s for s in samples) else 1
+
+
+def _run(args, plan, meta, base, configs):
+    return abrun.run_plan(
+        args, plan, meta, base, key="mpps", config_of=_config,
+        measure=lambda cfg, system: Measurement(args, system, *cfg).run(),
+        describe=lambda cfg: f"{cfg[0]:6s} {cfg[1]:4d}B q={cfg[2]}",
+        report=_report, summarize=lambda samples: summarize(samples, configs, args.systems),
+        table=table)
 
 
 if __name__ == "__main__":
