@@ -188,6 +188,11 @@ class DeviceIface:
         """Write ``data`` at ``offset`` in config space; False refuses it."""
         return False
 
+    def send_rarp(self, dev: "Device", mac: bytes) -> None:
+        """SEND_RARP (protocol feature RARP): announce ``mac`` (6 bytes)
+        after a migration.  Raise RequestError (or ValueError) to refuse."""
+        raise RequestError("RARP announcement is not supported")
+
 
 #: Virtio feature bits the library implements whatever the device.
 LIBRARY_FEATURES = (
@@ -200,8 +205,9 @@ LIBRARY_FEATURES = (
 )
 
 #: Protocol features the library implements.  Not offered, because nothing
-#: here implements them: RARP, CROSS_ENDIAN, CRYPTO_SESSION, PAGEFAULT
-#: (postcopy), XEN_MMAP, SHARED_OBJECT, DEVICE_STATE.
+#: here implements them: CROSS_ENDIAN, CRYPTO_SESSION, PAGEFAULT
+#: (postcopy), XEN_MMAP, SHARED_OBJECT, DEVICE_STATE.  RARP is offered by a
+#: device interface that can send the announcement (``send_rarp``).
 LIBRARY_PROTOCOL_FEATURES = (
     P.bit(PF.MQ) | P.bit(PF.LOG_SHMFD) | P.bit(PF.REPLY_ACK) | P.bit(PF.BACKEND_REQ)
     | P.bit(PF.BACKEND_SEND_FD) | P.bit(PF.HOST_NOTIFIER) | P.bit(PF.INFLIGHT_SHMFD)
@@ -218,7 +224,6 @@ _UNSUPPORTED = {
     R.POSTCOPY_ADVISE: "postcopy migration is not supported",
     R.POSTCOPY_LISTEN: "postcopy migration is not supported",
     R.POSTCOPY_END: "postcopy migration is not supported",
-    R.SEND_RARP: "RARP announcement is not supported",
 }
 
 # Requests that may carry fds; every other request must carry none.
@@ -914,6 +919,10 @@ class Device:
     def _on_get_status(self, msg, out):
         self._need_protocol(PF.STATUS)
         return P.pack_u64(self.status)
+
+    def _on_send_rarp(self, msg, out):
+        self._need_protocol(PF.RARP)
+        self.iface.send_rarp(self, msg.payload[:6])
 
     def _on_net_set_mtu(self, msg, out):
         self._need_protocol(PF.NET_MTU)

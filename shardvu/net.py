@@ -12,7 +12,7 @@ import struct
 from typing import List, Optional, Sequence, Tuple
 
 from . import protocol as P
-from .device import Device, DeviceIface
+from .device import Device, DeviceIface, RequestError
 from .protocol import ProtocolFeature as PF
 from .reasons import BrokenReason, DropReason
 from .ringrules import MAX_FRAME
@@ -29,6 +29,7 @@ VIRTIO_NET_S_LINK_UP = 1
 F_CSUM, F_GUEST_CSUM = 0, 1
 F_GUEST_TSO4, F_GUEST_TSO6, F_GUEST_ECN, F_GUEST_UFO = 7, 8, 9, 10
 F_HOST_TSO4, F_HOST_TSO6, F_HOST_ECN, F_HOST_UFO = 11, 12, 13, 14
+F_GUEST_ANNOUNCE = 21
 #: every offload bit a port may carry (USO is not supported)
 OFFLOADS = sum(1 << b for b in (F_CSUM, F_GUEST_CSUM, F_GUEST_TSO4, F_GUEST_TSO6, F_GUEST_ECN,
                                 F_GUEST_UFO, F_HOST_TSO4, F_HOST_TSO6, F_HOST_ECN, F_HOST_UFO))
@@ -103,8 +104,11 @@ class NetIface(DeviceIface):
         self.status = VIRTIO_NET_S_LINK_UP
 
     def get_features(self, dev: Device) -> int:
+        # GUEST_ANNOUNCE: the front-end (QEMU) runs the control queue and
+        # the guest's own announcements after a migration
         f = (P.bit(P.VIRTIO_NET_F_MRG_RXBUF) | P.bit(P.VIRTIO_NET_F_MAC)
-             | P.bit(P.VIRTIO_NET_F_STATUS) | P.bit(P.VIRTIO_NET_F_MQ))
+             | P.bit(P.VIRTIO_NET_F_STATUS) | P.bit(P.VIRTIO_NET_F_MQ)
+             | P.bit(F_GUEST_ANNOUNCE))
         if self.mtu:
             f |= P.bit(P.VIRTIO_NET_F_MTU)
         if self.in_order:
@@ -147,7 +151,24 @@ class NetIface(DeviceIface):
         return self.in_order
 
     def get_protocol_features(self, dev: Device) -> int:
-        return P.bit(PF.NET_MTU)
+        pf = P.bit(PF.NET_MTU)
+        if self.port is not None and getattr(self.port, "can_inject", False):
+            pf |= P.bit(PF.RARP)
+        return pf
+
+    def send_rarp(self, dev: Device, mac: bytes) -> None:
+        """SEND_RARP: a RARP announcement from ``mac`` goes out of the
+        port on pair 0 (as DPDK injects it into the guest's TX), for the
+        switches beyond the port to learn where the guest now is."""
+        from .rarp import format_mac, rarp_frame
+        if self.port is None or not getattr(self.port, "can_inject", False):
+            raise RequestError("SEND_RARP: this port cannot send an announcement")
+        frame = rarp_frame(mac)             # ValueError: no or a group MAC
+        try:
+            self.port.inject(frame, net_hdr_len(dev.features))
+        except OSError as exc:
+            raise RequestError(f"SEND_RARP: the port refused the frame: {exc.strerror}") from None
+        log.info("SEND_RARP: announced %s on pair 0", format_mac(mac))
 
     def config_bytes(self) -> bytes:
         return _CONFIG.pack(self.mac, self.status, self.queue_pairs, self.mtu)

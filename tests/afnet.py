@@ -10,6 +10,7 @@ import uuid
 
 import nsutil
 from nsutil import sh
+from shardvu.testing.netns import _setns
 
 A_IP, B_IP = "10.77.0.1", "10.77.0.2"
 
@@ -20,10 +21,10 @@ def entered(ns: str):
     home = os.open("/proc/self/ns/net", os.O_RDONLY)
     fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
     try:
-        nsutil._setns(fd)
+        _setns(fd)
         yield
     finally:
-        nsutil._setns(home)
+        _setns(home)
         os.close(fd)
         os.close(home)
 

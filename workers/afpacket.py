@@ -45,6 +45,7 @@ only.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import mmap
 import os
@@ -158,11 +159,13 @@ def _ifindex(name: str) -> int:
 
 
 def _check_ether(name: str) -> None:
-    try:
-        with open(f"/sys/class/net/{name}/type") as f:
-            kind = int(f.read())
-    except (OSError, ValueError):
-        return                      # no sysfs for this namespace: let bind decide
+    # SIOCGIFHWADDR: the hardware type, in this thread's network namespace
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            raw = fcntl.ioctl(s, 0x8927, struct.pack("16s16x", name.encode()))
+        except OSError:
+            raise AfPacketError(f"af_packet: no interface {name}") from None
+    kind = struct.unpack_from("H", raw, 16)[0]
     if kind != ARPHRD_ETHER:
         raise AfPacketError(f"af_packet: {name} is not an Ethernet interface (type {kind})")
 
@@ -213,6 +216,7 @@ class AfPacketControl(PortControl):
     workers get copies of its socket and the ring geometry in ``meta``."""
 
     kind = "af_packet"
+    can_inject = True
 
     def __init__(self, ifname: str, pairs: int, geo: Optional[Geometry] = None):
         if pairs < 1:
@@ -246,6 +250,14 @@ class AfPacketControl(PortControl):
         raw = self.socks[pair].getsockopt(SOL_PACKET, PACKET_STATISTICS, 8)
         packets, drops = struct.unpack("II", raw)
         return {"packets": packets, "drops": drops}
+
+    def inject(self, frame: bytes, hdr_len: int) -> None:
+        """Send ``frame`` out of IFNAME (SEND_RARP) through a plain packet
+        socket of its own: the pairs' sockets send only through their TX
+        rings, which belong to the TX workers."""
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0) as s:
+            s.bind((self.ifname, 0))
+            s.send(frame)
 
     def close(self) -> None:
         for s in self.socks:

@@ -225,6 +225,8 @@ class PortControl:
     (:meth:`Port.channel_send`), the RX worker reads the second."""
 
     kind = "channel"
+    #: :meth:`inject` can send a frame out of the port (SEND_RARP)
+    can_inject = False
 
     def __init__(self, pairs: int):
         self._pairs: List[Tuple[socket.socket, socket.socket]] = []
@@ -247,6 +249,12 @@ class PortControl:
 
     def set_enabled(self, pair: int, on: bool) -> None:
         """Pair ``pair`` has at least one enabled ring (``on``) or none."""
+
+    def inject(self, frame: bytes, hdr_len: int) -> None:
+        """Send ``frame`` (an Ethernet frame) out of the port on pair 0, as
+        if the guest had sent it; ``hdr_len``: the negotiated virtio-net
+        header size.  Raises OSError if the port refuses it."""
+        raise OSError(errno.EOPNOTSUPP, "this port cannot inject frames")
 
     def close(self) -> None:
         for a, b in self._pairs:
@@ -340,6 +348,7 @@ class TapControl(PortControl):
     as every pair is until the front-end enables one of its rings."""
 
     kind = "tap"
+    can_inject = True
 
     def __init__(self, tap):
         self.tap = tap
@@ -357,6 +366,9 @@ class TapControl(PortControl):
 
     def set_enabled(self, pair: int, on: bool) -> None:
         self.tap.set_queue_attached(pair, on)
+
+    def inject(self, frame: bytes, hdr_len: int) -> None:
+        os.write(self.tap.fds[0], bytes(hdr_len) + frame)   # the tap's header size is hdr_len
 
     def close(self) -> None:
         self.tap.close()

@@ -88,6 +88,7 @@ class UdpControl(PortControl):
     """One bound UDP socket per queue pair, owned by the control process."""
 
     kind = "udp"
+    can_inject = True
 
     def __init__(self, arg: str, pairs: int):
         (family, lhost, lport), (_, rhost, rport) = parse_spec(arg)
@@ -117,6 +118,10 @@ class UdpControl(PortControl):
 
     def meta(self, pair: int) -> Dict[str, Any]:
         return {"family": int(self.family), "peer": [self.remote[0], self.remote[1] + pair]}
+
+    def inject(self, frame: bytes, hdr_len: int) -> None:
+        """Send ``frame`` to pair 0's peer (SEND_RARP)."""
+        self.socks[0].sendto(frame, self.remote)
 
     def close(self) -> None:
         for s in self.socks:
