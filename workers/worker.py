@@ -309,7 +309,9 @@ class Worker:
         self._port_changed()
 
     def _port_changed(self) -> None:
-        """(Re)build the two-way port object from the port part's fds."""
+        """(Re)build the two-way port object from the port part's fds
+        (frames already read for the guest stay pending)."""
+        pending = self.port_rx.pending if self.port_rx is not None else []
         if self.twoway is not None:
             self.twoway.close()
             self.twoway = self.port_rx = None
@@ -323,6 +325,7 @@ class Worker:
         capture(self.twoway, self.index)
         if not self.is_tx:
             self.port_rx = PortRx(self.twoway, self._drop)
+            self.port_rx.pending = pending
 
     def _drop(self, reason, n: int) -> None:
         """Count ``n`` frames dropped for ``reason`` (a DropReason)."""
