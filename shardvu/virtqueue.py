@@ -416,7 +416,7 @@ class VirtQueue:
         """Stop using the queue: sets ``broken``, ``broken_reason`` (the
         text) and ``broken_kind`` (``kind``; None means the caller's own
         code failed: :attr:`BrokenReason.PORT_FAILED`), logs ``queue N
-        broken: kind: reason`` at ERROR and signals ``err_fd`` (or calls
+        broken: reason (kind)`` at ERROR and signals ``err_fd`` (or calls
         ``inband_err``).  Only the first reason is kept.  Never raises."""
         if self.broken:
             return
@@ -424,7 +424,7 @@ class VirtQueue:
         self.broken_reason = reason
         self.broken_kind = kind = kind if kind is not None else B.PORT_FAILED
         try:
-            self.logger.error("queue %d broken: %s: %s", self.index, kind.value, reason)
+            self.logger.error("queue %d broken: %s (%s)", self.index, reason, kind.value)
         except Exception:  # pragma: no cover - a broken handler must not break us
             pass
         if self.err_fd >= 0:

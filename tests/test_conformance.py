@@ -165,3 +165,56 @@ def test_pypy_outcomes_equal_cpython():
         assert set(there) == {"reference", *rc.walkers_for(case)}
         for w, got in there.items():
             assert got == ref, (case.name, w)
+
+
+# -- the worker's data side: counters by reason, broken state, no crash --------
+
+@pytest.fixture
+def sink_worker():
+    from shardvu.workers import ctl
+    from shardvu.workers.ports import resolve
+    from shardvu.workers.worker import Worker
+    mine, theirs = ctl.socketpair()
+    w = Worker(1, theirs, resolve("sink"), 64, None)
+    envs = []
+
+    def on(case: rc.Case):
+        env = rc._Env(case)
+        envs.append(env)
+        w.vq, w.mem = env.vq, env.mem
+        w.cache = w.cache.__class__(env.mem)
+        return env
+    yield w, on
+    for env in envs:
+        env.close()
+    mine.close()
+    theirs.close()
+
+
+def test_worker_survives_a_writable_descriptor_in_tx(sink_worker):
+    """Was an IndexError in split_loop.tx_pass that killed the TX worker
+    for good: now the frame before it is counted, the queue broken."""
+    w, on = sink_worker
+    on(next(c for c in rc.CORPUS if c.name == "tx_writable_desc"))
+    assert w.pass_once() == 1
+    w._sync_counters()
+    c = w.counters
+    assert w.vq.broken and c.state == "broken" and c.broken_reason == "wrong_direction"
+    assert c.ring_errors == 1 and c.packets == 1 and "device-writable" in c.broken_detail
+    w.vq.reset()                      # a ring reset: the broken reason does not outlive it
+    w._sync_counters()
+    assert c.broken_reason is None and c.broken_detail is None and c.state != "broken"
+
+
+def test_worker_counts_drops_by_reason(sink_worker):
+    w, on = sink_worker
+    on(next(c for c in rc.CORPUS if c.name == "tx_oversize_frame")._replace(max_frame=-1))
+    w.pass_once()
+    on(next(c for c in rc.CORPUS if c.name == "tx_short_frame"))
+    w.pass_once()
+    c = w.counters
+    d = c.drops_dict()
+    assert set(d) == {r.value for r in DropReason}               # a fixed, bounded set
+    assert d["short_frame"] == 1 and c.drops == sum(d.values())
+    # MAX_FRAME is the sink's limit: the corpus's slot-sized frame is not oversize here
+    assert d["oversize_frame"] == 0 and c.packets == 3 + 2

@@ -48,6 +48,9 @@ _U32 = struct.Struct("I")
 # it is refused exactly as an out-of-range one (see translate()).
 _DESC = struct.Struct("qIHH")
 _ELEM = struct.Struct("II")
+# A TX used element is (id, 0): one 8-byte store of the id (little-endian:
+# the length half is zero); "q", not "Q", for PyPy's small-int path.
+_TX_ELEM = struct.Struct("q")
 _OUT_OF_RANGE = BrokenReason.INDEX_OUT_OF_RANGE
 _ffi = cffi.FFI()
 _memmove = _ffi.memmove
@@ -93,7 +96,7 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
     (desc, doff), (avail, aoff), (used, uoff) = vq.raw
     h_from = _H.unpack_from
     d_from = _DESC.unpack_from
-    e_into = _ELEM.pack_into
+    e_into = _TX_ELEM.pack_into
     last = vq.last_avail_idx
     navail = batch_size(vq, h_from(avail, aoff + 2)[0], budget)
     if not navail:
@@ -101,6 +104,8 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
     used_idx = vq.used_idx
     out: Optional[List[memoryview]] = [] if on_frames is not None else None
     lo, hi, view = cache.lo, cache.hi, cache.view
+    maxlen = hdr_len + max_frame
+    himax = hi - maxlen       # addr <= himax: any length up to maxlen stays inside
     nbytes = n = 0
     more = False
     while n < navail:
@@ -112,23 +117,33 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
         if flags & (_SLOW_FLAGS | _WRITE):
             more = True
             break
-        if not (lo <= addr and addr + length <= hi):
-            view = translate(vq, cache, head, addr, length)
-            if view is None:
-                more = not vq.broken
-                break
-            lo, hi = cache.lo, cache.hi
-        flen = length - hdr_len
-        if 0 <= flen <= max_frame:
-            if out is not None:
+        if lo <= addr <= himax and hdr_len <= length <= maxlen:
+            if out is not None:             # the common case: one chained test
                 off = addr - lo
                 out.append(view[off + hdr_len:off + length])
-            nbytes += flen
-        elif drops is not None:
-            drops.drop(DropReason.SHORT_FRAME if flen < 0 else DropReason.OVERSIZE_FRAME)
-        e_into(used, uoff + 4 + (((used_idx + n) & mask) << 3), head, 0)
+            nbytes += length                # headers taken off once, at the end
+        else:
+            if not (lo <= addr and addr + length <= hi):
+                view = translate(vq, cache, head, addr, length)
+                if view is None:
+                    more = not vq.broken
+                    break
+                lo, hi = cache.lo, cache.hi
+                himax = hi - maxlen
+            flen = length - hdr_len
+            if 0 <= flen <= max_frame:
+                if out is not None:
+                    off = addr - lo
+                    out.append(view[off + hdr_len:off + length])
+                nbytes += length
+            else:
+                nbytes += hdr_len           # no payload: cancels its share below
+                if drops is not None:
+                    drops.drop(DropReason.SHORT_FRAME if flen < 0 else DropReason.OVERSIZE_FRAME)
+        e_into(used, uoff + 4 + (((used_idx + n) & mask) << 3), head)
         n += 1
     if n:
+        nbytes -= n * hdr_len
         if out:
             on_frames(out)
             out = None
@@ -286,6 +301,6 @@ def rx_from_ring(vq: VirtQueue, ring: SpscRing, hdr_len: int, budget: int,
         e_into(used, uoff + 4 + (((used_idx + n) & mask) << 3), head, total)
         n += 1
     if n:
-        ring.consumed(cons + n)
         _publish(vq, used, uoff, num, used_idx, n, (last + n) & 0xFFFF)
+        ring.consumed(cons + n)         # after the used store (workers/progress.py)
     return n, nbytes, more
