@@ -276,6 +276,13 @@ def _columns(rings, heads: List[int]) -> Optional[Tuple[List[int], List[int], Li
             rings.desc64[h0 << 1:(h0 + n) << 1:2].tolist())
 
 
+def _top(values: List[int], low: int) -> int:
+    """``max(values)`` given ``low = min(values)``: one ``count`` (6x faster
+    than ``max`` on CPython) when they are all equal, as a driver's
+    same-sized RX buffers are."""
+    return low if values.count(low) == len(values) else max(values)
+
+
 def _rx_elems(heads: List[int], lens: List[int], extra: int) -> List[int]:
     """Used elements ``id | (extra + len) << 32`` for consecutive ``heads``;
     one ``range`` when every length is the same (a generator's frame)."""
@@ -303,8 +310,9 @@ def _rx_consecutive(rings, heads: List[int], frames: Sequence, hdr: bytes, lo: i
     lens = list(map(len, fl))
     hlen = len(hdr)
     need = hlen + max(lens)
-    if (need > max_len or flags.count(_WRITE) != n or min(dlens) < need or min(addrs) < lo
-            or max(addrs) + max(dlens) > hi):
+    dmin = min(dlens)
+    if (need > max_len or flags.count(_WRITE) != n or dmin < need or min(addrs) < lo
+            or max(addrs) + _top(dlens, dmin) > hi):
         return None
     if hlen:
         for addr, frame in zip(addrs, fl):
@@ -504,8 +512,9 @@ def rx_from_ring(vq: VirtQueue, ring: SpscRing, hdr_len: int, budget: int,
             flens = len32[slot >> 2:(slot + k * ssize) >> 2:ssize >> 2].tolist()
             longest = max(flens)
             need = hdr_len + longest
-            if (longest <= maxf and flags.count(_WRITE) == k and min(dlens) >= need
-                    and min(addrs) >= lo and max(addrs) + max(dlens) <= hi):
+            dmin = min(dlens)
+            if (longest <= maxf and flags.count(_WRITE) == k and dmin >= need
+                    and min(addrs) >= lo and max(addrs) + _top(dlens, dmin) <= hi):
                 for addr, flen in zip(addrs, flens):
                     off = addr + delta
                     mm[off:off + hdr_len + flen] = smm[slot + start:slot + DATA_OFF + flen]
