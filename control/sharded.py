@@ -25,7 +25,7 @@ is the path a respawn takes).
 from __future__ import annotations
 
 import logging
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 from shardvu import protocol as P
 from shardvu.device import Device, DeviceIface, Outcome, Unwatch, Watch
@@ -106,6 +106,8 @@ class ShardedDevice(Device):
             self._applied[q] = True
         for q, vq in enumerate(self.vqs):
             if vq.started == self._running[q] or not self._applied[q]:
+                continue
+            if q not in wanted and self.pool[q].exitcode is not None:
                 continue
             try:
                 if vq.started:
