@@ -371,7 +371,8 @@ class Measurement:
                 extra = ["--worker-python", a.worker_python] if self.system == "shardvu-pypy" else []
                 rt = Runtime(sock, self.queues, port, "--frame-size", str(self.size),
                              "--cpus", a.shardvu_cpus, "--log-level", "WARNING", *extra,
-                             log_path=os.path.join(tmp, "shardvu.log"))
+                             log_path=os.path.join(tmp, "shardvu.log"), wait=False)
+                rt.wait_ready()             # rt is set: _stop() ends it even if it never gets ready
                 be_sampler = ShardvuSampler(rt)
             elif tap:
                 be = TestPmd([vhost_vdev(sock, self.queues), f"net_tap0,iface={tap}"],
