@@ -17,6 +17,10 @@ work only.  Reports, per packet:
   used element stores, payload copy.
 
 Run it before and after touching a loop; compare the same interpreter only.
+On a shared, noisy machine use ``--against DIR`` (DIR: a checkout of the
+revision to compare with, e.g. ``git worktree add /tmp/base REV``): both
+revisions' passes run in this one process, batch by batch in turn, and
+their medians are compared.
 """
 from __future__ import annotations
 
@@ -28,35 +32,69 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from shardvu import protocol as P  # noqa: E402
-from shardvu.testing.driver import VRING_DESC_F_WRITE, DriverQueue  # noqa: E402
-from shardvu.memory import GuestMemory  # noqa: E402
-from shardvu.protocol import MemoryRegion, VringAddr  # noqa: E402
-from shardvu.virtqueue import VirtQueue  # noqa: E402
+import importlib  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import types  # noqa: E402
 
-from shardvu.workers import split_fast, split_fast_struct, split_loop  # noqa: E402
-from shardvu.workers.spsc import SpscRing  # noqa: E402
+from shardvu.testing.driver import VRING_DESC_F_WRITE  # noqa: E402
 
 UVA = 0x7F00_0000_0000
 
 
-def setup(size: int, frame: int, writable: bool):
+def code(pkg: str = "shardvu") -> types.SimpleNamespace:
+    """The modules the passes use, from package ``pkg`` (this checkout's
+    ``shardvu``, or a copy of another revision: see :func:`load_other`)."""
+    m = lambda name: importlib.import_module(f"{pkg}.{name}")  # noqa: E731
+    return types.SimpleNamespace(
+        P=m("protocol"), DriverQueue=m("testing.driver").DriverQueue,
+        GuestMemory=m("memory").GuestMemory, VirtQueue=m("virtqueue").VirtQueue,
+        split_fast=m("workers.split_fast"), split_fast_struct=m("workers.split_fast_struct"),
+        split_loop=m("workers.split_loop"), SpscRing=m("workers.spsc").SpscRing)
+
+
+def load_other(root: str) -> types.SimpleNamespace:
+    """Another revision's code (``root``: a checkout, e.g. ``git worktree add
+    /tmp/base REV``), importable beside this one: its ``shardvu`` and
+    ``workers`` are copied into a temporary package ``shardvu_base`` whose
+    absolute imports are rewritten to it."""
+    tmp = tempfile.mkdtemp(prefix="ringloop-ab-")
+    dst = os.path.join(tmp, "shardvu_base")
+    shutil.copytree(os.path.join(root, "shardvu"), dst)
+    shutil.copytree(os.path.join(root, "workers"), os.path.join(dst, "workers"))
+    pat = re.compile(r"\b(from|import) shardvu\b")
+    for base, _dirs, files in os.walk(dst):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(base, name)
+                with open(path) as f:
+                    text = f.read()
+                with open(path, "w") as f:
+                    f.write(pat.sub(r"\1 shardvu_base", text))
+    sys.path.insert(0, tmp)
+    return code("shardvu_base")
+
+
+def setup(size: int, frame: int, writable: bool, k: types.SimpleNamespace = None):
+    k = k or code()
     mem_size = 64 << 20
     fd = os.memfd_create("ringloop")
     os.ftruncate(fd, mem_size)
-    mem = GuestMemory()
-    mem.add(MemoryRegion(0, mem_size, UVA, 0), fd)
-    drv = DriverQueue(mem, 0x10000, size, used_align=4096)
+    mem = k.GuestMemory()
+    mem.add(k.P.MemoryRegion(0, mem_size, UVA, 0), fd)
+    drv = k.DriverQueue(mem, 0x10000, size, used_align=4096)
     buf0 = 1 << 20
     flags = VRING_DESC_F_WRITE if writable else 0
     for i in range(size):
         drv.write_desc(i, buf0 + i * 2048, 2048 if writable else frame + 12, flags, 0)
         drv.push_avail(i)
-    vq = VirtQueue(0)
+    vq = k.VirtQueue(0)
     vq.mem = mem
     vq.num = size
-    vq.features = P.bit(P.VIRTIO_F_VERSION_1) | P.bit(P.VIRTIO_NET_F_MRG_RXBUF)
-    vq.addr = VringAddr(0, 0, UVA + drv.desc_gpa, UVA + drv.used_gpa, UVA + drv.avail_gpa, 0)
+    vq.features = k.P.bit(k.P.VIRTIO_F_VERSION_1) | k.P.bit(k.P.VIRTIO_NET_F_MRG_RXBUF)
+    vq.addr = k.P.VringAddr(0, 0, UVA + drv.desc_gpa, UVA + drv.used_gpa, UVA + drv.avail_gpa, 0)
     vq.map_rings()
     vq.started = vq.enable = True
     return mem, drv, vq
@@ -73,81 +111,126 @@ def timed(fn, batches: int, size: int, post) -> float:
     return total / (batches * size) * 1e9
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--batches", type=int, default=2000)
-    ap.add_argument("--frame", type=int, default=64)
-    args = ap.parse_args()
-    size, frame, batches = args.size, args.frame, args.batches
-    print(f"{platform.python_implementation()} {platform.python_version()}  ring {size}, "
-          f"{frame}-byte frames, {batches} batches")
-    results = []
-
-    def bench(name, writable, body):
-        # the struct-style loops need their own cache class (cffi pointers)
-        style = split_fast_struct if "struct" in name else split_fast
-        mem, drv, vq = setup(size, frame, writable)
-        idx = [0]
-
-        def post():
-            idx[0] = (idx[0] + size) & 0xFFFF
-            drv.write_avail_idx(idx[0])
-        cache = style.RegionCache(mem)
-        ns = timed(lambda: body(vq, cache), batches, size, post)
-        results.append((name, ns))
-        print(f"  {name:<34} {ns:8.1f} ns/pkt  ({1e3 / ns:6.2f} Mpps)", flush=True)
-        vq.unmap_rings()
-        drv.close()
-        mem.close()
-
+def passes(k: types.SimpleNamespace, size: int, frame: int):
+    """The whole passes: ``(name, writable, style, body(vq, cache, ring))``;
+    ``ring`` is an SPSC ring (headroom set) for the loopback hops, else None."""
+    fast, struct_, loop = k.split_fast, k.split_fast_struct, k.split_loop
     frames = [bytes(frame)] * size
-    hdr = split_fast.rx_header(12)
-    print("whole passes:")
-    bench("general API: TX pop/fill/flush", False,
-          lambda vq, c: split_loop.tx_pass(vq, 12, size, False))
-    bench("fast: TX sink (count only)", False,
-          lambda vq, c: split_fast.tx_pass(vq, 12, size, c))
-    sink = []
-    bench("fast: TX copy out", False,
-          lambda vq, c: split_fast.tx_pass(vq, 12, size, c, lambda views: sink.extend(bytes(v) for v in views)))
-    sink.clear()
-    bench("fast (struct style): TX sink", False,
-          lambda vq, c: split_fast_struct.tx_pass(vq, 12, size, c))
-    bench("general API: RX fill", True,
-          lambda vq, c: split_loop.rx_pass(vq, frames, 12, True))
-    bench("fast: RX fill", True,
-          lambda vq, c: split_fast.rx_pass(vq, frames, hdr, c))
-    bench("fast (struct style): RX fill", True,
-          lambda vq, c: split_fast_struct.rx_pass(vq, frames, hdr, c))
+    hdr = fast.rx_header(12)
     joined = [hdr + f for f in frames]
-    bench("fast: RX fill, header pre-joined", True,
-          lambda vq, c: split_fast.rx_pass(vq, joined, b"", c))
-    bench("fast (struct style): RX pre-joined", True,
-          lambda vq, c: split_fast_struct.rx_pass(vq, joined, b"", c))
+    sink = []
 
-    ring = SpscRing.create(size, 2048)
-    ring.set_headroom(hdr)
+    def copy_out(vq, c, r):
+        fast.tx_pass(vq, 12, size, c, lambda views: sink.extend(bytes(v) for v in views))
+        sink.clear()
 
     def drained(fn):        # TX hop: empty the ring again after each batch
-        def body(vq, c):
+        def body(vq, c, ring):
             fn(vq, 12, size, c, ring)
             ring.consumed(ring.produce_window()[0])
         return body
 
     def refilled(fn):       # RX hop: republish the same `size` frames each batch
-        ring.push_batch(frames)
-        ring.consumed(ring.produce_window()[0])
-
-        def body(vq, c):
+        def body(vq, c, ring):              # (the slots were filled once: _Pass)
             ring.publish(ring.produce_window()[0] + size)
             fn(vq, ring, 12, size, c)
         return body
-    bench("loopback: TX -> ring", False, drained(split_fast.tx_to_ring))
-    bench("loopback (struct style): TX -> ring", False, drained(split_fast_struct.tx_to_ring))
-    bench("loopback: ring -> RX", True, refilled(split_fast.rx_from_ring))
-    bench("loopback (struct style): ring -> RX", True, refilled(split_fast_struct.rx_from_ring))
-    ring.close()
+    return [
+        ("general API: TX pop/fill/flush", False, fast, lambda vq, c, r: loop.tx_pass(vq, 12, size, False)),
+        ("fast: TX sink (count only)", False, fast, lambda vq, c, r: fast.tx_pass(vq, 12, size, c)),
+        ("fast: TX copy out", False, fast, copy_out),
+        ("fast (struct style): TX sink", False, struct_, lambda vq, c, r: struct_.tx_pass(vq, 12, size, c)),
+        ("general API: RX fill", True, fast, lambda vq, c, r: loop.rx_pass(vq, frames, 12, True)),
+        ("fast: RX fill", True, fast, lambda vq, c, r: fast.rx_pass(vq, frames, hdr, c)),
+        ("fast (struct style): RX fill", True, struct_, lambda vq, c, r: struct_.rx_pass(vq, frames, hdr, c)),
+        ("fast: RX fill, header pre-joined", True, fast, lambda vq, c, r: fast.rx_pass(vq, joined, b"", c)),
+        ("fast (struct style): RX pre-joined", True, struct_,
+         lambda vq, c, r: struct_.rx_pass(vq, joined, b"", c)),
+        ("loopback: TX -> ring", False, fast, drained(fast.tx_to_ring)),
+        ("loopback (struct style): TX -> ring", False, struct_, drained(struct_.tx_to_ring)),
+        ("loopback: ring -> RX", True, fast, refilled(fast.rx_from_ring)),
+        ("loopback (struct style): ring -> RX", True, struct_, refilled(struct_.rx_from_ring)),
+    ]
+
+
+class _Pass:
+    """One whole pass set up on its own guest memory and ring."""
+
+    def __init__(self, k, spec, size: int, frame: int):
+        self.name, writable, style, body = spec
+        self.mem, self.drv, self.vq = setup(size, frame, writable, k)
+        self.ring = None
+        if "loopback" in self.name:
+            self.ring = k.SpscRing.create(size, 2048)
+            self.ring.set_headroom(k.split_fast.rx_header(12))
+            if "-> RX" in self.name:
+                self.ring.push_batch([bytes(frame)] * size)
+                self.ring.consumed(self.ring.produce_window()[0])
+        cache = style.RegionCache(self.mem)
+        self.size, self.idx = size, 0
+        self.run = lambda: body(self.vq, cache, self.ring)
+
+    def post(self) -> None:
+        self.idx = (self.idx + self.size) & 0xFFFF
+        self.drv.write_avail_idx(self.idx)
+
+    def close(self) -> None:
+        if self.ring is not None:
+            self.ring.close()
+        self.vq.unmap_rings()
+        self.drv.close()
+        self.mem.close()
+
+
+def interleaved(a, b, batches: int, size: int):
+    """Median ns/pkt of ``a`` and ``b``, timed batch by batch in turn (the
+    order alternating), so both see the same machine; the first fifth of
+    the batches is warm-up (PyPy's JIT) and not counted."""
+    times = ([], [])
+    for i in range(batches):
+        for j in ((0, 1) if i & 1 else (1, 0)):
+            p = (a, b)[j]
+            p.post()
+            t = time.perf_counter()
+            p.run()
+            times[j].append(time.perf_counter() - t)
+    skip = batches // 5
+    return tuple(statistics.median(t[skip:]) / size * 1e9 for t in times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--batches", type=int, default=2000)
+    ap.add_argument("--frame", type=int, default=64)
+    ap.add_argument("--against", metavar="DIR",
+                    help="A/B against the checkout DIR (e.g. git worktree add /tmp/base REV): "
+                    "each whole pass of DIR's code (A) and of this one (B) timed batch by batch "
+                    "in turn, in this process; prints the median ns/pkt of each and B/A")
+    args = ap.parse_args()
+    size, frame, batches = args.size, args.frame, args.batches
+    print(f"{platform.python_implementation()} {platform.python_version()}  ring {size}, "
+          f"{frame}-byte frames, {batches} batches")
+    if args.against:
+        other, this = load_other(args.against), code()
+        print(f"interleaved A/B: A = {args.against}, B = this checkout (medians, ns/pkt)")
+        for spec_a, spec_b in zip(passes(other, size, frame), passes(this, size, frame)):
+            a, b = _Pass(other, spec_a, size, frame), _Pass(this, spec_b, size, frame)
+            try:
+                ma, mb = interleaved(a, b, batches, size)
+            finally:
+                a.close()
+                b.close()
+            print(f"  {spec_b[0]:<38} A {ma:8.1f}  B {mb:8.1f}  B/A {mb / ma:6.3f}", flush=True)
+        return
+    print("whole passes:")
+    for spec in passes(code(), size, frame):
+        p = _Pass(code(), spec, size, frame)
+        try:
+            ns = timed(p.run, batches, size, p.post)
+        finally:
+            p.close()
+        print(f"  {spec[0]:<34} {ns:8.1f} ns/pkt  ({1e3 / ns:6.2f} Mpps)", flush=True)
 
     print("single steps (same typed views):")
     mem, drv, vq = setup(size, frame, False)
