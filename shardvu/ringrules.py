@@ -98,6 +98,9 @@ POLICY: Dict[str, Rule] = {
     "avail_idx_jump": Rule(
         "broken", B.AVAIL_IDX_JUMP, "avail->idx more than the queue size ahead of the "
         "last index the device took"),
+    "too_many_in_flight": Rule(
+        "broken", B.AVAIL_IDX_JUMP, "more chains taken and not yet used than the queue size "
+        "(VirtQueue's general API, where a caller holds chains across batches)"),
     "head_out_of_range": Rule(
         "broken", B.INDEX_OUT_OF_RANGE, "an avail ring entry >= the queue size"),
     "next_out_of_range": Rule(
