@@ -32,7 +32,7 @@ import logging
 import os
 import select
 import socket
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import multiprocess
 
@@ -161,9 +161,13 @@ class WorkerPool:
         else:
             self.ctx = multiprocess.get_context("fork")
         self.workers: List[WorkerHandle] = []
+        #: where workers come from, if not multiprocess: ``spawner(index)``
+        #: returns a started WorkerHandle (control/supervisor.py)
+        self.spawner: Optional[Callable[[int], WorkerHandle]] = None
         self._spsc: list = []
         # pair -> (PortPart, fds owned by the pool): ports other than spsc
         self._ports: Dict[int, Tuple[PortPart, List[int]]] = {}
+        self._port_serial = 0
 
     def start(self) -> None:
         """Start every worker (and each pair's shared ring when the port
@@ -182,6 +186,8 @@ class WorkerPool:
                  [w.pid for w in self.workers])
 
     def _spawn(self, index: int) -> WorkerHandle:
+        if self.spawner is not None:        # the supervisor's: workers from the zygote
+            return self.spawner(index)
         if self.worker_python:
             _foreign_spawn_preparation()
         mine, theirs = ctl.socketpair()
@@ -226,7 +232,8 @@ class WorkerPool:
         if old is not None:
             for fd in old[1]:
                 os.close(fd)
-        self._ports[pair] = (PortPart(kind, dict(meta or {})), list(fds))
+        self._port_serial += 1
+        self._ports[pair] = (PortPart(kind, dict(meta or {}), self._port_serial), list(fds))
 
     def port_part(self, pair: int) -> Tuple[Optional[PortPart], List[int]]:
         """Pair ``pair``'s port part and its fds (still the pool's), or (None, [])."""

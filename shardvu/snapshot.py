@@ -82,9 +82,13 @@ class PortPart:
     """The pair's port part: what the control process hands the pair's
     workers for the far side of the data path.  ``kind`` names it (e.g.
     "spsc": the loopback ring memfd and its doorbell eventfd; "tap": a tap
-    queue fd); ``meta`` is JSON-able detail for the port code."""
+    queue fd); ``meta`` is JSON-able detail for the port code.
+    ``serial`` changes whenever the owner replaces the part's fds (eventfds
+    and tun fds cannot be told apart by ``fstat``), so a worker re-applying
+    the same part keeps the fds it has."""
     kind: str
     meta: Dict[str, Any] = field(default_factory=dict)
+    serial: int = 0
 
     def __hash__(self) -> int:
         return hash(self.kind)
@@ -163,7 +167,7 @@ class QueueSnapshot:
             "inflight": ([self.inflight.mmap_size, self.inflight.mmap_offset,
                           self.inflight.num_queues, self.inflight.queue_size, slot(self.inflight_fd)]
                          if self.inflight else None),
-            "port": ({"kind": self.port.kind, "meta": self.port.meta,
+            "port": ({"kind": self.port.kind, "meta": self.port.meta, "serial": self.port.serial,
                       "fds": [slot(fd) for fd in self.port_fds]} if self.port else None),
         }
         return obj, fds
@@ -208,7 +212,7 @@ class QueueSnapshot:
                 p = obj["port"]
                 if not isinstance(p["kind"], str) or not isinstance(p["meta"], dict):
                     raise SnapshotError("bad port part")
-                port = PortPart(p["kind"], dict(p["meta"]))
+                port = PortPart(p["kind"], dict(p["meta"]), _u64(p["serial"]))
                 port_fds = [fd_at(s) for s in p["fds"]]
             addr = obj["addr"]
             if addr is not None:

@@ -250,3 +250,24 @@ def test_stop_while_busy_with_buffers_left_is_answered(running_rx):
     assert not w.probe()
     for _ in range(3):
         assert cmd({"cmd": "stats"}, timeout=3)["ok"]
+
+
+def test_a_port_part_is_kept_until_its_serial_changes(worker):
+    from shardvu import eventfd
+    from shardvu.snapshot import PortPart
+    before = open_fds()
+    efd = eventfd.eventfd()
+    part = QueueSnapshot(1, port=PortPart("tap", {"queue": 0}, 1), port_fds=(efd,))
+    assert apply(worker, part)["ok"]
+    (held,) = worker.port_fds
+    assert worker.port_kind == "tap" and worker.port_meta == {"queue": 0}
+    fds = open_fds()
+    assert apply(worker, part)["ok"]
+    assert worker.port_fds == [held] and open_fds() == fds
+    assert apply(worker, QueueSnapshot(1, port=PortPart("tap", {"queue": 0}, 2),
+                                       port_fds=(efd,)))["ok"]
+    assert worker.port_fds != [held] and not fd_is_open(held)
+    worker.release()
+    assert worker.port_fds == [] and worker.port_kind is None
+    os.close(efd)
+    assert open_fds() == before

@@ -50,7 +50,7 @@ from shardvu.memory import GuestMemory, MemoryMapError
 from shardvu.net import net_hdr_len
 from shardvu.reasons import BrokenReason, DropReason
 from shardvu.ringrules import MAX_FRAME
-from shardvu.snapshot import QueueSnapshot, fd_identity
+from shardvu.snapshot import PortPart, QueueSnapshot, fd_identity
 from shardvu.virtqueue import RingError, VirtQueue
 
 from . import ctl
@@ -139,6 +139,7 @@ class Worker:
         self._log_ident: Optional[tuple] = None
         self._inflight_ident: Optional[tuple] = None
         self._spsc_ident: Optional[tuple] = None
+        self._port_part: Optional[PortPart] = None
         self.running = True
 
     # -- commands -----------------------------------------------------------------
@@ -300,10 +301,13 @@ class Worker:
             return
         if self.spsc is not None:
             self._close_spsc()
+        if port == self._port_part and len(snap.port_fds) == len(self.port_fds):
+            return                  # the same part again: keep the copies held
         for fd in self.port_fds:
             os.close(fd)
         self.port_fds = list(snap.port_fds)
         pending.difference_update(self.port_fds)
+        self._port_part = port
         self.port_meta = dict(port.meta) if port is not None else {}
         self.port_kind = port.kind if port is not None else None
         self._port_changed()
