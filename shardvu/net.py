@@ -140,6 +140,18 @@ class NetIface(DeviceIface):
                 self._enable(st.index // 2, bool(st.num) or other)
         return None
 
+    def queue_set_started(self, dev: Device, qidx: int, started: bool) -> None:
+        # a pair whose rings are both stopped (GET_VRING_BASE, reset, the
+        # front-end gone) is detached; a ring started while enabled attaches it
+        if self.port is None or qidx >= 2 * self.queue_pairs:
+            return
+        rx, tx = dev.vqs[qidx & ~1], dev.vqs[qidx | 1]
+        if started:
+            if dev.vqs[qidx].enable:
+                self._enable(qidx // 2, True)
+        elif not rx.started and not tx.started:
+            self._enable(qidx // 2, False)
+
     def _enable(self, pair: int, on: bool) -> None:
         try:
             self.port.set_enabled(pair, on)

@@ -306,3 +306,25 @@ def test_pypy_workers_both_ways(ns):
         assert len(got) == 32
         wait_for(lambda: T.link_stats("shvt9")["rx_packets"] - before["rx_packets"] == 400,
                  timeout=5, interval=0.1)
+
+
+def _worker_fds(rt) -> dict:
+    return {p.name(): len(os.listdir(f"/proc/{p.pid}/fd")) for p in rt.workers()}
+
+
+def test_sessions_leak_no_fds_and_keep_the_tap(ns):
+    """Front-ends come and go: the control process and the workers end each
+    session with the fds they started it with; the tap (owned by the
+    control) stays, its queues detached between sessions."""
+    rt = ns("shvta", 2)
+    counts = []
+    for _ in range(3):
+        with Frontend(rt.sock, queue_pairs=2) as fe:
+            fe.negotiate()
+            assert fe.send(1, [_frame(OTHER_MAC, i) for i in range(20)]) == 20
+            assert "numqueues 2" in _detail("shvta")
+        time.sleep(0.5)
+        counts.append((rt.fds(), _worker_fds(rt)))
+        assert T.interface_exists("shvta")
+        assert "numqueues 0 numdisabled 2" in _detail("shvta")
+    assert counts[0] == counts[1] == counts[2], counts
