@@ -230,7 +230,7 @@ class ControlServer:
         self.collector: Optional[StatsCollector] = None
         self.runner: Optional[ControlRunner] = None
         # Replacement workers fork from the zygote (see control/zygote.py).
-        self.zygote = Zygote([worker_python or CPYTHON])
+        self.zygote = Zygote([worker_python or CPYTHON], initial=2 * queue_pairs)
         self.supervisor: Optional[Supervisor] = None
         self.metrics = None
         self._stopping = threading.Event()
@@ -254,8 +254,9 @@ class ControlServer:
             # Workers before any thread or ZeroMQ context: they fork from
             # this process (and close every fd they inherit).
             self.zygote.start()
-            self.pool.start()
             self.supervisor = Supervisor(self.pool, self.zygote)
+            self.pool.spawner = self.supervisor.spawn     # every worker from the zygote
+            self.pool.start()
             self.collector = StatsCollector(self.pub_endpoint, self.query_endpoint,
                                             socket_path=self.socket_path, name=self.name)
             self.collector.set_workers(self.pool.pids())

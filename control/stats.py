@@ -263,13 +263,17 @@ class StatsCollector:
             q.advance(msg)
             q.heard = now
 
-    def set_workers(self, mapping: Dict[int, int]) -> None:
+    def set_workers(self, mapping: Dict[int, int], carried: bool = False) -> None:
         """Declare queue index -> worker pid.  Named queues appear in
         :meth:`snapshot` at once (zeros, state "starting") until their
         worker reports.  A queue whose pid changes (a restarted worker)
         keeps the old worker's counters and CPU time in its base, counts a
-        restart and forgets the dead mark.  Queues not in ``mapping`` are
-        kept (use a full mapping to keep them accurate)."""
+        restart and forgets the dead mark.  With ``carried`` the new
+        workers go on from their predecessors' counters (a respawn from the
+        queue's progress page): nothing is folded, the last message stands
+        until the new worker's first (a counter the new worker does not
+        carry joins the base when it reports lower).  Queues not in
+        ``mapping`` are kept (use a full mapping to keep them accurate)."""
         now = time.monotonic()
         with self._lock:
             for index, pid in mapping.items():
@@ -279,10 +283,13 @@ class StatsCollector:
                 if q.pid != pid:
                     if q.pid is not None:
                         q.restarts += 1
-                        q.fold()
+                        if not carried:
+                            q.fold()
                         q.base_cpu += q.cpu_last
                     q.cpu_last = 0.0
-                    q.pid, q.msg, q.heard, q.exitcode, q.named = pid, None, None, None, now
+                    if not carried:
+                        q.msg, q.heard = None, None
+                    q.pid, q.exitcode, q.named = pid, None, now
 
     def set_supervision(self, index: int, info: Dict[str, Any]) -> None:
         """What the supervisor (:mod:`shardvu.control.supervisor`) knows of

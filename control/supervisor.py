@@ -1,9 +1,14 @@
 """Crash isolation: a worker that dies is replaced, its queue resumed from
 the ring itself, and nothing else notices.
 
-Detection: one pidfd per worker (``os.pidfd_open`` for the workers the pool
-started, the zygote's own for replacements), registered in the control
-loop's poll set (:attr:`Supervisor.fds`, handed to the Runner's
+Origin: every worker, the pool's first ones too (:meth:`Supervisor.spawn`
+is the pool's ``spawner``), is a warm spare from the zygote
+(:mod:`shardvu.control.zygote`), told its index, CPU and the queue's
+progress page (``workers/progress.py``, one per queue, kept here).
+
+Detection: one pidfd per worker (the zygote's, passed over its channel; or
+``os.pidfd_open`` for a worker the pool forked itself), registered in the
+control loop's poll set (:attr:`Supervisor.fds`, handed to the Runner's
 ``aux_fds``).  A pidfd becomes readable the moment its process dies: no
 polling of liveness, no SIGCHLD (which would race multiprocess's own
 reaping).  Reaping: a worker the pool forked is reaped through its
@@ -11,17 +16,19 @@ reaping).  Reaping: a worker the pool forked is reaped through its
 (``waitid`` on its pidfd) and reports the status on its channel
 (:meth:`Supervisor.on_zygote`).  No zombie outlives a death.
 
-Replacement (:meth:`Supervisor.respawn`): a warm spare from the zygote
-(:mod:`shardvu.control.zygote`) receives its index and CPU (``become``), then
-the pair's shared ring and the device's current state for that queue
+Replacement (:meth:`Supervisor.respawn`): a spare becomes the queue's
+worker as above, then gets the device's current snapshot of the queue
 (:meth:`ShardedDevice.bootstrap`: memory, ring geometry and addresses, the
-kick/call/err fds, log and inflight fds, start).  The control process holds
-all of these fds for the whole session.  The replacement resumes at the used
-index (workers complete buffers in the order they took them; the inflight
-region refines this where negotiated), scans its ring at once (its loop
-starts with a pass, no kick needed), and the control signals the queue's
-call eventfd once, so the guest does not wait on an interrupt the dead
-worker swallowed.
+kick/call/err fds, log and inflight fds, the pair's shared ring; then
+start).  The control process holds all of these fds for the whole session.
+The replacement resumes at the used index (workers complete buffers in the
+order they took them; the inflight region refines this where negotiated),
+finishes from its progress page the batch its predecessor died in (no frame
+of the pair's shared ring lost or repeated, counters carried on:
+``workers/progress.py``), scans its ring at once (its loop starts with a
+pass, no kick needed), and the control signals the queue's call eventfd
+once, so the guest does not wait on an interrupt the dead worker
+swallowed.
 
 Crash loops (:class:`CrashPolicy`, default 5 deaths in 10 s, back-off
 0, 0, 0.1, 0.5, 1 s; ``SHARDVU_CRASH_POLICY`` overrides it): the k-th death
@@ -46,7 +53,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 from shardvu import eventfd
 from shardvu.reasons import BrokenReason
-from shardvu.workers import ctl
+from shardvu.workers import ctl, progress
 
 from .pool import COMMAND_TIMEOUT, WorkerError, WorkerHandle, WorkerPool
 from .zygote import CPYTHON, Zygote, ZygoteError
@@ -177,6 +184,7 @@ class Supervisor:
         if zygote is not None and zygote.chan is not None:
             self.fds[zygote.fileno()] = self.on_zygote
         self._by_pid: Dict[int, int] = {}       # zygote-born pid -> queue index
+        self.pages: Dict[int, int] = {}         # queue index -> progress page fd
 
     def attach(self, device) -> None:
         """Serve ``device``'s queues; dead workers are replaced here, at once,
@@ -311,43 +319,65 @@ class Supervisor:
                 self.respawn(index)
 
     # -- replacing ------------------------------------------------------------------
+    def spawn(self, index: int) -> WorkerHandle:
+        """A warm spare from the zygote, made worker ``index`` (pinned, with
+        the queue's progress page) and watched: the pool's ``spawner``.
+        Raises ZygoteError or WorkerError."""
+        if self.zygote is None:
+            raise ZygoteError("no zygote")
+        taken = self.zygote.take(self.kind)
+        handle = WorkerHandle(index, PidfdProcess(taken.pid, taken.pidfd), taken.chan)
+        self._by_pid[taken.pid] = index
+        rec = self.records.setdefault(index, _Record())
+        if rec.pidfd >= 0 and rec.pidfd != taken.pidfd:
+            self._unwatch(rec)
+        self._watch(index, taken.pid, taken.pidfd)
+        try:
+            self._become(handle)
+        except (WorkerError, ctl.ChannelClosed, OSError) as exc:
+            handle.process.kill()       # its pidfd fires; the policy decides
+            raise WorkerError(f"worker {index}: spare {taken.pid} did not become it: {exc}") from None
+        return handle
+
+    def page(self, index: int) -> int:
+        """Queue ``index``'s progress page (made on first use, kept for the
+        supervisor's life: every worker of the queue maps the same one)."""
+        fd = self.pages.get(index)
+        if fd is None:
+            fd = self.pages[index] = progress.create()
+        return fd
+
     def respawn(self, index: int) -> bool:
         """Replace queue ``index``'s dead worker and resume its ring.
         Returns False (and schedules a retry through the crash policy) if no
         replacement could be started."""
         rec = self.records.setdefault(index, _Record())
-        if self.zygote is None:
-            log.error("queue %d: no zygote, worker not replaced", index)
-            return False
+        old_pid = rec.pid
         t0 = time.monotonic()
         try:
-            taken = self.zygote.take(self.kind)
-        except ZygoteError as exc:
-            log.error("queue %d: no spare worker: %s", index, exc)
+            handle = self.spawn(index)
+        except (ZygoteError, WorkerError) as exc:
+            log.error("queue %d: no replacement worker: %s", index, exc)
             rec.due = time.monotonic() + self.policy.backoff_s[-1] + 0.5
             return False
-        proc = PidfdProcess(taken.pid, taken.pidfd)
-        handle = WorkerHandle(index, proc, taken.chan)
-        self._by_pid[taken.pid] = index
-        old_pid = rec.pid
-        self._watch(index, taken.pid, taken.pidfd)
         self.pool.workers[index] = handle
+        t1 = time.monotonic()
         try:
-            t1 = time.monotonic()
-            self._become(handle)
-            t2 = time.monotonic()
             self._resume(handle)
         except (WorkerError, ctl.ChannelClosed, OSError, ValueError) as exc:
-            log.error("queue %d: replacement %d failed to resume: %s", index, taken.pid, exc)
-            proc.kill()         # its pidfd fires: the crash policy decides what next
+            log.error("queue %d: replacement %d failed to resume: %s", index, handle.pid, exc)
+            handle.process.kill()       # its pidfd fires: the crash policy decides what next
             return False
         rec.restarts += 1
         rec.recovery_s = time.monotonic() - rec.died_at if rec.died_at else None
-        log.info("queue %d: worker %d replaced by pid %d in %.1f ms (take %.1f, become %.1f, "
-                 "resume %.1f)", index, old_pid, taken.pid, (rec.recovery_s or 0) * 1e3,
-                 (t1 - t0) * 1e3, (t2 - t1) * 1e3, (time.monotonic() - t2) * 1e3)
+        log.info("queue %d: worker %d replaced by pid %d in %.1f ms (spare %.1f, resume %.1f)",
+                 index, old_pid, handle.pid, (rec.recovery_s or 0) * 1e3, (t1 - t0) * 1e3,
+                 (time.monotonic() - t1) * 1e3)
         if self.collector is not None:
-            self.collector.set_workers({index: taken.pid})
+            try:        # the replacement carries the queue's counters on (its progress page)
+                self.collector.set_workers({index: handle.pid}, carried=True)
+            except TypeError:
+                self.collector.set_workers({index: handle.pid})
         self._publish(index)
         return True
 
@@ -356,7 +386,8 @@ class Supervisor:
         cpu = pool.cpus[w.index % len(pool.cpus)] if pool.cpus else None
         ctl.send(w.chan, {"cmd": "become", "index": w.index, "port": pool.port_name,
                           "frame_size": pool.frame_size, "stats_endpoint": pool.stats_endpoint,
-                          "log_level": pool.log_level, "cpu": cpu})
+                          "log_level": pool.log_level, "cpu": cpu, "progress": True},
+                 [self.page(w.index)])
         ready, _, _ = select.select([w.chan], [], [], COMMAND_TIMEOUT)
         if not ready:
             raise WorkerError(f"worker {w.index}: spare did not answer become")
@@ -405,6 +436,9 @@ class Supervisor:
         for rec in self.records.values():
             self._unwatch(rec)
         self.fds.clear()
+        for fd in self.pages.values():
+            os.close(fd)
+        self.pages.clear()
 
 
 def _describe(rec: _Record) -> str:

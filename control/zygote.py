@@ -14,7 +14,8 @@ A spare is a process that has imported the worker code and waits on its
 command channel for one message::
 
     {"cmd": "become", "index": N, "port": ..., "frame_size": ...,
-     "stats_endpoint": ..., "log_level": ..., "cpu": C or null}
+     "stats_endpoint": ..., "log_level": ..., "cpu": C or null,
+     "progress": true}           # with the queue's progress page fd
 
 It then pins itself to ``cpu``, answers ``{"ok": true}`` and runs
 ``worker_main`` on the same channel: from then on it is worker N, driven by
@@ -138,10 +139,11 @@ def spare_main(chan_fd: int) -> None:
         obj, fds = ctl.recv(chan)
     except (ctl.ChannelClosed, OSError):
         os._exit(0)
-    for fd in fds:
-        os.close(fd)
     if obj.get("cmd") != "become":
         os._exit(2)
+    progress_fd = fds.pop(0) if fds and obj.get("progress") else -1
+    for fd in fds:
+        os.close(fd)
     cpu = obj.get("cpu")
     if cpu is not None:
         pin(int(cpu))
@@ -155,7 +157,7 @@ def spare_main(chan_fd: int) -> None:
     code = 0
     try:
         worker_main(index, chan_fd, obj["port"], int(obj["frame_size"]), obj.get("stats_endpoint"),
-                    obj.get("log_level", "WARNING"), forked=False)
+                    obj.get("log_level", "WARNING"), forked=False, progress_fd=progress_fd)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:
@@ -177,10 +179,11 @@ class _Spare:
 class _ZygoteLoop:
     """The zygote's own state: spares per kind, and every child's pidfd."""
 
-    def __init__(self, chan: socket.socket, kinds: Sequence[str], spares: int):
+    def __init__(self, chan: socket.socket, kinds: Sequence[str], spares: int, initial: int = 0):
         self.chan = chan
         self.kinds = list(kinds)
         self.target = spares
+        self.extra = initial          # spares for the first takes (the pool's start)
         self.spares: Dict[str, List[_Spare]] = {k: [] for k in self.kinds}
         self.children: Dict[int, Tuple[int, Optional[_Spare]]] = {}   # pidfd -> (pid, spare or None)
         self.retry_at: Dict[str, float] = {k: 0.0 for k in self.kinds}
@@ -214,7 +217,7 @@ class _ZygoteLoop:
     def refill(self) -> None:
         now = time.monotonic()
         for kind in self.kinds:
-            while len(self.spares[kind]) < self.target and now >= self.retry_at[kind]:
+            while len(self.spares[kind]) < self.target + self.extra and now >= self.retry_at[kind]:
                 try:
                     self.spares[kind].append(self._make(kind))
                 except OSError as exc:
@@ -312,6 +315,7 @@ class _ZygoteLoop:
         except (ValueError, OSError) as exc:
             ctl.send(self.chan, {"ok": False, "error": str(exc)})
             return
+        self.extra = max(0, self.extra - 1)
         pidfd = spare.pidfd
         self.children[pidfd] = (spare.pid, None)     # the control's from now on
         try:
@@ -323,7 +327,7 @@ class _ZygoteLoop:
     def run(self) -> None:
         while self.running:
             self.refill()
-            pending = any(len(self.spares[k]) < self.target for k in self.kinds)
+            pending = any(len(self.spares[k]) < self.target + self.extra for k in self.kinds)
             self._wait(0.1 if pending else None)
         # Spares, and workers the control process did not stop first, end
         # with the zygote (as they would by PR_SET_PDEATHSIG): reap them all.
@@ -339,7 +343,7 @@ class _ZygoteLoop:
             os.close(pidfd)
 
 
-def _zygote_main(chan: socket.socket, kinds: Sequence[str], spares: int) -> None:
+def _zygote_main(chan: socket.socket, kinds: Sequence[str], spares: int, initial: int) -> None:
     _die_with_parent()
     set_name("shardvu-zygote")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -348,7 +352,7 @@ def _zygote_main(chan: socket.socket, kinds: Sequence[str], spares: int) -> None
     _close_all_but([chan.fileno()])
     import shardvu.workers.worker  # noqa: F401  (forked spares start warm)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s zygote %(levelname)s %(message)s")
-    _ZygoteLoop(chan, kinds, spares).run()
+    _ZygoteLoop(chan, kinds, spares, initial).run()
 
 
 # -- the control side -------------------------------------------------------------------
@@ -369,14 +373,17 @@ class Zygote:
 
     :meth:`start` must run before the control process starts any thread.
     ``kinds`` are the interpreter kinds to keep ``spares`` of (see the
-    module docstring).  :meth:`fileno` is readable when exit events
+    module docstring); ``initial`` more are started at once for the first
+    takes (the pool's own workers: a cold PyPy start is about a second,
+    and they start side by side).  :meth:`fileno` is readable when exit events
     arrived: call :meth:`poll_events` then.  Not thread-safe: use it from
     the control loop only.
     """
 
-    def __init__(self, kinds: Sequence[str] = (CPYTHON,), spares: int = 2):
+    def __init__(self, kinds: Sequence[str] = (CPYTHON,), spares: int = 2, initial: int = 0):
         self.kinds = list(kinds)
         self.spares = spares
+        self.initial = initial
         self.pid: Optional[int] = None
         self.pidfd = -1
         self.chan: Optional[socket.socket] = None
@@ -388,7 +395,7 @@ class Zygote:
         if pid == 0:
             try:
                 mine.close()
-                _zygote_main(theirs, self.kinds, self.spares)
+                _zygote_main(theirs, self.kinds, self.spares, self.initial)
             finally:
                 os._exit(0)
         theirs.close()

@@ -176,6 +176,12 @@ def test_kill_under_load_loopback_exactly_once(runtime, interp, victims):
             t.round()
         t.drain()
         _exactly_once(t)
+        # counters carried across every kill: each side counted each frame once
+        counted = lambda: [rt.queue_stats()[q]["packets"] for q in (0, 1)]    # noqa: E731
+        try:
+            wait_for(lambda: counted() == [t.sent] * 2, timeout=5, interval=0.1)
+        except AssertionError:
+            raise AssertionError(f"packets rx/tx {counted()}, sent {t.sent}") from None
         info = rt.queue_stats()
         for q in victims:
             assert info[q]["restarts"] == 3
@@ -207,6 +213,9 @@ def test_kill_sink_tx_worker_every_frame_consumed_once(runtime, interp):
             total += 64
         wait_for(lambda: fe.queues[1].used_idx == total & 0xFFFF, timeout=15, interval=0.02)
         assert _replaced(rt, 1, old)
+        # counted exactly once at the sink, across the kill (progress page)
+        wait_for(lambda: rt.queue_stats()[1]["packets"] == total, timeout=5, interval=0.1)
+        assert rt.queue_stats()[1]["bytes"] == total * 64
         assert rt.fds() <= fds      # the pool's worker had a multiprocess sentinel more
 
 

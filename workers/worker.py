@@ -55,6 +55,7 @@ from shardvu.virtqueue import RingError, VirtQueue
 
 from . import ctl
 from .ports import Port, PortRx, PortSpec, make_frame, resolve
+from . import progress as _progress
 from . import split_loop
 # One hot loop per interpreter style (see bench/ringloop.py for the numbers).
 if sys.implementation.name == "pypy":
@@ -98,8 +99,13 @@ class Worker:
     """One virtqueue's data path, driven by commands from the control process."""
 
     def __init__(self, index: int, chan: socket.socket, port: PortSpec, frame_size: int,
-                 stats_endpoint: Optional[str], batch: int = BATCH):
+                 stats_endpoint: Optional[str], batch: int = BATCH,
+                 progress: Optional[_progress.ProgressPage] = None):
         self.index = index
+        #: the queue's progress page (workers/progress.py): recorded after
+        #: every pass that moved frames, read back by a replacement
+        self.progress = progress
+        self.resumed = False
         self.chan = chan
         self.port = port
         self.is_tx = bool(index & 1)
@@ -378,6 +384,8 @@ class Worker:
             for _ in range(self.vq.num // self.batch + 2):
                 if not self.pass_once():
                     break
+                if self.progress is not None:
+                    _progress.note(self)
 
     def _cmd_start(self, obj, fds):
         vq = self.vq
@@ -389,6 +397,8 @@ class Worker:
             gc.freeze()
         if vq.inflight is not None and vq.ready():
             vq.check_inflight()
+        if self.progress is not None:
+            _progress.resume(self)      # finish what a killed predecessor was doing
         self.counters.state = "running"
 
     def _cmd_stop(self, obj, fds):
@@ -706,6 +716,8 @@ class Worker:
         rechecked = False    # has_work() said yes and no pass has moved frames since
         while self.running:
             if self.active() and self.pass_once():
+                if self.progress is not None:
+                    _progress.note(self)
                 if not busy:
                     busy = True
                     self.vq.set_notification(False)
@@ -757,7 +769,7 @@ class Worker:
 
 def worker_main(index: int, chan, port_name: str, frame_size: int,
                 stats_endpoint: Optional[str], log_level: str = "WARNING",
-                forked: bool = True) -> None:
+                forked: bool = True, progress_fd: int = -1) -> None:
     """Entry point of a worker process (the ``multiprocess`` target).
     ``chan`` is the worker's end of its command channel (a socket, or its
     fd number).  A ``forked`` worker first closes every fd it inherited
@@ -771,7 +783,10 @@ def worker_main(index: int, chan, port_name: str, frame_size: int,
     logsetup.setup(log_level, role=f"worker{index}")   # format inherited (SHARDVU_LOG_FORMAT)
     if isinstance(chan, int):
         chan = socket.socket(fileno=chan_fd)
-    worker = Worker(index, chan, resolve(port_name), frame_size, stats_endpoint)
+    page = _progress.ProgressPage(progress_fd) if progress_fd >= 0 else None
+    worker = Worker(index, chan, resolve(port_name), frame_size, stats_endpoint, progress=page)
+    if page is not None:
+        _progress.carry(worker)     # before anything is published: counters never go down
     try:
         worker.run()
     finally:

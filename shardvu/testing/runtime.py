@@ -117,7 +117,10 @@ class Runtime:
 def _is_zygote(p: psutil.Process) -> bool:
     """The zygote or one of its spares (control/zygote.py names them)."""
     try:
-        return (p.name() in ("shardvu-zygote", "shardvu-spare")
+        name = p.name()
+        if name.startswith("shardvu-w"):          # a spare that became a worker
+            return False
+        return (name in ("shardvu-zygote", "shardvu-spare")
                 or any("shardvu.control.zygote" in a for a in p.cmdline()))
     except psutil.Error:
         return False

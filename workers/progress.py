@@ -1,0 +1,242 @@
+"""A queue's progress in shared memory, so that a kill -9 of its worker
+loses neither frames nor counts.
+
+The control process makes one page per queue (:func:`create`) and keeps
+it for its whole life; each worker of the queue (the first, and every
+replacement) maps it.  After every pass that moved frames the worker
+records, with :meth:`ProgressPage.record`:
+
+* ``generation``: the snapshot generation the ring state belongs to (a
+  ring reset makes the rest meaningless for recovery);
+* ``avail``: the ring's next avail index, which after a pass is also its
+  used index (workers complete buffers in the order they took them);
+* ``spsc``: the pair's shared-ring index this worker moves (TX: the
+  producer index, RX: the consumer index), or 0;
+* ``packets``, ``bytes``, ``drops``: the worker's cumulative counters.
+
+A replacement reads the last record (:meth:`ProgressPage.last`) and, with
+the ring's own ``used->idx`` and the shared ring's indices, finishes what
+its predecessor was doing when it died (``Worker.recover``), then goes on
+counting from the recorded counters: they never go down.
+
+Torn records: a record is 8 int64 fields written into the slot not in use,
+then one aligned 8-byte store of the slot number publishes it; a kill
+before that store leaves the previous record in force.
+
+Layout (native-endian int64): 0 magic, 8 current slot (0/1), 64 slot 0,
+128 slot 1 (each: generation, avail, spsc, packets, bytes, drops, valid).
+
+Runs on Python 3.9 and PyPy 3.9 (worker code).
+"""
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import stat
+import struct
+from typing import NamedTuple, Optional
+
+__all__ = ["ProgressPage", "Progress", "create", "SIZE"]
+
+SIZE = 4096
+_MAGIC = 0x5348_5650_5247_0001          # "SHVPRG", layout 1
+_FIELDS = 8
+_SLOT = (8, 16)                         # int64 index of each slot
+_CUR = 1
+
+
+class Progress(NamedTuple):
+    generation: int
+    avail: int
+    spsc: int
+    packets: int
+    bytes: int
+    drops: int
+
+
+def create() -> int:
+    """A fresh, zeroed page: a close-on-exec memfd (the caller owns it)."""
+    fd = os.memfd_create("shardvu-progress", 1)      # MFD_CLOEXEC
+    try:
+        os.ftruncate(fd, SIZE)
+        os.pwrite(fd, struct.pack("=q", _MAGIC), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class ProgressPage:
+    """One worker's mapping of its queue's page; owns ``fd`` once attached."""
+
+    def __init__(self, fd: int):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size < SIZE:
+            raise ValueError("progress: not a page made by progress.create()")
+        self.fd = fd
+        self._mm = mmap.mmap(fd, SIZE)
+        self._a = (ctypes.c_int64 * (SIZE // 8)).from_buffer(self._mm)
+        if self._a[0] != _MAGIC:
+            self._a = None
+            self._mm.close()
+            raise ValueError("progress: bad magic")
+
+    def record(self, generation: int, avail: int, spsc: int, packets: int, nbytes: int,
+               drops: int) -> None:
+        a = self._a
+        base = _SLOT[1 - a[_CUR]]
+        a[base] = generation
+        a[base + 1] = avail
+        a[base + 2] = spsc - (1 << 64) if spsc >> 63 else spsc
+        a[base + 3] = packets
+        a[base + 4] = nbytes
+        a[base + 5] = drops
+        a[base + 6] = 1
+        a[_CUR] = 1 - a[_CUR]
+
+    def last(self) -> Optional[Progress]:
+        """The record in force, or None if nothing was ever recorded."""
+        a = self._a
+        base = _SLOT[a[_CUR]]
+        if a[base + 6] != 1:
+            return None
+        spsc = a[base + 2]
+        return Progress(a[base], a[base + 1], spsc + (1 << 64) if spsc < 0 else spsc,
+                        a[base + 3], a[base + 4], a[base + 5])
+
+    def close(self) -> None:
+        if self._a is not None:
+            self._a = None
+            try:
+                self._mm.close()
+            except BufferError:     # PyPy: the ctypes export dies with the GC
+                pass
+            os.close(self.fd)
+
+
+# -- the worker's side ------------------------------------------------------------------
+# ``w`` is a workers.worker.Worker; these live here to keep the recovery
+# rules in one place.
+
+def note(w) -> None:
+    """Record ``w``'s progress after a pass that moved frames."""
+    c = w.counters
+    spsc = w.spsc
+    idx = 0 if spsc is None else (spsc._prod if w.is_tx else spsc._cons)
+    w.progress.record(w._generation or 0, w.vq.last_avail_idx, idx, c.packets, c.bytes, c.drops)
+
+
+def carry(w) -> None:
+    """A new worker of the queue goes on from the recorded counters."""
+    rec = w.progress.last()
+    if rec is not None:
+        c = w.counters
+        c.packets, c.bytes, c.drops = rec.packets, rec.bytes, rec.drops
+
+
+def resume(w) -> None:
+    """At a worker's first start (after :func:`carry`): finish the batch a
+    killed predecessor had under way, and count it.  Once per worker.
+
+    The rings say what happened after the last record (``rec``), with
+    ``U`` = ``used->idx`` (the replacement resumes there) and ``done`` =
+    ``U - rec.avail``:
+
+    * TX, ``done`` > 0: those chains were completed (and, on the loopback,
+      handed to the pair's ring before their used store): counted here.
+    * TX loopback, ``done`` = 0 but the producer index moved by ``k``: the
+      fast loop handed ``k`` frames on and died before the used store.  The
+      chains it took are completed now without handing them on again: the
+      first ``m`` chains from ``rec.avail`` that hold the ``k`` frames
+      (frames too short or too long for a slot were dropped by the same
+      rule, and are counted as drops).
+    * RX, ``done`` > 0: those frames were delivered (used store first); if
+      the consumer index did not move, their slots are released now.
+
+    Exactly once for single-buffer frames (what the fast loops take); a
+    chained TX frame (general path: used store, then hand-on) or an RX
+    frame spanning MRG_RXBUF buffers may be lost or repeated once if the
+    kill lands inside its batch.  Bytes of chains completed after the last
+    record are re-read from their descriptors (the guest may already have
+    reused them: best effort); packets and drops are exact."""
+    if w.resumed:
+        return
+    w.resumed = True
+    rec = w.progress.last()
+    if rec is None:
+        return
+    c = w.counters
+    vq = w.vq
+    if rec.generation != (w._generation or 0) or not vq.mapped or not vq.num:
+        return
+    used = vq.used_idx
+    done = (used - rec.avail) & 0xFFFF
+    if done > vq.num:
+        return            # not this ring's history (the front-end set a base)
+    spsc = w.spsc
+    hdr = w.hdr_len
+    if w.is_tx:
+        if done:
+            c.packets += done
+            c.bytes += sum(max(0, n - hdr) for n in _tx_lengths(vq, rec.avail, done))
+        elif spsc is not None:
+            k = (spsc._prod - rec.spsc) % (1 << 64)
+            if 0 < k <= vq.num:
+                _complete_pushed(w, k)
+    else:
+        if done:
+            elems = [_used_elem(vq, (rec.avail + i) & 0xFFFF) for i in range(done)]
+            c.packets += done
+            c.bytes += sum(max(0, n - hdr) for _head, n in elems)
+            if spsc is not None and spsc._cons == rec.spsc and not w.mergeable:
+                spsc.consumed(rec.spsc + done)
+
+
+def _tx_lengths(vq, start: int, n: int) -> list:
+    desc32, avail16, num = vq.rings.desc32, vq.rings.avail16, vq.num
+    out = []
+    for i in range(n):
+        head = avail16[2 + ((start + i) & (num - 1))]
+        out.append(desc32[(head << 2) + 2] if head < num else 0)
+    return out
+
+
+def _used_elem(vq, idx: int) -> tuple:
+    off = 4 + 8 * (idx & (vq.num - 1))
+    return struct.unpack_from("=II", vq._used, off)
+
+
+_F_NEXT, _F_WRITE, _F_INDIRECT = 1, 2, 4
+
+
+def _complete_pushed(w, k: int) -> None:
+    """The fast TX loop's rule, replayed: a single device-readable buffer
+    of header + at most a slot's frame was handed on; any other simple
+    buffer was dropped.  Complete chains until ``k`` handed-on ones."""
+    vq, c, hdr = w.vq, w.counters, w.hdr_len
+    rings, num = vq.rings, vq.num
+    maxf = w.spsc.max_frame
+    start = vq.last_avail_idx
+    m = pushed = nbytes = 0
+    while pushed < k and m < num:
+        head = rings.avail16[2 + ((start + m) & (num - 1))]
+        if head >= num or rings.desc16[(head << 3) + 6] & (_F_NEXT | _F_WRITE | _F_INDIRECT):
+            break          # not the fast loop's: it would have stopped here
+        flen = rings.desc32[(head << 2) + 2] - hdr
+        if 0 <= flen <= maxf:
+            pushed += 1
+            nbytes += flen
+        m += 1
+    if pushed != k:
+        return            # the ring does not tell this story: leave it to the walk
+    for j in range(m):
+        elem = vq.pop()
+        if elem is None:
+            return
+        vq.fill(elem, 0, j)
+    vq.flush(m)
+    vq.notify()
+    c.packets += m
+    c.bytes += nbytes
+    c.drops += m - k
