@@ -229,3 +229,23 @@ def test_a_dead_worker_fails_only_the_requests_for_its_queue(served):
         fe.set_vring_enable(1, True)
         fe.send(0, frames(0, 2))
         wait_for(lambda: fe.queues[1].used_idx == 2)
+
+
+def test_memory_slots_added_and_removed_while_running(runtime):
+    """CONFIGURE_MEM_SLOTS: each ADD_MEM_REG / REM_MEM_REG reaches the
+    workers as a new region set (QEMU 7.2 adds every region once per queue
+    pair: the repeats change nothing)."""
+    rt = runtime(2, "loopback")
+    with Frontend(rt.sock, queue_pairs=2, regions=2, use_mem_slots=True) as fe:
+        fe.negotiate()
+        again = fe.region_descs[0]
+        fe.request(R.ADD_MEM_REG, P.MemRegMsg(again).pack(), [fe.region_fds[0]])   # a repeat
+        extra = fe.add_mem_region(1 << 20)
+        for pair in range(2):
+            fe.post_rx(pair, 8)
+            fe.send(pair, frames(pair, 3))
+            assert len(fe.receive(pair, timeout=5, min_frames=3)) == 3
+        fe.remove_mem_region(extra)
+        fe.request(R.REM_MEM_REG, P.MemRegMsg(again).pack())      # the repeat's reference
+        fe.send(1, frames(1, 2))
+        assert len(fe.receive(1, timeout=5, min_frames=2)) == 2
