@@ -4,9 +4,11 @@ back-end keeps serving, and no fd leaks (the ``served`` fixture counts
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import struct
 import time
+from typing import Optional
 
 import pytest
 
@@ -14,7 +16,7 @@ from shardvu import protocol as P
 from shardvu.testing.driver import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT
 from shardvu.testing.frontend import Frontend, FrontendError
 from shardvu.protocol import Request as R
-from util import memfd, wait_for
+from util import fd_is_open, memfd, wait_for
 
 
 
@@ -107,7 +109,7 @@ def test_region_whose_fd_cannot_be_mapped(served, caplog):
         r, w = os.pipe()
         try:
             table = P.MemoryTable((P.MemoryRegion(0, 1 << 20, 0x10000000, 0),)).pack()
-            expect_nack(fe, caplog, R.SET_MEM_TABLE, table, [r], reason="mmap")
+            expect_nack(fe, caplog, R.SET_MEM_TABLE, table, [r], reason="not a file that can be mapped")
         finally:
             os.close(r)
             os.close(w)
@@ -322,3 +324,228 @@ def test_frontend_vanishing_mid_negotiation(served):
     with Frontend(b.path) as fe:
         fe.negotiate()
         still_serves(fe)
+
+
+# --- the control process of `shardvu run` --------------------------------------------
+# Each of these killed the whole back-end (every queue of the guest with it).
+# They run against `shardvu run --port loopback` with its workers: the control
+# process and every worker keep their pids, the control's fd count is what
+# it was, and a well-formed frame still loops back.
+
+from shardvu.backend import BackendChannel
+from shardvu.eventfd import eventfd
+from shardvu.testing.fuzz import Target, loops_back
+from shardvu.testing.runtime import Runtime
+
+
+class _Control:
+    """One `shardvu run` shared by the tests of this module; a test that
+    killed it gets it replaced for the next one (so each fails on its own)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.rt: Optional[Runtime] = None
+
+    def ensure(self) -> Runtime:
+        if self.rt is not None and (self.rt.proc.poll() is not None or loops_back(self.path)):
+            self.rt.stop(signal.SIGKILL)
+            self.rt = None
+        if self.rt is None:
+            if os.path.exists(self.path):
+                os.unlink(self.path)
+            self.rt = Runtime(self.path, 1, "loopback")
+        return self.rt
+
+
+@pytest.fixture(scope="module")
+def control(tmp_path_factory):
+    ctl = _Control(str(tmp_path_factory.mktemp("control") / "vu.sock"))
+    yield ctl
+    if ctl.rt is not None:
+        assert ctl.rt.stop() == 0
+
+
+@pytest.fixture
+def survivor(control):
+    """The runtime, checked after the test: same processes, same fds,
+    frames still loop back, no traceback logged."""
+    rt = control.ensure()
+    target = Target(rt.proc.pid, rt.log_path)
+    yield rt
+    assert loops_back(rt.sock) is None
+    assert target.deaths() == []
+    assert target.log_errors() == []
+    assert target.leaks() == []
+
+
+def runtime_nack(rt: Runtime, fe: Frontend, req: int, payload: bytes = b"", fds=(),
+                 reason: str = "") -> None:
+    """A REPLY_ACK failure, and a log line naming the request and ``reason``."""
+    before = len(rt.log())
+    with pytest.raises(FrontendError) as exc:
+        fe.request(req, payload, fds, need_reply=True)
+    assert exc.value.code != 0
+    wait_for(lambda: f"{P.request_name(req)}: " in rt.log()[before:], timeout=5)
+    line = next(l for l in rt.log()[before:].splitlines() if f"{P.request_name(req)}: " in l)
+    assert reason in line, line
+
+
+@pytest.mark.parametrize("code", [0, 41, 63, 255, 0xFFFFFFFF])
+def test_request_code_without_a_payload_size(survivor, code):
+    with Frontend(survivor.sock, mem_size=4 << 20) as fe:
+        fe.negotiate()
+        runtime_nack(survivor, fe, code, b"", reason="request")
+        runtime_nack(survivor, fe, code, bytes(8), reason="request")
+        assert len(fe.request(R.GET_FEATURES).payload) == 8         # still answering
+
+
+def test_request_code_0_names_the_code_in_the_log(survivor):
+    with Frontend(survivor.sock, mem_size=4 << 20) as fe:
+        fe.negotiate()
+        runtime_nack(survivor, fe, 0, reason="request code 0")
+
+
+@pytest.mark.parametrize("desc,fd_size,reason", [
+    (P.InflightDesc(4096, 0, 2, 3), 4096, "power of two"),            # queue size 3
+    (P.InflightDesc(4096, 0, 2, 0), 4096, "power of two"),
+    (P.InflightDesc(1 << 20, 0, 2, 256), 4096, "bytes"),               # size beyond the fd
+    (P.InflightDesc(4096, 1 << 20, 2, 64), 1 << 20, "bytes"),          # offset + size beyond it
+    (P.InflightDesc(4096, (1 << 64) - 4096, 2, 64), 1 << 20, "offset"),
+    (P.InflightDesc(64, 0, 2, 256), 1 << 20, "needed"),                # too small for 2 queues
+])
+def test_inflight_geometry_the_back_end_refuses(survivor, desc, fd_size, reason):
+    with Frontend(survivor.sock, mem_size=4 << 20) as fe:
+        fe.negotiate()
+        fd = memfd(fd_size)
+        try:
+            runtime_nack(survivor, fe, R.SET_INFLIGHT_FD, desc.pack(), [fd], reason=reason)
+        finally:
+            os.close(fd)
+        fe.get_inflight_fd()            # a good one still works
+        fe.set_inflight_fd()
+
+
+@pytest.mark.parametrize("kind", ["eventfd", "pipe", "memfd"])
+def test_inflight_fd_that_is_no_file(survivor, kind):
+    with Frontend(survivor.sock, mem_size=4 << 20) as fe:
+        fe.negotiate()
+        fds = {"eventfd": lambda: [eventfd()], "pipe": lambda: list(os.pipe()),
+               "memfd": lambda: [memfd(0)]}[kind]()
+        try:
+            runtime_nack(survivor, fe, R.SET_INFLIGHT_FD, P.InflightDesc(4096, 0, 2, 64).pack(),
+                         fds[:1], reason="inflight")
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+def not_a_channel(kind: str):
+    """(fd to send, fds to close afterwards)."""
+    if kind == "eventfd":
+        fd = eventfd()
+        return fd, [fd]
+    if kind == "pipe":
+        r, w = os.pipe()
+        return w, [r, w]
+    if kind == "memfd":
+        fd = memfd(4096)
+        return fd, [fd]
+    if kind == "listening":
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(f"\0shardvu-test-{os.getpid()}-{time.monotonic_ns()}")
+        s.listen(1)
+        fd = s.detach()
+        return fd, [fd]
+    if kind == "unconnected":
+        fd = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).detach()
+        return fd, [fd]
+    if kind == "datagram":
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        return a.fileno(), [a.detach(), b.detach()]
+    if kind == "inet":
+        fd = socket.socket(socket.AF_INET, socket.SOCK_DGRAM).detach()
+        return fd, [fd]
+    raise ValueError(kind)
+
+
+CHANNEL_KINDS = ["eventfd", "pipe", "memfd", "listening", "unconnected", "datagram", "inet"]
+
+
+@pytest.mark.parametrize("kind", CHANNEL_KINDS)
+def test_backend_request_fd_that_is_not_a_connected_unix_stream_socket(survivor, kind):
+    with Frontend(survivor.sock, mem_size=4 << 20, backend_req=True) as fe:
+        fe.negotiate()
+        fd, close = not_a_channel(kind)
+        try:
+            runtime_nack(survivor, fe, R.SET_BACKEND_REQ_FD, b"", [fd], reason="back-end request fd")
+        finally:
+            for c in close:
+                os.close(c)
+        fe._setup_backend_channel()          # a proper channel is still taken
+
+
+@pytest.mark.parametrize("kind", CHANNEL_KINDS)
+def test_backend_channel_closes_what_it_refuses(kind, fd_guard):
+    fd, close = not_a_channel(kind)
+    dup = os.dup(fd)
+    try:
+        with pytest.raises(ValueError):
+            BackendChannel(dup)
+        assert not fd_is_open(dup)          # closed once, by the channel
+    finally:
+        for c in close:
+            os.close(c)
+
+
+@pytest.mark.parametrize("fds,size,offset,reason", [
+    (lambda: [memfd(4096)], 8192, 0, "bytes"),
+    (lambda: [memfd(8192)], 4096, 8192, "bytes"),
+    (lambda: [memfd(8192)], 0, 0, "zero"),
+    (lambda: [eventfd()], 4096, 0, "anonymous inode"),
+    (lambda: list(os.pipe()), 4096, 0, "pipe"),
+])
+def test_dirty_log_fd_checked_before_it_is_mapped(survivor, fds, size, offset, reason):
+    with Frontend(survivor.sock, mem_size=4 << 20) as fe:
+        fe.negotiate()
+        made = fds()
+        before = len(survivor.log())
+        try:
+            reply = fe.request(R.SET_LOG_BASE, P.LogArea(size, offset).pack(), made[:1])
+        finally:
+            for fd in made:
+                os.close(fd)
+        assert reply is not None and reply.u64() != 0          # SET_LOG_BASE's own status
+        wait_for(lambda: "SET_LOG_BASE: " in survivor.log()[before:])
+        assert reason in survivor.log()[before:]
+        fe.set_log_base()
+
+
+def test_region_memfd_truncated_after_set_mem_table(tmp_path):
+    """The front-end's own violation: its memfd shrinks under the mappings.
+    The control process never touches guest memory, so it does not die: it
+    keeps answering, even requests about the rings in that memory, and the
+    next connection is served.  (A worker that touches the ring dies of
+    SIGBUS: the crash-isolation case, so workers are not counted here.)"""
+    rt = Runtime(str(tmp_path / "vu.sock"), 1, "loopback")
+    try:
+        control = rt.proc.pid
+        with Frontend(rt.sock, mem_size=4 << 20) as fe:
+            fe.negotiate()
+            os.ftruncate(fe.region_fds[0], 0)
+            for q in range(fe.num_queues):      # requests about the rings
+                vq = fe.queues[q]
+                addr = P.VringAddr(q, 0, fe.gpa_to_uva(vq.desc_gpa), fe.gpa_to_uva(vq.used_gpa),
+                                   fe.gpa_to_uva(vq.avail_gpa), vq.used_gpa)
+                fe.request(R.SET_VRING_ADDR, addr.pack(), check=False)
+                fe.request(R.GET_VRING_BASE, P.VringState(q, 0).pack(), check=False)
+                fe.request(R.SET_VRING_KICK, P.pack_u64(q), [fe.kick_fds[q]], check=False)
+                fe.kick(q)
+            fe.request(R.SET_MEM_TABLE, P.MemoryTable(tuple(fe.region_descs)).pack(),
+                       fe.region_fds, check=False)
+            assert len(fe.request(R.GET_FEATURES).payload) == 8
+        assert rt.proc.poll() is None and rt.proc.pid == control
+        with Frontend(rt.sock, mem_size=4 << 20) as fe:
+            fe.negotiate()
+            assert len(fe.request(R.GET_FEATURES).payload) == 8
+    finally:
+        assert rt.stop() == 0
