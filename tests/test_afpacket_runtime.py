@@ -3,6 +3,7 @@ front-end, over a veth pair whose far end (vb) is in a namespace the test
 creates; traffic stays inside the two namespaces."""
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import subprocess
@@ -167,3 +168,37 @@ def test_interface_deleted_under_traffic(net):
         assert rt.proc.poll() is None
     with Frontend(rt.sock, queue_pairs=2) as fe:      # the control keeps serving
         fe.negotiate()
+
+
+PYPY = os.environ.get("SHARDVU_WORKER_PYTHON",
+                      os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                   ".venv-pypy", "bin", "python"))
+
+
+@pytest.mark.skipif(not os.path.exists(PYPY), reason=f"no PyPy worker environment at {PYPY}")
+def test_pypy_workers_both_ways(tmp_path):
+    """The rings, fanout socket and TX flush on PyPy workers."""
+    with veth(addresses=True) as (nsa, nsb):
+        # (wait=False: Runtime.workers() does not yet see zygote-spawned PyPy workers)
+        rt = Runtime(str(tmp_path / "pypy.sock"), 1, "af_packet:va", "--worker-python", PYPY,
+                     wait=False)
+        peer = raw_socket(nsb, "vb")
+        try:
+            wait_for(lambda: os.path.exists(rt.sock) and rt.stats_ready(), timeout=30,
+                     interval=0.2)
+            with Frontend(rt.sock) as fe:
+                fe.negotiate()
+                fe.post_rx(0, 256)
+                assert fe.send(0, frames(0, 100)) == 100
+                got = drain(peer, lambda f: f[12:14] == MARK, count=100, timeout=5)
+                assert got == frames(0, 100)
+                for f in frames(1, 50):
+                    peer.send(f)
+                back = []
+                deadline = time.monotonic() + 10
+                while len(back) < 50 and time.monotonic() < deadline:
+                    back += [f for f in fe.receive(0, timeout=0.2) if f[12:14] == MARK]
+                assert back == frames(1, 50)
+        finally:
+            peer.close()
+            assert rt.stop() == 0, rt.log()

@@ -3,6 +3,7 @@ two shardvu instances linked by the tunnel, each driven by shardvu's own
 front-end, and a plain UDP socket as a peer for IPv6 and bad datagrams."""
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import subprocess
@@ -160,3 +161,41 @@ def test_bind_conflict_one_line_exit(tmp_path):
     assert r.returncode != 0
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and "cannot bind" in err[0], r.stderr
+
+
+PYPY = os.environ.get("SHARDVU_WORKER_PYTHON",
+                      os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                   ".venv-pypy", "bin", "python"))
+
+
+@pytest.mark.skipif(not os.path.exists(PYPY), reason=f"no PyPy worker environment at {PYPY}")
+def test_pypy_workers_linked_and_captured(tmp_path):
+    """The udp port, the capture rings and the pcap hook run on PyPy workers."""
+    from test_pcap import read_pcapng
+    a, b = _free_base(n=1), _free_base(n=1)
+    while a == b:
+        b = _free_base(n=1)
+    pcap = str(tmp_path / "p.pcapng")
+    # (wait=False: Runtime.workers() does not yet see zygote-spawned PyPy workers)
+    ra = Runtime(str(tmp_path / "a.sock"), 1, f"udp:127.0.0.1:{a},127.0.0.1:{b}",
+                 "--worker-python", PYPY, "--pcap", pcap, wait=False)
+    rb = Runtime(str(tmp_path / "b.sock"), 1, f"udp:127.0.0.1:{b},127.0.0.1:{a}",
+                 "--worker-python", PYPY, wait=False)
+    for rt in (ra, rb):
+        wait_for(lambda: os.path.exists(rt.sock) and rt.stats_ready(), timeout=30, interval=0.2)
+    try:
+        with Frontend(ra.sock) as fa, Frontend(rb.sock) as fb:
+            fa.negotiate()
+            fb.negotiate()
+            fa.post_rx(0, 128)
+            fb.post_rx(0, 128)
+            fa.send(0, frames(0, 50))
+            assert fb.receive(0, timeout=10, min_frames=50) == frames(0, 50)
+            fb.send(0, frames(1, 30))
+            assert fa.receive(0, timeout=10, min_frames=30) == frames(1, 30)
+    finally:
+        assert rb.stop() == 0, rb.log()
+        assert ra.stop() == 0, ra.log()
+    _, recs = read_pcapng(pcap)
+    assert [r[4] for r in recs if r[1] == "out"] == frames(0, 50)
+    assert [r[4] for r in recs if r[1] == "in"] == frames(1, 30)

@@ -151,18 +151,35 @@ class Geometry:
         return cls(meta["block_size"], meta["frame_size"], meta["rx_blocks"], meta["tx_blocks"])
 
 
+_SIOCGIFNAME, _SIOCGIFINDEX, _SIOCGIFHWADDR = 0x8910, 0x8933, 0x8927
+_IFREQ_INDEX = struct.Struct("16si20x")
+
+
 def _ifindex(name: str) -> int:
-    try:
-        return socket.if_nametoindex(name)
-    except OSError:
-        raise AfPacketError(f"af_packet: no interface {name}") from None
+    # ioctls, not socket.if_nametoindex: PyPy 3.9 has none
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            raw = fcntl.ioctl(s, _SIOCGIFINDEX, _IFREQ_INDEX.pack(name.encode(), 0))
+        except OSError:
+            raise AfPacketError(f"af_packet: no interface {name}") from None
+    return _IFREQ_INDEX.unpack(raw)[1]
+
+
+def _ifname(index: int) -> Optional[str]:
+    """The name of interface ``index`` in this namespace, None if none."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            raw = fcntl.ioctl(s, _SIOCGIFNAME, _IFREQ_INDEX.pack(b"", index))
+        except OSError:
+            return None
+    return _IFREQ_INDEX.unpack(raw)[0].rstrip(b"\0").decode()
 
 
 def _check_ether(name: str) -> None:
     # SIOCGIFHWADDR: the hardware type, in this thread's network namespace
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         try:
-            raw = fcntl.ioctl(s, 0x8927, struct.pack("16s16x", name.encode()))
+            raw = fcntl.ioctl(s, _SIOCGIFHWADDR, struct.pack("16s16x", name.encode()))
         except OSError:
             raise AfPacketError(f"af_packet: no interface {name}") from None
     kind = struct.unpack_from("H", raw, 16)[0]
@@ -318,8 +335,11 @@ class AfPacketPort(Port):
         self.ifname = meta.get("ifname", "?")
         self.ifindex = meta.get("ifindex", 0)
         self.sock = socket.socket(fileno=os.dup(fds[0]))
+        self.sock.setblocking(False)        # PyPy does not take it from the fd
         self.mm: Optional[mmap.mmap] = mmap.mmap(fds[0], self.geo.size, mmap.MAP_SHARED,
                                                  mmap.PROT_READ | mmap.PROT_WRITE)
+        #: writes go through a memoryview: PyPy's mmap slices take bytes only
+        self.buf: Optional[memoryview] = memoryview(self.mm)
         self.slots = self.geo.offsets(tx)
         self.slot = 0
         self.max_tx = self.geo.frame_size - _TX_DATA - VNET_LEN
@@ -334,16 +354,15 @@ class AfPacketPort(Port):
 
     def _check_link(self, err: int) -> None:
         """After a socket error: gone for good if the interface is."""
-        try:
-            name = socket.if_indextoname(self.ifindex)
-        except OSError:
-            name = None
-        if name != self.ifname:
+        if _ifname(self.ifindex) != self.ifname:
             self._lost(f"{os.strerror(err)}: the interface is gone")
         else:
             log.warning("pair %d: af_packet %s: %s", self.pair, self.ifname, os.strerror(err))
 
     def close(self) -> None:
+        if self.buf is not None:
+            self.buf.release()
+            self.buf = None
         if self.mm is not None:
             try:
                 self.mm.close()
@@ -358,6 +377,7 @@ class AfPacketPort(Port):
             self.drop(DropReason.PORT_ERROR, len(frames))
             return
         mm = self.mm
+        buf = self.buf
         slots = self.slots
         nslots = len(slots)
         h = self.hdr_len
@@ -389,8 +409,8 @@ class AfPacketPort(Port):
                     self.drop(DropReason.PORT_FULL, len(frames) - k)
                     break
             d = off + _TX_DATA
-            mm[d:d + VNET_LEN] = f[:VNET_LEN]
-            mm[d + VNET_LEN:d + VNET_LEN + flen] = f[h:]
+            buf[d:d + VNET_LEN] = f[:VNET_LEN]
+            buf[d + VNET_LEN:d + VNET_LEN + flen] = f[h:]
             _U32.pack_into(mm, off + 4, VNET_LEN + flen)      # tp_len before the status
             _U32.pack_into(mm, off, TP_STATUS_SEND_REQUEST)
             queued += 1

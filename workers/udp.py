@@ -152,6 +152,7 @@ class UdpPort(Port):
     def __init__(self, pair: int, tx: bool, fds: List[int], meta: Dict[str, Any]):
         super().__init__(pair, tx, fds, meta)
         self.sock = socket.socket(fileno=os.dup(fds[0]))
+        self.sock.setblocking(False)        # PyPy does not take it from the fd
         self.peer = (meta["peer"][0], int(meta["peer"][1]))
         self._peer_key = _norm(self.peer)
         self._last_bad = None
