@@ -232,3 +232,83 @@ def test_applying_the_devices_snapshots_is_idempotent(seq):
     finally:
         g.close()
     assert open_fds() == before
+
+
+# -- the same sequences through a ShardedDevice and real worker processes ---------
+_POOL = {}
+
+
+def _sharded():
+    """One pool of 2 forked workers for every example (started once; the
+    pair's loopback ring, held for the pool's life, attached)."""
+    if "dev" not in _POOL:
+        from shardvu.control.pool import WorkerPool
+        from shardvu.control.sharded import ShardedDevice
+        pool = WorkerPool(2, "loopback")
+        pool.start()
+        dev = ShardedDevice(pool, NetIface(1, in_order=True))
+        dev.handle(Message(R.GET_FEATURES))      # a first session: the pair's ring attached
+        dev.close()
+        _POOL["pool"], _POOL["dev"] = pool, dev
+    return _POOL["pool"], _POOL["dev"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_pool():
+    yield
+    if "pool" in _POOL:
+        _POOL["pool"].stop()
+
+
+def _proc_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(requests, min_size=1, max_size=20))
+def test_sharded_sessions_leave_no_fd_behind_in_any_process(seq):
+    pool, dev = _sharded()
+    before = (open_fds(), [_proc_fds(w.pid) for w in pool.workers])
+    mem = [memfd(MEM), memfd(MEM)]
+    efds = [eventfd.eventfd() for _ in range(3)]
+    try:
+        def send(req, payload=b"", fds=()):
+            out = dev.handle(Message(req, P.VERSION | P.FLAG_NEED_REPLY, payload,
+                                     [os.dup(fd) for fd in fds]))
+            assert out.ok or out.reason
+            assert len(out.replies) == 1                # every NEED_REPLY answered
+        send(R.SET_PROTOCOL_FEATURES, P.pack_u64(P.bit(PF.REPLY_ACK) | P.bit(PF.RESET_DEVICE)
+                                                 | P.bit(PF.STATUS)))
+        for kind, arg in seq:
+            if kind == "features":
+                send(R.SET_FEATURES, P.pack_u64(arg))
+            elif kind == "mem":
+                regions = tuple(P.MemoryRegion(i * MEM, MEM, UVA + i * MEM, 0) for i in range(arg))
+                send(R.SET_MEM_TABLE, P.MemoryTable(regions).pack(), mem[:arg])
+            elif kind == "num":
+                send(R.SET_VRING_NUM, P.VringState(1, arg).pack())
+            elif kind == "addr":
+                send(R.SET_VRING_ADDR, _ring_addr(1, arg))
+            elif kind == "base":
+                send(R.SET_VRING_BASE, P.VringState(1, arg).pack())
+            elif kind in ("kick", "call"):
+                req = R.SET_VRING_KICK if kind == "kick" else R.SET_VRING_CALL
+                if arg < 0:
+                    send(req, P.pack_u64(1 | P.VRING_NOFD_MASK))
+                else:
+                    send(req, P.pack_u64(1), [efds[arg]])
+            elif kind == "enable":
+                send(R.SET_VRING_ENABLE, P.VringState(1, arg).pack())
+            elif kind == "get_base":
+                send(R.GET_VRING_BASE, P.VringState(1, 0).pack())
+            elif kind == "status0":
+                send(R.SET_STATUS, P.pack_u64(0))
+            else:
+                send(R.RESET_DEVICE)
+        for w in pool.workers:
+            assert w.stats()["ok"]                      # every worker still answers
+    finally:
+        dev.close()
+        for fd in mem + efds:
+            os.close(fd)
+    assert (open_fds(), [_proc_fds(w.pid) for w in pool.workers]) == before
