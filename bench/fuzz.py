@@ -99,7 +99,7 @@ def main(argv=None) -> int:
             fz = cls(path, seed, target)
             fz.run_connection(args.replay)
             for f in fz.findings:
-                console.print(str(f), markup=False)
+                console.print(str(f), markup=False, soft_wrap=True)
             console.print(f"seed {seed} connection {args.replay}: {len(fz.findings)} findings")
             return 1 if fz.findings else 0
 
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
                               progress=lambda line: console.print(line, markup=False))
         console.print(coverage_table(report))
         for f, n in dedupe(report.findings):
-            console.print(f"{n} x " + str(f), markup=False)
+            console.print(f"{n} x " + str(f), markup=False, soft_wrap=True)
         console.print(f"seed {seed}: {report.messages} mutated messages ({report.prefix_messages} in "
                       f"valid prefixes) over {report.connections} connections, "
                       f"{report.guest_rounds} hostile ring rounds over {report.guest_connections} "

@@ -191,3 +191,20 @@ def test_avail_event_and_flags_writes_are_logged():
     h.vq.set_notification(True)                      # avail_event at used + 4 + 8*8
     assert lg.dirty_pages() == [1024]
     cleanup(mem, files, h, lg)
+
+
+@pytest.mark.parametrize("make,reason", [
+    (lambda: os.pipe(), "a pipe"),
+    (lambda: (eventfd.eventfd(),), "anonymous inode"),
+    (lambda: (os.open("/dev/null", os.O_RDWR),), "character device"),
+])
+def test_an_fd_that_is_no_file_is_refused_and_closed(make, reason):
+    """fstat first: only a regular file (memfd, shm, hugetlbfs) can back a log."""
+    fds = make()
+    try:
+        with pytest.raises(ValueError, match=reason):
+            DirtyLog(fds[0], 4096, 0)
+        assert not fd_is_open(fds[0])
+    finally:
+        for fd in fds[1:]:
+            os.close(fd)

@@ -280,3 +280,28 @@ def test_check_inflight_needs_capacity():
 def test_inflight_queue_view_bounds():
     with pytest.raises(ValueError):
         InflightQueue(memoryview(bytearray(32)), 8)
+
+
+def test_an_fd_that_is_no_file_is_refused_and_closed_once():
+    """SET_INFLIGHT_FD with a pipe: ValueError, the fd closed by map() alone
+    (the Device used to close it a second time: EBADF killed the control)."""
+    r, w = os.pipe()
+    try:
+        with pytest.raises(ValueError, match="a pipe"):
+            InflightBuffer.map(r, 4096, 0, 1, 64)
+        assert not fd_is_open(r)
+    finally:
+        os.close(w)
+
+
+def test_created_buffer_is_sealed_against_shrinking():
+    """The front-end gets the GET_INFLIGHT_FD memfd: it cannot truncate it
+    under the back-end's mapping (SIGBUS)."""
+    buf = InflightBuffer.create(2, 64)
+    try:
+        with pytest.raises(PermissionError):
+            os.ftruncate(buf.fd, 0)
+        with pytest.raises(PermissionError):
+            os.ftruncate(buf.fd, buf.mmap_size * 2)
+    finally:
+        buf.close()

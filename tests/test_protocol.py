@@ -123,3 +123,23 @@ def test_reader_never_raises_anything_but_protocol_error(blob):
             pass
     except ProtocolError:
         pass
+
+
+def test_request_code_0_is_a_protocol_error_not_a_key_error():
+    """Code 0 (NONE) is in the enum but has no payload size: it used to
+    raise KeyError out of validate_size, which killed the control process."""
+    with pytest.raises(ProtocolError) as exc:
+        P.validate_size(Message(0))
+    assert exc.value.request == 0 and "request code 0" in exc.value.reason
+
+
+@given(st.integers(0, 0xFFFFFFFF), st.binary(max_size=300))
+def test_validate_size_raises_only_protocol_errors(code, payload):
+    """Whatever the code and payload: accepted, or a ProtocolError that
+    names the request code."""
+    try:
+        P.validate_size(Message(code, P.VERSION, payload))
+    except ProtocolError as exc:
+        assert exc.request == code
+        return
+    assert code in P.PAYLOAD_SIZE

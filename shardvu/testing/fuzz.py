@@ -204,10 +204,13 @@ class Target:
         self._log_pos = 0
         self.children: Set[int] = set()
         self.fds: Dict[int, int] = {}
+        #: whether :meth:`deaths` saw any change since the baseline
+        self.changed = False
         self.baseline()
 
     def baseline(self) -> None:
         """Take the current processes and fd counts as the reference."""
+        self.changed = False
         self.children = _children(self.control_pid)
         self.fds = self._settled_fds()
         if self.log_path:
@@ -232,7 +235,9 @@ class Target:
         return _alive(self.control_pid)
 
     def deaths(self) -> List[str]:
-        """Processes that died or appeared since the baseline."""
+        """Processes that died or appeared since the baseline or the last
+        call (each change is reported once: the set seen becomes the
+        reference)."""
         out = []
         if not _alive(self.control_pid):
             out.append(f"control process {self.control_pid} died")
@@ -245,17 +250,23 @@ class Target:
         for pid in sorted(self.children & now):
             if not _alive(pid):
                 out.append(f"worker {pid} died (zombie)")
+        self.children = now
+        self.changed = self.changed or bool(out)
         return out
 
     def leaks(self, timeout: float = 10.0) -> List[str]:
-        """fd counts that differ from the baseline (waiting up to ``timeout``
-        for teardown to finish) and children added or lost."""
+        """fd counts of the processes that are still those of the baseline
+        (the control, and workers not replaced) that differ from it, waiting
+        up to ``timeout`` for teardown to finish, and a child process count
+        that differs (a died worker's replacement restores it; which pids
+        changed, :meth:`deaths` says)."""
         deadline = time.monotonic() + timeout
         while True:
             now = self._settled_fds()
-            diff = [f"pid {pid}: {self.fds.get(pid)} fds before, {n} after"
-                    for pid, n in sorted(now.items()) if self.fds.get(pid) != n]
-            diff += [f"pid {pid}: gone" for pid in sorted(set(self.fds) - set(now))]
+            diff = [f"pid {pid}: {self.fds[pid]} fds before, {n} after"
+                    for pid, n in sorted(now.items()) if pid in self.fds and self.fds[pid] != n]
+            if len(now) != len(self.fds):
+                diff.append(f"{len(self.fds) - 1} child processes before, {len(now) - 1} after")
             if not diff or time.monotonic() > deadline:
                 return diff
             time.sleep(0.2)
@@ -553,6 +564,8 @@ class ProtocolFuzzer:
         self.coverage = Coverage()
         self.findings: List[Finding] = []
         self.messages = 0            # mutated messages delivered or attempted
+        #: what the last connection sent (a replay sends the same)
+        self.last_trace: List[str] = []
         self.prefix_messages = 0
         self.connections = 0
         self._schedules = {p: _schedule(seed, p) for p in Phase}
@@ -574,6 +587,7 @@ class ProtocolFuzzer:
         rng = random.Random(f"shardvu-fuzz:{self.seed}:{index}")
         phase = Phase(index % len(Phase))
         trace: List[str] = [f"phase {phase.name}"]
+        self.last_trace = trace
         self.connections += 1
         fds = _Fds(rng)
         fe: Optional[Frontend] = None
@@ -851,6 +865,7 @@ class GuestFuzzer:
         self.rounds = 0
         self.connections = 0
         self.counts: Dict[str, int] = {}
+        self.last_trace: List[str] = []
 
     def run(self, rounds: int, first: int = 0) -> None:
         conn = first
@@ -861,6 +876,7 @@ class GuestFuzzer:
     def run_connection(self, index: int) -> None:
         rng = random.Random(f"shardvu-guest:{self.seed}:{index}")
         trace: List[str] = []
+        self.last_trace = trace
         self.connections += 1
         features = DEFAULT_FEATURES
         for b in (P.VIRTIO_RING_F_EVENT_IDX, P.VIRTIO_RING_F_INDIRECT_DESC, P.VIRTIO_NET_F_MRG_RXBUF):
@@ -1045,9 +1061,10 @@ def run_campaign(path: str, target: Target, seed: int, messages: int, guest_roun
     conn = 0
     last_report = start
     while proto.messages < messages and conn < messages:   # (a connection failing early sends none)
+        seen = len(proto.findings)
         proto.run_connection(conn)
         conn += 1
-        if any(f.what == "process died" for f in proto.findings[-4:]) and target.deaths():
+        if any(f.what == "process died" for f in proto.findings[seen:]):
             if restart is None:
                 if not target.control_alive():
                     break               # nothing left to fuzz
@@ -1063,9 +1080,10 @@ def run_campaign(path: str, target: Target, seed: int, messages: int, guest_roun
     findings += proto.findings
     gconn = 0
     while guest.rounds < guest_rounds and gconn < guest_rounds and target.control_alive():
+        seen = len(guest.findings)
         guest.run_connection(gconn)
         gconn += 1
-        if any(f.what == "process died" for f in guest.findings[-4:]) and target.deaths():
+        if any(f.what == "process died" for f in guest.findings[seen:]):
             if restart is None:
                 if not target.control_alive():
                     break
