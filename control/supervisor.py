@@ -48,6 +48,7 @@ import collections
 import logging
 import os
 import select
+import signal
 import time
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
@@ -185,6 +186,9 @@ class Supervisor:
             self.fds[zygote.fileno()] = self.on_zygote
         self._by_pid: Dict[int, int] = {}       # zygote-born pid -> queue index
         self.pages: Dict[int, int] = {}         # queue index -> progress page fd
+        #: a spare taken ahead from the zygote: a respawn then costs no
+        #: round trip to it (taken again after each respawn)
+        self._next = None
 
     def attach(self, device) -> None:
         """Serve ``device``'s queues; dead workers are replaced here, at once,
@@ -195,11 +199,13 @@ class Supervisor:
 
     # -- watching --------------------------------------------------------------------
     def watch_all(self) -> None:
-        """Open a pidfd for every worker of the pool (call after its start)."""
+        """Open a pidfd for every worker of the pool not watched yet (call
+        after its start), and hold a spare ready for the first respawn."""
         for w in self.pool.workers:
             rec = self.records.setdefault(w.index, _Record())
             if rec.pidfd < 0:
                 self._watch(w.index, w.pid, os.pidfd_open(w.pid))
+        self._take_ahead()
 
     def _watch(self, index: int, pid: int, pidfd: int) -> None:
         rec = self.records.setdefault(index, _Record())
@@ -325,7 +331,12 @@ class Supervisor:
         Raises ZygoteError or WorkerError."""
         if self.zygote is None:
             raise ZygoteError("no zygote")
-        taken = self.zygote.take(self.kind)
+        taken, self._next = self._next, None
+        if taken is None or not _alive(taken.pidfd):
+            if taken is not None:
+                os.close(taken.pidfd)
+                taken.chan.close()
+            taken = self.zygote.take(self.kind)
         handle = WorkerHandle(index, PidfdProcess(taken.pid, taken.pidfd), taken.chan)
         self._by_pid[taken.pid] = index
         rec = self.records.setdefault(index, _Record())
@@ -379,23 +390,24 @@ class Supervisor:
             except TypeError:
                 self.collector.set_workers({index: handle.pid})
         self._publish(index)
+        self._take_ahead()
         return True
+
+    def _take_ahead(self) -> None:
+        if self._next is None and self.zygote is not None:
+            try:
+                self._next = self.zygote.take(self.kind)
+            except ZygoteError as exc:
+                log.warning("no spare to hold ready: %s", exc)
 
     def _become(self, w: WorkerHandle) -> None:
         pool = self.pool
         cpu = pool.cpus[w.index % len(pool.cpus)] if pool.cpus else None
+        # No answer: the next command's is the barrier (one round trip less).
         ctl.send(w.chan, {"cmd": "become", "index": w.index, "port": pool.port_name,
                           "frame_size": pool.frame_size, "stats_endpoint": pool.stats_endpoint,
                           "log_level": pool.log_level, "cpu": cpu, "progress": True},
                  [self.page(w.index)])
-        ready, _, _ = select.select([w.chan], [], [], COMMAND_TIMEOUT)
-        if not ready:
-            raise WorkerError(f"worker {w.index}: spare did not answer become")
-        reply, fds = ctl.recv(w.chan)
-        for fd in fds:
-            os.close(fd)
-        if not reply.get("ok"):
-            raise WorkerError(f"worker {w.index}: become refused: {reply}")
 
     def _resume(self, w: WorkerHandle) -> None:
         """The device's state for the queue (its snapshot, the pair's shared
@@ -439,6 +451,15 @@ class Supervisor:
         for fd in self.pages.values():
             os.close(fd)
         self.pages.clear()
+        if self._next is not None:
+            signal.pidfd_send_signal(self._next.pidfd, signal.SIGKILL)
+            os.close(self._next.pidfd)
+            self._next.chan.close()
+            self._next = None
+
+
+def _alive(pidfd: int) -> bool:
+    return not select.select([pidfd], [], [], 0)[0]
 
 
 def _describe(rec: _Record) -> str:

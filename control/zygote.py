@@ -17,10 +17,10 @@ command channel for one message::
      "stats_endpoint": ..., "log_level": ..., "cpu": C or null,
      "progress": true}           # with the queue's progress page fd
 
-It then pins itself to ``cpu``, answers ``{"ok": true}`` and runs
-``worker_main`` on the same channel: from then on it is worker N, driven by
-the control process like any other (the snapshot and fds come next, as
-ordinary commands).
+It then pins itself to ``cpu`` and runs ``worker_main`` on the same
+channel, without an answer (the control process sends the snapshot right
+behind it, and that command's answer is the barrier): from then on it is
+worker N, driven by the control process like any other.
 
 Contracts:
 
@@ -124,7 +124,6 @@ def spare_main(chan_fd: int) -> None:
     """Body of a spare: import the worker code, say ready, wait for
     ``become``, then run as that worker.  Never returns normally."""
     _die_with_parent()
-    set_name("shardvu-spare")
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # the control process decides
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     chan = socket.socket(fileno=chan_fd)
@@ -134,6 +133,7 @@ def spare_main(chan_fd: int) -> None:
     gc.collect()
     if hasattr(gc, "freeze"):       # CPython; PyPy's gc has none
         gc.freeze()
+    set_name("shardvu-spare")       # warm from now on
     try:
         ctl.send(chan, {"ready": True})
         obj, fds = ctl.recv(chan)
@@ -149,10 +149,6 @@ def spare_main(chan_fd: int) -> None:
         pin(int(cpu))
     index = int(obj["index"])
     set_name(f"shardvu-w{index}")
-    try:
-        ctl.send(chan, {"ok": True, "pid": os.getpid()})
-    except (ctl.ChannelClosed, OSError):
-        os._exit(0)
     chan.detach()
     code = 0
     try:

@@ -116,16 +116,16 @@ def test_zygote_hands_out_warm_spares_and_reaps_them():
     z.start()
     try:
         zyg = psutil.Process(z.pid)
-        wait_for(lambda: len(zyg.children()) == 2, timeout=10, interval=0.05)
-        assert {p.name() for p in zyg.children()} == {"shardvu-spare"}
+        # warm spares name themselves (a fork starts as "shardvu-zygote")
+        wait_for(lambda: [p.name() for p in zyg.children()] == ["shardvu-spare"] * 2,
+                 timeout=10, interval=0.05)
         taken = z.take(CPYTHON)
         ctl.send(taken.chan, {"cmd": "become", "index": 1, "port": "sink", "frame_size": 64,
                               "stats_endpoint": None, "log_level": "WARNING", "cpu": 0})
-        reply, _ = ctl.recv(taken.chan)
-        assert reply == {"ok": True, "pid": taken.pid}
-        assert psutil.Process(taken.pid).cpu_affinity() == [0]
-        ctl.send(taken.chan, {"cmd": "stats"})
+        ctl.send(taken.chan, {"cmd": "stats"})        # become has no answer: this is the barrier
         assert ctl.recv(taken.chan)[0]["ok"]
+        assert psutil.Process(taken.pid).cpu_affinity() == [0]
+        assert psutil.Process(taken.pid).name() == "shardvu-w1"
         wait_for(lambda: len(zyg.children()) == 3, timeout=10, interval=0.05)     # refilled
         os.kill(taken.pid, signal.SIGKILL)
         assert select.select([taken.pidfd], [], [], 5)[0], "pidfd did not report the death"
@@ -249,3 +249,38 @@ def test_crash_loop_gives_the_queue_up_and_leaves_the_others(runtime):
         t.round()
         t.drain()
         _exactly_once(t)
+
+
+# -- DPDK testpmd as the front-end -----------------------------------------------------
+def _testpmd():
+    from shardvu.testing import testpmd
+    return testpmd
+
+
+@pytest.mark.skipif(not _testpmd().have_testpmd(), reason="dpdk-testpmd not installed (apt-get install dpdk-dev)")
+def test_testpmd_txonly_stays_connected_and_the_sink_counts_exactly(runtime):
+    tp = _testpmd()
+    rt = runtime(1, "sink")
+    pmd = tp.TestPmd(tp.virtio_user_vdev(rt.sock, 1), queues=1, mode="txonly", tx_first=False)
+    pmd.start()
+    try:
+        pmd.wait_started(15)
+        time.sleep(0.5)
+        for _ in range(3):              # kill -9 of the TX worker at full load
+            old = _pid(rt, 1)
+            os.kill(old, signal.SIGKILL)
+            wait_for(lambda: _replaced(rt, 1, old), timeout=10, interval=0.02)
+            time.sleep(0.5)
+        before_stop = rt.log()
+    finally:
+        stats = pmd.stop(10)
+        text = pmd.log()
+        pmd.cleanup_log()
+    assert stats is not None and pmd.returncode == 0, text[-2000:]
+    assert "disconnected" not in before_stop         # the front-end never noticed
+    deadline = time.monotonic() + 10
+    while rt.queue_stats()[1]["packets"] != stats["tx_packets"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert rt.queue_stats()[1]["packets"] == stats["tx_packets"] > 0
+    assert rt.queue_stats()[1]["restarts"] == 3
+    assert not tp.leftover_testpmds()
