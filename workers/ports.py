@@ -8,6 +8,11 @@ A port is chosen per runtime with ``shardvu run --port NAME``:
     Every frame the guest sends on pair *i* comes back on RX of pair *i*.
     The pair's two worker processes pass frames through a shared-memory
     single-producer/single-consumer ring (:mod:`shardvu.workers.spsc`).
+    Checksum offload (CSUM, GUEST_CSUM) is offered: with CSUM negotiated the
+    frames travel with their virtio-net header, and one with a partial
+    checksum comes back only to a guest that negotiated GUEST_CSUM (else it
+    is dropped, OFFLOAD_NOT_NEGOTIATED); GSO frames, larger than a ring
+    slot, are not offered.
 ``generator``
     The guest's RX rings of every pair are filled with frames
     (``--frame-size`` bytes) as fast as the guest posts buffers; guest TX is
@@ -88,7 +93,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from shardvu.reasons import DropReason
 
 __all__ = ["PortSpec", "resolve", "register", "BUILTIN", "Port", "PortControl", "TapPort",
-           "PortRx", "deliver"]
+           "PortRx", "deliver", "loop_offload", "LOOPBACK_OFFLOADS"]
 
 log = logging.getLogger("shardvu.worker")
 #: the largest frame a port hands the guest: a 64 KiB GSO frame plus header
@@ -106,7 +111,8 @@ class PortSpec:
     "generator" (fill RX buffers with generated frames)."""
 
     def __init__(self, name: str, tx_fn: Optional[PacketFn], rx_mode: str,
-                 identity: bool = False, two_way: Optional[type] = None, arg: str = ""):
+                 identity: bool = False, two_way: Optional[type] = None, arg: str = "",
+                 offloads: int = 0):
         if rx_mode not in ("idle", "spsc", "generator", "port"):
             raise ValueError(f"bad rx_mode {rx_mode!r}")
         self.name = name
@@ -115,6 +121,7 @@ class PortSpec:
         #: a :class:`Port` subclass (rx_mode "port"), and its argument
         self.two_way = two_way
         self.arg = arg
+        self._offloads = offloads
         #: the function returns its input: frames go straight from guest
         #: memory into the pair's ring, with no intermediate copy
         self.identity = identity
@@ -126,7 +133,7 @@ class PortSpec:
     @property
     def offloads(self) -> int:
         """Offload feature bits the device may offer with this port."""
-        return self.two_way.offloads if self.two_way is not None else 0
+        return self.two_way.offloads if self.two_way is not None else self._offloads
 
     @property
     def mtu(self) -> int:
@@ -146,9 +153,13 @@ def _loopback(frames: List[bytes]) -> List[bytes]:
     return frames
 
 
+#: what the loopback can carry: partial checksums (a frame fits a ring
+#: slot); not GSO frames, which are larger than a slot
+LOOPBACK_OFFLOADS = 1 << 0 | 1 << 1         # CSUM, GUEST_CSUM
+
 BUILTIN: Dict[str, PortSpec] = {
     "sink": PortSpec("sink", None, "idle"),
-    "loopback": PortSpec("loopback", _loopback, "spsc", identity=True),
+    "loopback": PortSpec("loopback", _loopback, "spsc", identity=True, offloads=LOOPBACK_OFFLOADS),
     "generator": PortSpec("generator", None, "generator"),
 }
 _registered: Dict[str, PortSpec] = {}
@@ -453,6 +464,32 @@ class TapPort(Port):
         return out
 
 
+_NEEDS_CSUM = 1
+
+
+def loop_offload(frames: Sequence, features: int, hdr_len: int,
+                 drop: Callable[[DropReason, int], None]) -> List[bytes]:
+    """The loopback with offloads negotiated: guest TX frames (header
+    first) that may go back to the same guest's RX, as bytes with
+    ``num_buffers`` 1.  A frame with a partial checksum (NEEDS_CSUM) passes
+    only with GUEST_CSUM, a GSO frame never (the loopback offers no HOST_*
+    segmentation); the others are dropped as OFFLOAD_NOT_NEGOTIATED."""
+    guest_csum = features >> 1 & 1
+    out: List[bytes] = []
+    bad = 0
+    for f in frames:
+        if f[1] or (f[0] & _NEEDS_CSUM and not guest_csum):
+            bad += 1
+            continue
+        if hdr_len == 12:
+            out.append(bytes(f[:10]) + b"\x01\x00" + bytes(f[12:]))
+        else:
+            out.append(bytes(f))
+    if bad:
+        drop(DropReason.OFFLOAD_NOT_NEGOTIATED, bad)
+    return out
+
+
 def _set_num_buffers(frame: bytes, n: int) -> bytes:
     return frame[:10] + struct.pack("<H", n) + frame[12:]
 
@@ -532,6 +569,10 @@ class PortRx:
         self.port = port
         self.drop = drop
         self.pending: List[bytes] = []
+        #: frames the port itself dropped while receiving (a wrong-peer
+        #: datagram, a full kernel ring): consumed without reaching the guest
+        self.port_drops = 0
+        port.drop = self._port_drop
         self._probe = select.poll()
         self._probe_fd = -1
 
@@ -549,14 +590,28 @@ class PortRx:
             self._probe_fd = fd
         return fd >= 0 and bool(self._probe.poll(0))
 
+    def _port_drop(self, reason: DropReason, n: int) -> None:
+        self.port_drops += n
+        self.drop(reason, n)
+
     def pass_once(self, vq, budget: int, cache, split_fast,
                   mergeable: bool) -> Tuple[int, int, int]:
-        """Returns ``(frames consumed, frames delivered, payload bytes)``."""
+        """Returns ``(frames consumed, frames delivered, payload bytes)``;
+        frames the port dropped while receiving count as consumed."""
         port = self.port
         if not self.pending:
+            d0 = self.port_drops
             frames = port.receive(budget)
+            extra = self.port_drops - d0
             if not frames:
-                return 0, 0, 0
+                return extra, 0, 0
+            n, delivered, nbytes = self._deliver(vq, frames, cache, split_fast, mergeable)
+            return n + extra, delivered, nbytes
+        return self._deliver(vq, self.pending, cache, split_fast, mergeable)
+
+    def _deliver(self, vq, frames, cache, split_fast, mergeable: bool) -> Tuple[int, int, int]:
+        port = self.port
+        if frames is not self.pending:
             if port.hdr_len == 12:
                 frames = [f if f[10:12] == b"\x01\x00" else _set_num_buffers(f, 1) for f in frames]
             self.pending = frames

@@ -54,7 +54,7 @@ from shardvu.snapshot import PortPart, QueueSnapshot, fd_identity
 from shardvu.virtqueue import RingError, VirtQueue
 
 from . import ctl
-from .ports import Port, PortRx, PortSpec, make_frame, resolve
+from .ports import Port, PortRx, PortSpec, deliver, loop_offload, make_frame, resolve
 from . import progress as _progress
 from . import split_loop
 # One hot loop per interpreter style (see bench/ringloop.py for the numbers).
@@ -97,6 +97,10 @@ def _close_inherited(keep: set) -> None:
 
 class Worker:
     """One virtqueue's data path, driven by commands from the control process."""
+
+    #: loopback with CSUM negotiated: frames cross the pair's ring with
+    #: their virtio-net header (ports.loop_offload decides what may pass)
+    offload_loop = False
 
     def __init__(self, index: int, chan: socket.socket, port: PortSpec, frame_size: int,
                  stats_endpoint: Optional[str], batch: int = BATCH,
@@ -367,6 +371,7 @@ class Worker:
         self.rx_hdr = split_fast.rx_header(self.hdr_len)
         self.gen_frames = [self.rx_hdr + self.frame] * self.batch
         self.mergeable = bool(features >> P.VIRTIO_NET_F_MRG_RXBUF & 1)
+        self.offload_loop = bool(self.port.identity and features & 1)
         self._set_headroom()
         if self.twoway is not None:
             self.twoway.configure(features, self.hdr_len)
@@ -458,6 +463,8 @@ class Worker:
         if forward and self.twoway is not None:
             return self._tx_two_way()
         loopback = forward and self.port.identity and self.spsc is not None
+        if loopback and self.offload_loop:
+            return self._tx_two_way(self._loop_offload, self.spsc.max_frame)
         max_frame = self.spsc.max_frame if loopback else MAX_FRAME
         n = nbytes = 0
         if split_fast.eligible(vq):
@@ -477,21 +484,33 @@ class Worker:
             self._forward(frames)
         return n + n2, nbytes + b2
 
-    def _tx_two_way(self):
-        """TX to a two-way port: frames keep their virtio-net header."""
+    def _tx_two_way(self, send=None, max_frame: int = MAX_FRAME):
+        """TX to a two-way port (or ``send``): frames keep their virtio-net
+        header; ``max_frame`` bounds the frame after it."""
         vq, c, h = self.vq, self.counters, self.hdr_len
-        send = self._send_two_way
+        send = send or self._send_two_way
         n = nbytes = 0
         if split_fast.eligible(vq):
             n, nbytes, more = split_fast.tx_pass(vq, 0, self.batch, self.cache, send, c,
-                                                 MAX_FRAME + h)
+                                                 max_frame + h)
             nbytes -= n * h
             if not more:
                 return n, nbytes
-        n2, b2, frames = split_loop.tx_pass(vq, 0, self.batch - n, True, c, MAX_FRAME + h)
+        n2, b2, frames = split_loop.tx_pass(vq, 0, self.batch - n, True, c, max_frame + h)
         if frames:
             send(frames)
         return n + n2, nbytes + b2 - n2 * h
+
+    def _loop_offload(self, frames) -> None:
+        """Loopback with offloads: what may pass goes to the pair's ring,
+        header and all."""
+        out = loop_offload(frames, self.vq.features, self.hdr_len, self._drop)
+        if out:
+            pushed = self.spsc.push_batch(out)
+            if pushed < len(out):
+                self._drop(DropReason.PORT_FULL, len(out) - pushed)
+            if pushed:
+                self.spsc.producer_notify()
 
     def _send_two_way(self, frames) -> None:
         try:
@@ -578,8 +597,10 @@ class Worker:
             n = nbytes = 0
             more = True
             if split_fast.eligible(vq):
-                n, nbytes, more = split_fast.rx_from_ring(vq, self.spsc, self.hdr_len,
-                                                          self.batch, self.cache)
+                # offload_loop: the slots hold the header too
+                h = 0 if self.offload_loop else self.hdr_len
+                n, nbytes, more = split_fast.rx_from_ring(vq, self.spsc, h, self.batch, self.cache)
+                nbytes -= (self.hdr_len - h) * n
             if more:          # a chained or short RX buffer: the general path
                 n2, b2 = self._rx_from_peek(self.batch - n)
                 n += n2
@@ -610,7 +631,11 @@ class Worker:
         views = self.spsc.peek(budget)
         if not views:
             return 0, 0
-        n, nbytes = self._rx_batch(views)
+        if self.offload_loop:           # header + frame in each slot
+            frames = [bytes(v) for v in views]
+            n, _, nbytes = deliver(self.vq, frames, self.hdr_len, self.mergeable, self._drop)
+        else:
+            n, nbytes = self._rx_batch(views)
         del views
         self.spsc.release(n)
         self.spsc.unpeek()          # undelivered frames wait for RX buffers
