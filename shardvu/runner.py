@@ -59,13 +59,26 @@ class Runner:
         if own:
             if os.path.exists(path):
                 os.unlink(path)
+            # Bound and listening under a temporary name, then renamed: the
+            # path never exists without a listener behind it (a front-end
+            # that connects as soon as it appears is not refused).
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            if len(os.fsencode(tmp)) > 107:      # sun_path is 108 bytes: no room to rename
+                tmp = path
             old = os.umask(0o177)
             try:
-                listener.bind(path)
+                listener.bind(tmp)
+                listener.listen(1)
+                if tmp != path:
+                    os.rename(tmp, path)
+            except OSError:
+                listener.close()
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
             finally:
                 os.umask(old)
-            listener.listen(1)
         listener.settimeout(self.poll_interval)
         try:
             while not self._stop.is_set():
