@@ -76,6 +76,7 @@ def main(argv=None) -> int:
     ap.add_argument("--guest", action="store_true", help="--replay a guest-fuzzer connection")
     ap.add_argument("--worker-python", default=None, help="interpreter for the workers (PyPy)")
     ap.add_argument("--json", default=None, help="write the report here")
+    ap.add_argument("--keep", action="store_true", help="keep shardvu's logs (the path is printed)")
     args = ap.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 32)
     console = Console()
@@ -119,19 +120,23 @@ def main(argv=None) -> int:
                               max_messages=args.max_messages, restart=restart,
                               progress=lambda line: console.print(line, markup=False))
         console.print(coverage_table(report))
+        console.print("hostile ring rounds: " + ", ".join(f"{k} {v}" for k, v in sorted(report.guest_ops.items())),
+                      markup=False, soft_wrap=True)
         for f, n in dedupe(report.findings):
             console.print(f"{n} x " + str(f), markup=False, soft_wrap=True)
         console.print(f"seed {seed}: {report.messages} mutated messages ({report.prefix_messages} in "
                       f"valid prefixes) over {report.connections} connections, "
                       f"{report.guest_rounds} hostile ring rounds over {report.guest_connections} "
-                      f"connections, {report.seconds:.0f} s, {report.rate:.0f} messages/s; "
+                      f"connections, {report.seconds:.0f} s ({report.protocol_seconds:.0f} s of protocol "
+                      f"fuzzing: {report.rate:.0f} messages/s); "
                       f"{len(report.findings)} findings, {report.restarts} restarts")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"seed": seed, "messages": report.messages,
                            "prefix_messages": report.prefix_messages,
                            "connections": report.connections, "guest_rounds": report.guest_rounds,
-                           "seconds": report.seconds, "rate": report.rate,
+                           "seconds": report.seconds, "protocol_seconds": report.protocol_seconds,
+                           "rate": report.rate, "guest_ops": report.guest_ops,
                            "coverage": report.coverage.to_json(),
                            "findings": [f._asdict() for f in report.findings]}, f, indent=1)
         return 1 if report.findings else 0
@@ -142,7 +147,10 @@ def main(argv=None) -> int:
                     rt.stop()
                 except RuntimeError as exc:
                     console.print(str(exc), markup=False)
-        shutil.rmtree(tmp, ignore_errors=True)
+        if args.keep:
+            console.print(f"logs kept in {tmp}", markup=False)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

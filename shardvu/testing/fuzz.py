@@ -841,6 +841,14 @@ def _leaves(phase: Phase, upcoming: int) -> bool:
 
 
 # --- the hostile guest -------------------------------------------------------------
+#: Random damage: descriptor tables, indirect tables, avail-index games.
+_RANDOM_OPS = ("chains", "chains", "indirect", "indirect", "avail_jump", "rewrite", "flags",
+               "valid")
+#: One rule broken by an otherwise valid chain, one class of the ring rules each.
+_CLASS_OPS = ("loop", "long_indirect", "nested_indirect", "indirect_len", "indirect_next",
+              "wrong_direction", "short_frame", "oversize_frame", "past_memory_end",
+              "span_regions")
+
 class GuestFuzzer:
     """A hostile guest behind a correct front-end: random descriptor tables,
     indirect tables and avail-index games on both rings of pair 0.
@@ -852,7 +860,7 @@ class GuestFuzzer:
     name = "guest"
 
     def __init__(self, path: str, seed: int, target: Optional[Target] = None, *,
-                 rounds_per_connection: int = 12, settle: float = 0.02, timeout: float = 12.0,
+                 rounds_per_connection: int = 12, settle: float = 0.01, timeout: float = 12.0,
                  loopback_every: int = 0):
         self.path = path
         self.seed = seed
@@ -907,12 +915,13 @@ class GuestFuzzer:
         vq = fe.queues[q]
         size = vq.size
         before = vq.used_idx
-        op = rng.choice(("chains", "chains", "indirect", "indirect", "avail_jump", "rewrite",
-                         "flags", "valid"))
+        op = rng.choice(_RANDOM_OPS + _CLASS_OPS)
         self.counts[op] = self.counts.get(op, 0) + 1
         trace.append(f"q{q} {op}")
         published = 0
-        if op in ("chains", "indirect"):
+        if op in _CLASS_OPS:
+            self._one_violation(fe, rng, q, op)
+        elif op in ("chains", "indirect"):
             for _ in range(rng.randrange(1, size + 1)):
                 i = rng.randrange(size)
                 if op == "indirect" and rng.random() < 0.5:
@@ -960,6 +969,67 @@ class GuestFuzzer:
                 self._find(index, "used head out of range", f"q{q} head {head} >= size {size}", trace)
                 break
         vq.last_used_idx = after            # resynchronise the driver's view
+
+    def _one_violation(self, fe: Frontend, rng: random.Random, q: int, op: str) -> None:
+        """One chain made of valid buffers but for the one rule ``op``
+        breaks (one class of the ring rules each), published and, for the
+        RX cases, a frame sent to land in it."""
+        vq = fe.queues[q]
+        size = vq.size
+        hdr = fe.hdr_len
+        rx = q == 0
+        wflag = VRING_DESC_F_WRITE if rx else 0
+        slots = rng.sample(range(size), min(size, 4))
+
+        def buf(n: int) -> int:
+            try:
+                return fe.alloc(max(n, 1), 64)
+            except MemoryError:
+                return fe.region_descs[0].gpa
+        head = slots[0]
+        if op == "loop":
+            for a, b in zip(slots, slots[1:] + slots[:1]):
+                vq.write_desc(a, buf(256), 256, wflag | VRING_DESC_F_NEXT, b)
+        elif op in ("long_indirect", "nested_indirect", "indirect_len", "indirect_next"):
+            n = size + 1 if op == "long_indirect" else rng.randrange(1, 5)
+            table = buf(n * DESC_SIZE)
+            raw = bytearray()
+            for i in range(n):
+                last = i == n - 1
+                flags = wflag | (0 if last else VRING_DESC_F_NEXT)
+                if op == "nested_indirect" and last:
+                    flags |= VRING_DESC_F_INDIRECT
+                raw += struct.pack("<QIHH", buf(256), 256, flags, 0 if last else i + 1)
+            fe.write(table, bytes(raw))
+            length = n * DESC_SIZE + (rng.choice((1, 8, 15)) if op == "indirect_len" else 0)
+            flags = VRING_DESC_F_INDIRECT | (VRING_DESC_F_NEXT if op == "indirect_next" else 0)
+            vq.write_desc(head, table, length, flags, slots[-1])
+            if op == "indirect_next":
+                vq.write_desc(slots[-1], buf(256), 256, wflag, 0)
+        elif op == "wrong_direction":
+            vq.write_desc(head, buf(2048), 2048, VRING_DESC_F_WRITE if not rx else 0, 0)
+        elif op == "short_frame":
+            vq.write_desc(head, buf(64), rng.randrange(hdr), 0 if not rx else VRING_DESC_F_WRITE, 0)
+        elif op == "oversize_frame":
+            n = rng.choice((65536, 65550, 1 << 17)) + hdr
+            vq.write_desc(head, buf(n), n, wflag, 0)
+        elif op == "past_memory_end":
+            end = max(r.gpa + r.size for r in fe.region_descs)
+            start = end - rng.choice((1, 16, 64, 1000))
+            vq.write_desc(head, start, rng.choice((1100, 2048, 0xFFFFFFFF)), wflag, 0)
+        elif op == "span_regions":
+            if len(fe.region_descs) > 1:
+                r1 = fe.region_descs[1]
+                vq.write_desc(head, r1.gpa - 32, 64 + hdr, wflag, 0)
+            else:
+                vq.write_desc(head, buf(64 + hdr), 64 + hdr, wflag, 0)
+        vq.push_avail(head)
+        vq.publish()
+        if rx:
+            try:
+                fe.send(0, [bytes(rng.choice((60, 1500, 9000)))])
+            except (FrontendError, ValueError):
+                pass
 
     @staticmethod
     def _addr(fe: Frontend, rng: random.Random) -> int:
@@ -1027,15 +1097,18 @@ class Report(NamedTuple):
     connections: int
     guest_rounds: int
     guest_connections: int
-    seconds: float
+    seconds: float              # the whole campaign
+    protocol_seconds: float     # the protocol fuzzer's part
     coverage: Coverage
     findings: Tuple[Finding, ...]
     restarts: int
+    guest_ops: Dict[str, int]   # hostile ring rounds by kind
 
     @property
     def rate(self) -> float:
-        """Mutated messages per second of the protocol phase and the whole run."""
-        return self.messages / self.seconds if self.seconds else 0.0
+        """Mutated messages per second of the protocol fuzzer's part (its
+        valid prefixes and checks included)."""
+        return self.messages / self.protocol_seconds if self.protocol_seconds else 0.0
 
 
 def run_campaign(path: str, target: Target, seed: int, messages: int, guest_rounds: int, *,
@@ -1078,6 +1151,7 @@ def run_campaign(path: str, target: Target, seed: int, messages: int, guest_roun
                      f"{len(proto.findings)} findings, "
                      f"{proto.messages / (last_report - start):.0f} msg/s")
     findings += proto.findings
+    protocol_seconds = time.monotonic() - start
     gconn = 0
     while guest.rounds < guest_rounds and gconn < guest_rounds and target.control_alive():
         seen = len(guest.findings)
@@ -1101,5 +1175,5 @@ def run_campaign(path: str, target: Target, seed: int, messages: int, guest_roun
         for what in target.leaks():
             findings.append(Finding("campaign", seed, -1, "fd or process count changed", what, ()))
     return Report(seed, proto.messages, proto.prefix_messages, proto.connections, guest.rounds,
-                  guest.connections, time.monotonic() - start, proto.coverage, tuple(findings),
-                  restarts)
+                  guest.connections, time.monotonic() - start, protocol_seconds, proto.coverage,
+                  tuple(findings), restarts, dict(guest.counts))
