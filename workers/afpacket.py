@@ -36,6 +36,8 @@ GUEST_TSO4/TSO6/UFO (and GUEST_ECN for ECN), else it is dropped and counted
 
 Bad outcomes: a frame larger than a ring slot (OVERSIZE_FRAME), a frame
 shorter than an Ethernet header (SHORT_FRAME), a full TX ring (PORT_FULL),
+frames the kernel dropped for a full RX ring (PORT_FULL on the RX queue,
+from PACKET_STATISTICS when it marks a frame TP_STATUS_LOSING),
 frames that arrive after IFNAME went away (PORT_ERROR, logged once; the RX
 worker stops watching the socket).
 
@@ -81,6 +83,7 @@ PACKET_FANOUT_FLAG_DEFRAG = 0x8000
 ETH_P_ALL = 0x0003
 # tp_status
 TP_STATUS_USER = 0x1
+TP_STATUS_LOSING = 0x4
 TP_STATUS_VLAN_VALID = 0x10
 TP_STATUS_VLAN_TPID_VALID = 0x40
 TP_STATUS_AVAILABLE = 0
@@ -344,6 +347,7 @@ class AfPacketPort(Port):
         self.slot = 0
         self.max_tx = self.geo.frame_size - _TX_DATA - VNET_LEN
         self.gone = False
+        self._unchecked = False     # RX frames taken since PACKET_STATISTICS was read
 
     # -- both sides ---------------------------------------------------------------
     def _lost(self, why: str) -> None:
@@ -455,6 +459,8 @@ class AfPacketPort(Port):
             status, tlen, snap, mac, _net, _s, _ns, tci, tpid = _HDR.unpack_from(mm, off)
             if not status & TP_STATUS_USER:
                 break
+            if status & TP_STATUS_LOSING:
+                self._count_ring_drops()
             frame = self._take(mm, off, status, tlen, snap, mac, tci, tpid, csum_ok, features)
             _U32.pack_into(mm, off, 0)          # the slot goes back to the kernel
             i += 1
@@ -462,12 +468,26 @@ class AfPacketPort(Port):
                 i = 0
             if frame is not None:
                 out.append(frame[0] + tail + frame[1])
+        if i != self.slot:
+            self._unchecked = True
+        elif self._unchecked:
+            # the ring ran dry: drops after the last LOSING mark are counted now
+            self._unchecked = False
+            self._count_ring_drops()
         self.slot = i
         if not out:
             err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 self._check_link(err)
         return out
+
+    def _count_ring_drops(self) -> None:
+        """The kernel dropped frames for a full RX ring (it marks the next
+        frame LOSING): read and reset PACKET_STATISTICS, count them."""
+        raw = self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8)
+        dropped = struct.unpack("II", raw)[1]
+        if dropped:
+            self.drop(DropReason.PORT_FULL, dropped)
 
     def _take(self, mm, off: int, status: int, tlen: int, snap: int, mac: int, tci: int,
               tpid: int, csum_ok: bool, features: int):
