@@ -112,7 +112,7 @@ def main(argv=None) -> int:
                 console.print(f"stopping the broken runtime: {exc}", markup=False)
             if os.path.exists(path):
                 os.unlink(path)
-            console.print("a back-end process died: restarting shardvu run", markup=False)
+            console.print("the control process died: restarting shardvu run", markup=False)
             return start()
 
         guest_rounds = args.guest_rounds if args.guest_rounds is not None else args.messages // 10

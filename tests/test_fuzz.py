@@ -170,3 +170,23 @@ def test_single_process_echo_backend(tmp_path):
         proc.terminate()
         proc.wait(10)
         log.close()
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYPY = os.environ.get("SHARDVU_WORKER_PYTHON", os.path.join(ROOT, ".venv-pypy", "bin", "python"))
+
+
+@pytest.mark.skipif(not os.path.exists(PYPY), reason=(
+    f"no PyPy worker environment at {PYPY} (pypy3 -m venv .venv-pypy && "
+    ".venv-pypy/bin/pip install pyzmq multiprocess && .venv-pypy/bin/pip install --no-deps -e .)"))
+def test_campaign_with_pypy_workers(tmp_path):
+    """The PyPy workers run their own ring loop (split_fast_struct): the
+    same fuzzers, a smaller amount."""
+    rt = Runtime(str(tmp_path / "vu.sock"), 1, "loopback", "--worker-python", PYPY)
+    try:
+        s = seed()
+        report = run_campaign(rt.sock, Target(rt.proc.pid, rt.log_path), s, 5000, 800)
+        assert not report.findings, f"seed {s}: " + describe(report.findings)
+    finally:
+        if rt.proc.poll() is None:
+            assert rt.stop() == 0

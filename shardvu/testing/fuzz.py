@@ -1119,8 +1119,9 @@ def run_campaign(path: str, target: Target, seed: int, messages: int, guest_roun
     ``messages`` mutated protocol messages, then ``guest_rounds`` hostile
     ring rounds; a loopback check first (which also sets the fd and process
     baseline) and last, and fd and process counts compared at the end.
-    ``restart`` (optional) brings up a fresh back-end after a process died
-    and returns its Target, so a long run goes on finding things."""
+    ``restart`` (optional) brings up a fresh back-end after the control
+    process died and returns its Target, so a long run goes on finding
+    things (a dead worker is reported; replacing it is the back-end's job)."""
     start = time.monotonic()
     findings: List[Finding] = []
     restarts = 0
@@ -1137,14 +1138,13 @@ def run_campaign(path: str, target: Target, seed: int, messages: int, guest_roun
         seen = len(proto.findings)
         proto.run_connection(conn)
         conn += 1
-        if any(f.what == "process died" for f in proto.findings[seen:]):
+        if any(f.what == "process died" for f in proto.findings[seen:]) \
+                and not target.control_alive():
             if restart is None:
-                if not target.control_alive():
-                    break               # nothing left to fuzz
-            else:
-                target = restart()
-                proto.target = guest.target = target
-                restarts += 1
+                break                   # nothing left to fuzz
+            target = restart()
+            proto.target = guest.target = target
+            restarts += 1
         if progress is not None and time.monotonic() - last_report > 10:
             last_report = time.monotonic()
             progress(f"{proto.messages} messages, {proto.connections} connections, "
@@ -1157,14 +1157,13 @@ def run_campaign(path: str, target: Target, seed: int, messages: int, guest_roun
         seen = len(guest.findings)
         guest.run_connection(gconn)
         gconn += 1
-        if any(f.what == "process died" for f in guest.findings[seen:]):
+        if any(f.what == "process died" for f in guest.findings[seen:]) \
+                and not target.control_alive():
             if restart is None:
-                if not target.control_alive():
-                    break
-            else:
-                target = restart()
-                guest.target = target
-                restarts += 1
+                break
+            target = restart()
+            guest.target = target
+            restarts += 1
     findings += guest.findings
     why = loops_back(path)
     if why:
