@@ -21,7 +21,6 @@ import random
 import shutil
 import sys
 import tempfile
-import time
 from typing import Dict, List, Tuple
 
 from rich.console import Console

@@ -201,6 +201,11 @@ class DriverQueue:
         self.avail_idx = (self.avail_idx + 1) & _MASK16
         self._raw_heads[head & _MASK16] = self._raw_heads.get(head & _MASK16, 0) + 1
 
+    def write_avail_entry(self, slot: int, head: int) -> None:
+        """Raw: overwrite avail ring entry ``slot % size`` with ``head``
+        (even one already published: a hostile driver's rewrite)."""
+        self._w16(self.layout.avail + 4 + 2 * (slot % self.size), head)
+
     def write_avail_idx(self, idx: int) -> None:
         """Raw: store ``idx`` as the avail ring's idx (shadow follows)."""
         self._w16(self.layout.avail + 2, idx)

@@ -38,18 +38,16 @@ from __future__ import annotations
 import enum
 import os
 import random
-import select
 import socket
 import struct
 import time
-from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
 
 from .. import protocol as P
-from ..eventfd import eventfd, signal
-from ..protocol import (ConfigMsg, InflightDesc, IotlbMsg, LogArea, MemoryRegion, MemoryTable,
-                        MemRegMsg, ProtocolFeature as PF, Request as R, VringAddr, VringState,
-                        bit)
-from ..transport import recv_with_fds, send_with_fds
+from ..eventfd import eventfd
+from ..protocol import (InflightDesc, IotlbMsg, LogArea, MemoryRegion, MemoryTable,
+                        ProtocolFeature as PF, Request as R, VringAddr, VringState, bit)
+from ..transport import send_with_fds
 from .driver import (DESC_SIZE, VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT,
                      VRING_DESC_F_NEXT, VRING_DESC_F_WRITE)
 from .frontend import (DEFAULT_FEATURES, DEFAULT_PROTOCOL_FEATURES, BackendClosed, Frontend,
@@ -383,10 +381,6 @@ def _edge(rng: random.Random, bits: int) -> int:
     top = (1 << bits) - 1
     return rng.choice((0, 1, 2, 3, 7, 8, 255, 256, 1 << (bits - 1), top, top - 1,
                        rng.getrandbits(bits), rng.randrange(4096)))
-
-
-def _u64_payload_size() -> int:
-    return 8
 
 
 _STATE_CODES = {R.SET_VRING_NUM, R.SET_VRING_BASE, R.GET_VRING_BASE, R.SET_VRING_ENABLE,
@@ -918,7 +912,6 @@ class GuestFuzzer:
         op = rng.choice(_RANDOM_OPS + _CLASS_OPS)
         self.counts[op] = self.counts.get(op, 0) + 1
         trace.append(f"q{q} {op}")
-        published = 0
         if op in _CLASS_OPS:
             self._one_violation(fe, rng, q, op)
         elif op in ("chains", "indirect"):
@@ -934,15 +927,13 @@ class GuestFuzzer:
             n = rng.randrange(1, size + 1)
             for _ in range(n):
                 vq.push_avail(rng.randrange(size) if rng.random() < 0.95 else rng.randrange(1 << 16))
-            published = vq.publish()
+            vq.publish()
         elif op == "avail_jump":
             jump = rng.choice((size + 1, size, 1 << 15, 0xFFFF, (1 << 16) - size, rng.randrange(1 << 16)))
             vq.write_avail_idx(vq.published_idx + jump)
-            published = jump
         elif op == "rewrite":               # change entries the device may already have read
             for slot in range(vq.published_idx - size, vq.published_idx):
-                vq._w16(vq.layout.avail + 4 + 2 * (slot % size), rng.randrange(1 << 16))
-            published = 0
+                vq.write_avail_entry(slot, rng.randrange(1 << 16))
         elif op == "flags":
             vq.write_avail_flags(rng.choice((0, VRING_AVAIL_F_NO_INTERRUPT, 0xFFFF)))
             vq.set_used_event(rng.randrange(1 << 16))
