@@ -233,7 +233,8 @@ tcp)
     tx=$(echo "$out" | sed -n 's/^\([0-9]*\) packets transmitted.*/\1/p')
     rx=$(echo "$out" | sed -n 's/.* \([0-9]*\) packets received.*/\1/p')
     rtt=$(echo "$out" | sed -n 's/.*= [0-9.]*\/\([0-9.]*\)\/.*/\1/p')
-    say ping transmitted=${tx:-0} received=${rx:-0} avg_ms=${rtt:-0}
+    rtts=$(echo "$out" | sed -n 's/.*time=\([0-9.]*\) ms.*/\1/p' | tr '\n' ',')
+    say ping transmitted=${tx:-0} received=${rx:-0} avg_ms=${rtt:-0} rtts_ms=r${rtts%,}
     # guest -> host: P_mb MiB of random data, P_flows connections, flow i
     # carries part i on port P_port+i from vCPU i % ncpu
     per=$((P_mb / P_flows))

@@ -113,7 +113,7 @@ class Guest:
                  client: bool = False, reconnect: bool = True, smp: Optional[int] = None,
                  mem: str = "512M", serial_log: Optional[str] = None, mac: Optional[str] = None,
                  kernel: Optional[str] = None, initramfs: Optional[str] = None,
-                 extra_args: Tuple[str, ...] = ()):
+                 extra_args: Tuple[str, ...] = (), tap: Optional[str] = None):
         self.sock = sock
         self.queues = queues
         self.mode = mode
@@ -130,6 +130,9 @@ class Guest:
         self.kernel = kernel
         self.initramfs = initramfs
         self.extra_args = tuple(extra_args)
+        #: QEMU's own tap back-end on this interface (no vhost) instead of
+        #: vhost-user on ``sock``: the side-by-side comparison
+        self.tap = tap
         self.proc: Optional[subprocess.Popen] = None
         self._qmp: Optional[socket.socket] = None
         self._qmp_buf = b""
@@ -165,8 +168,9 @@ class Guest:
             "-kernel", self.kernel, "-initrd", self.initramfs, "-append", self.cmdline(),
             "-serial", f"file:{self.serial_log}",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
-            "-chardev", chardev,
-            "-netdev", f"vhost-user,id=n0,chardev=c0,queues={self.queues}",
+            *(["-netdev", f"tap,id=n0,ifname={self.tap},script=no,downscript=no,vhost=off,"
+                          f"queues={self.queues}"] if self.tap else
+              ["-chardev", chardev, "-netdev", f"vhost-user,id=n0,chardev=c0,queues={self.queues}"]),
             "-device", dev,
             *self.extra_args,
         ]
