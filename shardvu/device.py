@@ -241,6 +241,20 @@ _HAS_REPLY = {
 }
 
 
+def _need_eventfd(fd: int, what: str) -> None:
+    """Kick, call, err and log fds must be eventfds (the spec's word; a
+    pipe's write end, say, cannot be read, and a file is always readable).
+    Closes ``fd`` and raises RequestError otherwise.  Where ``/proc`` does
+    not say, the fd is taken on trust."""
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return
+    if target != "anon_inode:[eventfd]":
+        os.close(fd)
+        raise RequestError(f"{what} fd is not an eventfd ({target.split(':')[0]})")
+
+
 class Device:
     """One vhost-user device: negotiated state, guest memory and ``max_queues``
     virtqueues.
@@ -738,6 +752,7 @@ class Device:
 
     def _on_set_log_fd(self, msg, out):
         (fd,) = self._take_fds(msg, 1)
+        _need_eventfd(fd, "log")
         if self.log_call_fd >= 0:
             os.close(self.log_call_fd)
         self.log_call_fd = fd
@@ -796,7 +811,9 @@ class Device:
         if value & P.VRING_NOFD_MASK:
             self._take_fds(msg, 0)
             return vq, -1
-        return vq, self._take_fds(msg, 1)[0]
+        (fd,) = self._take_fds(msg, 1)
+        _need_eventfd(fd, f"queue {vq.index}")
+        return vq, fd
 
     def _on_set_vring_kick(self, msg, out):
         vq, fd = self._vring_fd(msg)

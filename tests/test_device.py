@@ -515,3 +515,30 @@ def test_base_serial_changes_only_when_the_front_end_sets_a_base():
     assert dev.queue_snapshot(1).base_serial != s1.base_serial
     dev.close()
     assert dev.queue_snapshot(1).generation != s1.generation
+
+
+@pytest.mark.parametrize("kind", ["pipe_write_end", "memfd", "socket"])
+def test_kick_call_err_and_log_fds_must_be_eventfds(kind):
+    """A pipe's write end cannot be read, a file is always readable: such a
+    kick fd would crash or spin the ring's reader.  Refused, fd closed."""
+    import socket as socketlib
+    dev = _acked_device()
+    for req in (R.SET_VRING_KICK, R.SET_VRING_CALL, R.SET_VRING_ERR, R.SET_LOG_FD):
+        keep = []
+        if kind == "pipe_write_end":
+            r, w = os.pipe()
+            keep, fd = [r], w
+        elif kind == "memfd":
+            fd = memfd(4096)
+        else:
+            a, b = socketlib.socketpair()
+            keep, fd = [a], b.detach()
+        payload = b"" if req == R.SET_LOG_FD else P.pack_u64(1)
+        out = dev.handle(_msg(req, payload, [fd]))
+        assert not out.ok and "not an eventfd" in out.reason, out
+        assert not fd_is_open(fd)
+        for k in keep:
+            k.close() if hasattr(k, "close") else os.close(k)
+    efd = eventfd.eventfd()
+    assert dev.handle(_msg(R.SET_VRING_CALL, P.pack_u64(1), [efd])).ok
+    dev.close()

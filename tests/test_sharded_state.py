@@ -249,3 +249,24 @@ def test_memory_slots_added_and_removed_while_running(runtime):
         fe.request(R.REM_MEM_REG, P.MemRegMsg(again).pack())      # the repeat's reference
         fe.send(1, frames(1, 2))
         assert len(fe.receive(1, timeout=5, min_frames=2)) == 2
+
+
+def test_a_kick_fd_that_cannot_be_read_is_refused_and_kills_no_worker(runtime):
+    """Found by the protocol fuzzer: SET_VRING_KICK with a pipe's write end
+    crashed the worker reading it (EBADF)."""
+    rt = runtime(1)
+    children = {p.pid for p in rt.workers()}
+    with Frontend(rt.sock) as fe:
+        fe.negotiate()
+        r, w = os.pipe()
+        try:
+            with pytest.raises(FrontendError):
+                fe.request(R.SET_VRING_KICK, P.pack_u64(1), [w])
+        finally:
+            os.close(r)
+            os.close(w)
+        fe.request(R.SET_VRING_KICK, P.pack_u64(1), [fe.kick_fds[1]])
+        fe.send(0, frames(0, 2))
+        wait_for(lambda: fe.queues[1].used_idx == 2)
+    assert {p.pid for p in rt.workers()} == children
+    assert "not an eventfd" in rt.log()

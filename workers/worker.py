@@ -150,6 +150,7 @@ class Worker:
         self._inflight_ident: Optional[tuple] = None
         self._spsc_ident: Optional[tuple] = None
         self._port_part: Optional[PortPart] = None
+        self._unreadable_kick = -1       # a kick fd read() refused (see _drain_kick)
         self.running = True
 
     # -- commands -----------------------------------------------------------------
@@ -364,6 +365,8 @@ class Worker:
             os.close(old)
         setattr(target, name, fd)
         pending.discard(fd)
+        if target is self.vq and name == "kick_fd":
+            self._unreadable_kick = -1
 
     def _set_features(self, features: int) -> None:
         self.vq.features = features
@@ -431,7 +434,7 @@ class Worker:
     # -- the loop --------------------------------------------------------------------
     def _update_watch(self) -> None:
         want = set()
-        if self.vq.kick_fd >= 0:
+        if self.vq.kick_fd >= 0 and self.vq.kick_fd != self._unreadable_kick:
             want.add(self.vq.kick_fd)
         if self.spsc is not None and not self.is_tx:
             want.add(self.spsc.doorbell_fd)
@@ -664,6 +667,10 @@ class Worker:
             self.counters.kicks += 1
         except (BlockingIOError, InterruptedError):
             pass
+        except OSError as exc:     # not an eventfd after all: poll the ring instead
+            log.error("queue %d: kick fd unreadable (%s); no longer watched", self.index, exc)
+            self._unreadable_kick = self.vq.kick_fd
+            self._update_watch()
 
     #: drops total at the last drop log line (see _sync_counters)
     _drops_logged = 0
