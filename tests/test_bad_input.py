@@ -370,6 +370,7 @@ def survivor(control):
     """The runtime, checked after the test: same processes, same fds,
     frames still loop back, no traceback logged."""
     rt = control.ensure()
+    assert loops_back(rt.sock) is None      # also the warm-up the fd baseline needs
     target = Target(rt.proc.pid, rt.log_path)
     yield rt
     assert loops_back(rt.sock) is None
