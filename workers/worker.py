@@ -172,6 +172,9 @@ class Worker:
             return reply
         except (ValueError, OSError, MemoryMapError, RingError) as exc:
             return {"ok": False, "error": f"{cmd}: {exc}"}
+        except Exception as exc:    # a bug here must cost the request, not the queue
+            log.exception("queue %d: %s failed", self.index, cmd)
+            return {"ok": False, "error": f"{cmd}: {type(exc).__name__}: {exc}"}
         finally:
             for fd in fds:          # whatever a command did not keep
                 os.close(fd)
