@@ -266,11 +266,23 @@ class Supervisor:
             rec.exit_code, rec.exit_signal = code, None
 
     def on_zygote(self) -> None:
-        """The zygote's channel is readable: exit events (or the zygote died)."""
+        """The zygote's channel is readable: exit events, or the zygote
+        died.  Its workers live on (they end with their channel, not with
+        the zygote); a fresh zygote is executed for the next respawns."""
         self._collect_events()
-        if self.zygote is not None and not self.zygote.alive():
-            log.error("the zygote died: workers that die now are not replaced")
-            self.fds.pop(self.zygote.fileno(), None)
+        z = self.zygote
+        if z is None or z.alive():
+            return
+        log.error("the zygote (pid %s) died; starting another", z.pid)
+        self.fds.pop(z.fileno(), None)
+        for pid in list(self._by_pid):      # their exit statuses died with it
+            self._by_pid.pop(pid)
+        try:
+            z.restart()
+        except OSError as exc:
+            log.error("cannot restart the zygote: %s", exc)
+            return
+        self.fds[z.fileno()] = self.on_zygote
 
     def _collect_events(self) -> None:
         if self.zygote is None:
@@ -287,8 +299,8 @@ class Supervisor:
                     w.process.exitcode = exitcode
                     if w.exitcode is not None:
                         w.exitcode = exitcode
-            rec = self.records[index]
-            if rec.dead_pid == pid:           # its death was handled before the status came
+            rec = self.records.get(index)
+            if rec is not None and rec.dead_pid == pid:           # its death was handled before the status came
                 rec.dead_pid = 0
                 self._set_exit(rec, exitcode)
                 self._publish(index)
@@ -308,7 +320,8 @@ class Supervisor:
         self._publish(index)
 
     def on_tick(self) -> None:
-        """Run the respawns whose back-off has passed."""
+        """Run the respawns whose back-off has passed; hold a spare ready."""
+        self._take_ahead()
         now = time.monotonic()
         for index, rec in self.records.items():
             if rec.due is not None and now >= rec.due:
@@ -394,11 +407,13 @@ class Supervisor:
         return True
 
     def _take_ahead(self) -> None:
-        if self._next is None and self.zygote is not None:
+        """Hold a spare ready, if the zygote has a warm one (never waits:
+        the control loop must not; on_tick tries again)."""
+        if self._next is None and self.zygote is not None and self.zygote.chan is not None:
             try:
-                self._next = self.zygote.take(self.kind)
-            except ZygoteError as exc:
-                log.warning("no spare to hold ready: %s", exc)
+                self._next = self.zygote.take(self.kind, wait=False)
+            except ZygoteError:
+                pass
 
     def _become(self, w: WorkerHandle) -> None:
         pool = self.pool

@@ -25,7 +25,7 @@ worker N, driven by the control process like any other.
 Contracts:
 
 * Protocol (``shardvu.workers.ctl`` messages on a SOCK_SEQPACKET pair):
-  ``{"cmd": "take", "interp": KIND}`` is answered ``{"ok": true, "pid": P,
+  ``{"cmd": "take", "interp": KIND, "wait": BOOL}`` is answered ``{"ok": true, "pid": P,
   "interp": KIND}`` with two fds, a pidfd of the spare and the control's end
   of its command channel (the caller owns both), or ``{"ok": false,
   "error": ...}``.  ``{"cmd": "exit"}`` ends the zygote, which kills and reaps
@@ -119,6 +119,20 @@ def pin(cpu: int) -> None:
         log.warning("cannot pin to CPU %d: errno %d", cpu, ctypes.get_errno())
 
 
+def _warm_zmq() -> None:
+    """Make and drop a ZeroMQ context and socket once: the first costs a
+    worker's stats publisher 5-15 ms more on PyPy (its cffi paths)."""
+    try:
+        import zmq
+        ctx = zmq.Context(io_threads=1)
+        sock = ctx.socket(zmq.PUB)
+        sock.connect("inproc://shardvu-warm")
+        sock.close(linger=0)
+        ctx.term()
+    except Exception:       # only an optimisation
+        pass
+
+
 # -- the spare --------------------------------------------------------------------------
 def spare_main(chan_fd: int) -> None:
     """Body of a spare: import the worker code, say ready, wait for
@@ -128,6 +142,7 @@ def spare_main(chan_fd: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     chan = socket.socket(fileno=chan_fd)
     from shardvu.workers.worker import worker_main     # warm: imported before the call
+    _warm_zmq()
     # What exists now is the worker code: out of the collector's way before
     # the call, so the worker's start-up collection has little to scan.
     gc.collect()
@@ -149,11 +164,15 @@ def spare_main(chan_fd: int) -> None:
         pin(int(cpu))
     index = int(obj["index"])
     set_name(f"shardvu-w{index}")
+    # A worker outlives a dead zygote: it ends when the control process's
+    # end of its channel closes (the control process's death included).
+    _prctl(_PR_SET_PDEATHSIG, 0)
     chan.detach()
     code = 0
     try:
         worker_main(index, chan_fd, obj["port"], int(obj["frame_size"]), obj.get("stats_endpoint"),
-                    obj.get("log_level", "WARNING"), forked=False, progress_fd=progress_fd)
+                    obj.get("log_level", "WARNING"), forked=False, progress_fd=progress_fd,
+                    die_with_parent=False)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:
@@ -306,6 +325,9 @@ class _ZygoteLoop:
             ctl.send(self.chan, {"ok": False, "error": f"unknown command {cmd!r}"})
             return
         kind = obj.get("interp") or CPYTHON
+        if not obj.get("wait", True) and not any(s.ready for s in self.spares.get(kind, ())):
+            ctl.send(self.chan, {"ok": False, "error": f"no {kind} spare ready"})
+            return
         try:
             spare = self._take(kind)
         except (ValueError, OSError) as exc:
@@ -386,6 +408,7 @@ class Zygote:
         self._events: List[Dict[str, Any]] = []
 
     def start(self) -> None:
+        """Fork the zygote (before any thread: see the module docstring)."""
         mine, theirs = ctl.socketpair()
         pid = os.fork()
         if pid == 0:
@@ -400,16 +423,36 @@ class Zygote:
         self.chan = mine
         log.info("zygote %d started (%s spares of %s)", pid, self.spares, ", ".join(self.kinds))
 
+    def restart(self) -> None:
+        """A dead zygote's successor, *executed* afresh (``python -m
+        shardvu.control.zygote zygote FD ...``): safe in a process that
+        runs threads by now, unlike a fork.  The old one is reaped first."""
+        self.stop(timeout=0)
+        mine, theirs = ctl.socketpair()
+        fd = theirs.fileno()
+        args = [sys.executable, "-m", "shardvu.control.zygote", "zygote", str(fd), str(self.spares),
+                *self.kinds]
+        import subprocess
+        proc = subprocess.Popen(args, pass_fds=[fd], close_fds=True)
+        theirs.close()
+        proc.returncode = 0         # reaped through the pidfd, not by Popen
+        self.pid = proc.pid
+        self.pidfd = os.pidfd_open(proc.pid)
+        self.chan = mine
+        self._events = []
+        log.warning("zygote restarted: pid %d", proc.pid)
+
     def fileno(self) -> int:
         assert self.chan is not None
         return self.chan.fileno()
 
-    def take(self, kind: str = CPYTHON, timeout: float = TAKE_TIMEOUT + 2) -> Taken:
-        """A warm spare of ``kind`` (waits for one if none is warm yet)."""
+    def take(self, kind: str = CPYTHON, timeout: float = TAKE_TIMEOUT + 2, wait: bool = True) -> Taken:
+        """A warm spare of ``kind``; if none is warm yet, wait for one, or
+        without ``wait`` raise ZygoteError at once."""
         if self.chan is None:
             raise ZygoteError("zygote not started")
         try:
-            ctl.send(self.chan, {"cmd": "take", "interp": kind})
+            ctl.send(self.chan, {"cmd": "take", "interp": kind, "wait": wait})
             while True:
                 ready, _, _ = select.select([self.chan], [], [], timeout)
                 if not ready:
@@ -480,7 +523,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if len(args) == 2 and args[0] == "spare":
         spare_main(int(args[1]))
-    raise SystemExit("usage: python -m shardvu.control.zygote spare FD")
+    if len(args) >= 4 and args[0] == "zygote":
+        try:
+            _zygote_main(socket.socket(fileno=int(args[1])), args[3:], int(args[2]), 0)
+        finally:
+            os._exit(0)
+    raise SystemExit("usage: python -m shardvu.control.zygote spare FD | zygote FD SPARES KIND...")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,16 @@ def _zombies(rt: Runtime):
     return out
 
 
+def _spares(rt: Runtime) -> int:
+    n = 0
+    for p in rt._children():
+        try:
+            n += p.name() == "shardvu-spare"
+        except psutil.Error:
+            pass
+    return n
+
+
 def _numbered(start: int, n: int) -> list:
     return [struct.pack("<I", start + i) + bytes(60) for i in range(n)]
 
@@ -158,6 +168,8 @@ def test_kill_under_load_loopback_exactly_once(runtime, interp, victims):
         t = Traffic(fe)
         for _ in range(4):
             t.round()
+        # the zygote's 2 spares and the one the control holds ready
+        wait_for(lambda: _spares(rt) == 3, timeout=20, interval=0.1)
         fds, children = rt.fds(), len(rt._children())
         counts = []
         for drill in range(3):
@@ -170,7 +182,7 @@ def test_kill_under_load_loopback_exactly_once(runtime, interp, victims):
                 t.round()
             for q in victims:
                 wait_for(lambda: _replaced(rt, q, old[q]), timeout=15, interval=0.05)
-            wait_for(lambda: len(rt._children()) == children, timeout=10, interval=0.1)
+            wait_for(lambda: len(rt._children()) == children, timeout=20, interval=0.1)
             counts.append(rt.fds())
         for _ in range(4):
             t.round()
@@ -284,3 +296,26 @@ def test_testpmd_txonly_stays_connected_and_the_sink_counts_exactly(runtime):
     assert rt.queue_stats()[1]["packets"] == stats["tx_packets"] > 0
     assert rt.queue_stats()[1]["restarts"] == 3
     assert not tp.leftover_testpmds()
+
+
+def test_zygote_death_leaves_the_workers_and_a_new_zygote_serves(runtime):
+    rt = runtime(1, "loopback")
+    with Frontend(rt.sock) as fe:
+        fe.negotiate()
+        t = Traffic(fe)
+        t.round()
+        zygote = next(p for p in rt._children() if p.name() == "shardvu-zygote")
+        workers = {p.pid for p in rt.workers()}
+        zygote.kill()
+        wait_for(lambda: "zygote restarted" in rt.log(), timeout=10, interval=0.05)
+        t.round()
+        # they outlive the zygote (init's children now, until replaced)
+        assert all(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in workers)
+        old = _pid(rt, 1)
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: _replaced(rt, 1, old), timeout=15, interval=0.05)
+        for _ in range(3):
+            t.round()
+        t.drain()
+        _exactly_once(t)
+    assert not _zombies(rt)

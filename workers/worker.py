@@ -402,9 +402,11 @@ class Worker:
         vq = self.vq
         vq.started = True
         # Setup is done: move what exists now out of the collector's way,
-        # so the ring loop's rare collections scan only new objects.
-        gc.collect()
-        if hasattr(gc, "freeze"):       # CPython 3.7+; PyPy's gc has none
+        # so the ring loop's rare collections scan only new objects.  (PyPy's
+        # gc has no freeze: a full collection there would only cost a
+        # replacement worker ~50 ms before its first pass.)
+        if hasattr(gc, "freeze"):       # CPython 3.7+
+            gc.collect()
             gc.freeze()
         if vq.inflight is not None and vq.ready():
             vq.check_inflight()
@@ -804,12 +806,13 @@ class Worker:
 
 def worker_main(index: int, chan, port_name: str, frame_size: int,
                 stats_endpoint: Optional[str], log_level: str = "WARNING",
-                forked: bool = True, progress_fd: int = -1) -> None:
+                forked: bool = True, progress_fd: int = -1, die_with_parent: bool = True) -> None:
     """Entry point of a worker process (the ``multiprocess`` target).
     ``chan`` is the worker's end of its command channel (a socket, or its
     fd number).  A ``forked`` worker first closes every fd it inherited
     from the control process; a spawned one started clean."""
-    _die_with_parent()
+    if die_with_parent:     # else: a zygote's child, which exits when its channel closes
+        _die_with_parent()
     chan_fd = chan if isinstance(chan, int) else chan.fileno()
     if forked:
         _close_inherited({chan_fd})
