@@ -221,9 +221,7 @@ def pop_tx_frames(vq: VirtQueue, hdr_len: int, limit: int = 256, drops=None,
             vq.mark_broken(f"descriptor chain {elem.index} has a device-writable buffer "
                            "in a TX queue", BrokenReason.WRONG_DIRECTION)
             break
-        sg = elem.out_sg
-        data = b"".join(sg) if len(sg) != 1 else bytes(sg[0])
-        flen = len(data) - hdr_len
+        flen = elem.out_len - hdr_len
         if flen < 0:
             if drops is not None:
                 drops.drop(DropReason.SHORT_FRAME)
@@ -231,6 +229,8 @@ def pop_tx_frames(vq: VirtQueue, hdr_len: int, limit: int = 256, drops=None,
             if drops is not None:
                 drops.drop(DropReason.OVERSIZE_FRAME)
         else:
+            sg = elem.out_sg
+            data = b"".join(sg) if len(sg) != 1 else bytes(sg[0])
             frames.append(data[hdr_len:])
         vq.fill(elem, 0, n)
         n += 1
@@ -276,9 +276,9 @@ def push_rx_frames_counted(vq: VirtQueue, frames: Sequence, hdr_len: int, mergea
                 drops.drop(DropReason.OVERSIZE_FRAME)
             consumed += 1
             continue
-        data = bytes(hdr_len) + bytes(frame)
-        room = sum(len(v) for v in elem.in_sg)
-        if not mergeable and room < len(data):
+        size = hdr_len + len(frame)
+        room = elem.in_len
+        if not mergeable and room < size:
             vq.unpop(elem)
             if drops is not None:
                 drops.drop(DropReason.RX_BUFFER_TOO_SMALL)
@@ -287,7 +287,7 @@ def push_rx_frames_counted(vq: VirtQueue, frames: Sequence, hdr_len: int, mergea
         # Gather every buffer the frame needs before writing any of them.
         elems = [(elem, room)]
         total = room
-        while total < len(data):
+        while total < size:
             elem = vq.pop()
             if elem is None:
                 break
@@ -296,22 +296,28 @@ def push_rx_frames_counted(vq: VirtQueue, frames: Sequence, hdr_len: int, mergea
                 vq.mark_broken(f"descriptor chain {elem.index} has a device-readable buffer "
                                "in an RX queue", BrokenReason.WRONG_DIRECTION)
                 break
-            room = sum(len(v) for v in elem.in_sg)
+            room = elem.in_len
             elems.append((elem, room))
             total += room
-        if total < len(data):
+        if total < size:
             # out of buffers, or the queue broke: this frame is not delivered
             vq.rewind(len(elems))
             break
-        if hdr_len == 12:
-            # num_buffers: bytes 10..11 of the header (which may straddle buffers)
-            data = data[:10] + struct.pack("<H", len(elems)) + data[12:]
-        pos = 0
-        for i, (e, room) in enumerate(elems):
-            take = min(room, len(data) - pos)
-            _scatter_at(e.in_sg, 0, data[pos:pos + take])
-            elems[i] = (e, take)
-            pos += take
+        # the header, with num_buffers (bytes 10..11) when it has one; it may
+        # straddle buffers like any other byte
+        hdr = _HDR12[len(elems)] if hdr_len == 12 and len(elems) < 8 else (
+            bytes(10) + struct.pack("<H", len(elems)) if hdr_len == 12 else bytes(hdr_len))
+        if len(elems) == 1:
+            _scatter_at(elems[0][0].in_sg, 0, hdr + frame)
+            elems[0] = (elems[0][0], size)
+        else:
+            data = hdr + bytes(frame)
+            pos = 0
+            for i, (e, room) in enumerate(elems):
+                take = min(room, size - pos)
+                _scatter_at(e.in_sg, 0, data[pos:pos + take])
+                elems[i] = (e, take)
+                pos += take
         for e, take in elems:
             vq.fill(e, take, used)
             used += 1
@@ -320,6 +326,9 @@ def push_rx_frames_counted(vq: VirtQueue, frames: Sequence, hdr_len: int, mergea
     if used:
         vq.flush(used)
     return consumed, nbytes
+
+
+_HDR12 = [bytes(10) + struct.pack("<H", n) for n in range(8)]
 
 
 def _scatter_at(sg: List[memoryview], offset: int, data: bytes) -> None:

@@ -147,26 +147,28 @@ class VirtqElement:
     device-writable ones, each in chain order; a buffer that spans two
     guest memory regions appears as several consecutive views.
     ``in_addr``/``out_addr`` give the guest-physical ``(gpa, len)`` of each
-    view; ``in_descs``/``out_descs`` count the chain's descriptors of each
-    direction (a zero-length one has no view).  The views alias guest memory: they stay valid only while the
-    memory table is unchanged.
+    view; ``in_len``/``out_len`` their totals; ``in_descs``/``out_descs``
+    count the chain's descriptors of each direction (a zero-length one has
+    no view), which is what the direction rules look at.  The views alias
+    guest memory: they stay valid only while the memory table is unchanged.
     """
 
     __slots__ = ("index", "out_sg", "in_sg", "in_addr", "out_addr", "_resubmit",
-                 "in_descs", "out_descs")
+                 "in_descs", "out_descs", "in_len", "out_len")
 
     def __init__(self, index: int, out_sg: List[memoryview], in_sg: List[memoryview],
-                 in_addr: List[Tuple[int, int]], out_addr: List[Tuple[int, int]]):
+                 in_addr: List[Tuple[int, int]], out_addr: List[Tuple[int, int]],
+                 counts: Optional[Tuple[int, int, int, int]] = None):
         self.index = index
         self.out_sg = out_sg
         self.in_sg = in_sg
         self.in_addr = in_addr
         self.out_addr = out_addr
         self._resubmit: Optional[Tuple[int, int]] = None
-        #: descriptors of each direction in the chain, zero-length ones
-        #: included (they have no view): what the direction rules look at
-        self.in_descs = len(in_sg)
-        self.out_descs = len(out_sg)
+        if counts is None:      # (in_descs, out_descs, in_len, out_len), as a walk knows them
+            counts = (len(in_sg), len(out_sg), sum(n for _, n in in_addr),
+                      sum(n for _, n in out_addr))
+        self.in_descs, self.out_descs, self.in_len, self.out_len = counts
 
     @property
     def out_num(self) -> int:
@@ -175,16 +177,6 @@ class VirtqElement:
     @property
     def in_num(self) -> int:
         return len(self.in_sg)
-
-    @property
-    def out_len(self) -> int:
-        """Total bytes of the device-readable buffers."""
-        return sum(n for _, n in self.out_addr)
-
-    @property
-    def in_len(self) -> int:
-        """Total bytes of the device-writable buffers."""
-        return sum(n for _, n in self.in_addr)
 
     def read_out(self) -> bytes:
         """A copy of all device-readable bytes, in order."""
@@ -598,9 +590,8 @@ class VirtQueue:
                 break
             i = nxt
         if build:
-            elem = VirtqElement(head, out_sg, in_sg, in_addr, out_addr)
-            elem.in_descs, elem.out_descs = n_in, n_out
-            return elem
+            return VirtqElement(head, out_sg, in_sg, in_addr, out_addr,
+                                (n_in, n_out, in_bytes, out_bytes))
         return in_bytes, out_bytes
 
     def _map_head(self, head: int) -> Optional[VirtqElement]:

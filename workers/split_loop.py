@@ -29,6 +29,7 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, copy: bool, drops=None,
     pop = vq.pop
     fill = vq.fill
     out: Optional[List[bytes]] = [] if copy else None
+    maxlen = hdr_len + max_frame
     n = nbytes = 0
     while n < budget:
         elem = pop()
@@ -39,18 +40,15 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, copy: bool, drops=None,
             vq.mark_broken(f"descriptor chain {elem.index} has a device-writable buffer "
                            "in a TX queue", BrokenReason.WRONG_DIRECTION)
             break
-        sg = elem.out_sg
-        length = 0
-        for v in sg:
-            length += len(v)
-        flen = length - hdr_len
-        if 0 <= flen <= max_frame:
+        length = elem.out_len
+        if hdr_len <= length <= maxlen:
             if out is not None:
+                sg = elem.out_sg
                 data = bytes(sg[0]) if len(sg) == 1 else b"".join(sg)
                 out.append(data[hdr_len:])
-            nbytes += flen
+            nbytes += length - hdr_len
         elif drops is not None:
-            drops.drop(DropReason.SHORT_FRAME if flen < 0 else DropReason.OVERSIZE_FRAME)
+            drops.drop(DropReason.SHORT_FRAME if length < hdr_len else DropReason.OVERSIZE_FRAME)
         fill(elem, 0, n)
         n += 1
     if n:
