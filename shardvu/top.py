@@ -4,7 +4,8 @@ Every ``--interval`` seconds it asks the control process for a stats
 snapshot (as ``shardvu stats`` does) and redraws, with rich's ``Live`` on
 the terminal's alternate screen: per queue its state, the packet, byte,
 drop, kick and call rates since the previous refresh, the worker's CPU
-and memory, and its restarts; the totals in the header.  Ctrl-C quits.
+and memory, and its restarts; the totals in the header; below the table,
+each queue's drops by reason and why a broken queue broke.  Ctrl-C quits.
 While the control process does not answer, the last view stays, marked
 as stale.  Exit status: 0 on Ctrl-C or after ``--count`` refreshes, 1 if
 the first query gets no answer.
@@ -92,6 +93,10 @@ def render(snap: Dict[str, Any], prev: Optional[Dict[str, Any]] = None,
     for q in snap["queues"]:
         if q.get("broken_reason"):
             parts.append(Text(f"queue {q['index']}: broken: {q['broken_reason']}", style="red"))
+        reasons = {r: n for r, n in (q.get("drops_by_reason") or {}).items() if n}
+        if reasons:
+            parts.append(Text(f"queue {q['index']} drops: " + ", ".join(
+                f"{r} {n}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])), style="yellow"))
     parts.append(Text("Ctrl-C quits", style="dim"))
     return Group(*parts)
 

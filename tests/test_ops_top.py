@@ -41,7 +41,8 @@ def snapshot(t, queues):
 def test_render_rates_states_and_memory():
     prev = snapshot(100.0, [row(0), row(1)])
     snap = snapshot(102.0, [row(0, packets=4_000_000, bytes=256_000_000),
-                            row(1, state="broken", broken_reason="outside_memory", restarts=2)])
+                            row(1, state="broken", broken_reason="outside_memory", restarts=2,
+                                drops_by_reason={"port_full": 7, "no_rx_buffer": 0})])
     console = Console(file=io.StringIO(), width=200, color_system=None)
     console.print(top.render(snap, prev))
     text = console.file.getvalue()
@@ -50,6 +51,7 @@ def test_render_rates_states_and_memory():
     assert "128.0 MB/s" in text         # 256 MB in 2 s
     assert "broken" in text and "queue 1: broken: outside_memory" in text
     assert "20.0 MB" in text and "12.5" in text
+    assert "queue 1 drops: port_full 7" in text and "no_rx_buffer" not in text
     console = Console(file=io.StringIO(), width=200, color_system=None)
     console.print(top.render(snap))     # no baseline: no rates
     assert "2.00M" not in console.file.getvalue()
