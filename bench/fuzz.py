@@ -19,6 +19,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 from typing import Dict, List, Tuple
@@ -78,6 +79,8 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep shardvu's logs (the path is printed)")
     args = ap.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 32)
+    # SIGTERM unwinds like Ctrl-C, so the runtimes started below are stopped.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     console = Console()
     console.print(f"seed {seed}")
     tmp = tempfile.mkdtemp(prefix="shardvu-fuzz-")

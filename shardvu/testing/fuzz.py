@@ -14,7 +14,8 @@ whatever they send:
 :class:`ProtocolFuzzer` opens one connection after another.  Each gets a
 valid prefix of the negotiation of varying length (cut inside one of the
 four :class:`Phase` values), then mutated messages: request codes 0-63,
-flags, sizes, edge field values, 0-8 fds of one :class:`FdKind`, headers
+flags, sizes, edge field values, 0-8 fds of one :class:`FdKind` (now and
+then 40: more than the back-end's recvmsg takes), headers
 and payloads sent in pieces, several messages per write; a connection may
 end with a truncated header, a close in the middle of a payload, a bad
 version or an oversized ``size`` field.  Each message is followed by a
@@ -253,16 +254,20 @@ class Target:
         return out
 
     def leaks(self, timeout: float = 10.0) -> List[str]:
-        """fd counts of the processes that are still those of the baseline
-        (the control, and workers not replaced) that differ from it, waiting
-        up to ``timeout`` for teardown to finish, and a child process count
-        that differs (a died worker's replacement restores it; which pids
+        """fd counts that differ from the baseline (the control's, and the
+        workers' unless :meth:`deaths` saw a change), waiting up to
+        ``timeout`` for teardown to finish, and a child process count that
+        differs (a died worker's replacement restores it; which pids
         changed, :meth:`deaths` says)."""
         deadline = time.monotonic() + timeout
         while True:
             now = self._settled_fds()
-            diff = [f"pid {pid}: {self.fds[pid]} fds before, {n} after"
-                    for pid, n in sorted(now.items()) if pid in self.fds and self.fds[pid] != n]
+            # After a death, a spare may have become a worker under the same
+            # pid: then only the control's count still means something.
+            same = [self.control_pid] if self.changed else list(now)
+            diff = [f"pid {pid}: {self.fds[pid]} fds before, {now[pid]} after"
+                    for pid in sorted(same) if pid in self.fds and pid in now
+                    and self.fds[pid] != now[pid]]
             if len(now) != len(self.fds):
                 diff.append(f"{len(self.fds) - 1} child processes before, {len(now) - 1} after")
             if not diff or time.monotonic() > deadline:
@@ -672,7 +677,7 @@ class ProtocolFuzzer:
                 flags |= P.FLAG_REPLY
             if rng.random() < 0.05:
                 flags |= rng.getrandbits(32) & ~P.VERSION_MASK
-            nfds = 0 if kind == FdKind.NONE else rng.choice((1, 1, 1, 1, 2, 3, 8))
+            nfds = 0 if kind == FdKind.NONE else rng.choice((1, 1, 1, 1, 2, 3, 8, 8, 1, 40))
             if code in (R.SET_MEM_TABLE,) and kind != FdKind.NONE and rng.random() < 0.5 and len(payload) >= 4:
                 nfds = max(1, min(8, struct.unpack_from("<I", payload)[0]))
             split = rng.choice((0, 0, 0, 0, 1, 2)) if payload else 0
