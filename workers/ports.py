@@ -621,12 +621,14 @@ class PortRx:
             self.pending = []
             return len(frames), 0, 0
         n = nbytes = 0
-        more = True
         if split_fast.eligible(vq):
-            n, nbytes, more = split_fast.rx_pass(vq, frames, b"", cache)
+            n, nbytes, _ = split_fast.rx_pass(vq, frames, b"", cache)
             nbytes -= n * port.hdr_len
         delivered = n
-        if more and n < len(frames):
+        # whatever made the fast loop stop (a chain, a short buffer, a
+        # buffer spanning two regions, the batch's end), the general path
+        # takes what is left, or finds no buffer
+        if n < len(frames) and not vq.broken:
             consumed, d2, b2 = deliver(vq, frames[n:], port.hdr_len, mergeable, self.drop)
             n += consumed
             delivered += d2
