@@ -29,7 +29,16 @@ workload    virtio-user testpmd          shardvu --port    DPDK vhost mode
 ``loop``    ``io --tx-first --txpkts``   ``loopback``      ``io``
 ``tap-tx``  ``txonly --txpkts=SIZE``     ``tap:IFNAME``    ``io``, net_tap
 ``tap-rx``  ``rxonly``                   ``tap:IFNAME``    ``io``, net_tap
+``afp-tx``  ``txonly --txpkts=SIZE``     ``af_packet:VA``  ``io``, net_af_packet
+``afp-rx``  ``rxonly``                   ``af_packet:VA``  ``io``, net_af_packet
 ==========  ===========================  ================  ================
+
+The af_packet workloads do the same on a veth pair (VA, its peer VP) made
+in that namespace: shardvu ``--port af_packet:VA`` against ``testpmd
+--vdev net_vhost0,... --vdev net_af_packet0,iface=VA --forward-mode=io``
+(the same kernel path on both sides); ``afp-tx`` is counted on VP's
+``rx_packets``, ``afp-rx`` is fed by a ``net_af_packet`` txonly on VP and
+counted by the front-end.
 
 The tap workloads connect the guest to a Linux tap made inside a network
 namespace this script creates (and removes): shardvu ``--port tap:IFNAME``
@@ -132,6 +141,8 @@ WORKLOADS = {
     "loop": ("io", "loopback", "io", "frontend"),
     "tap-tx": ("txonly", "tap", "io", "tap"),
     "tap-rx": ("rxonly", "tap", "io", "frontend"),
+    "afp-tx": ("txonly", "af_packet", "io", "tap"),
+    "afp-rx": ("rxonly", "af_packet", "io", "frontend"),
 }
 _taps = iter(range(1 << 30))
 POLL_S = 0.05               # sampling loop period
@@ -360,9 +371,18 @@ class Measurement:
         rt = be = fe = None
         self.feeder = None
         sockets: List[TelemetrySampler] = []
-        tap = f"shvb{next(_taps)}" if port == "tap" else None
+        tap = f"shvb{next(_taps)}" if port in ("tap", "af_packet") else None
+        peer = tap                  # the interface counted (tx) or fed (rx)
+        kernel_vdev = f"net_tap0,iface={tap}"
+        if port == "af_packet":
+            from shardvu.testing.netns import sh
+            peer = tap + "p"
+            sh(f"ip link add {tap} type veth peer name {peer}")
+            sh(f"ip link set {tap} up && ip link set {peer} up")
+            kernel_vdev = f"net_af_packet0,iface={tap}"
+            res["veth_peer"] = peer
         if tap:
-            port = f"tap:{tap}"
+            port = f"{port}:{tap}"
             res["tap"] = tap
         try:
             # back-end
@@ -375,7 +395,7 @@ class Measurement:
                 rt.wait_ready()             # rt is set: _stop() ends it even if it never gets ready
                 be_sampler = ShardvuSampler(rt)
             elif tap:
-                be = TestPmd([vhost_vdev(sock, self.queues), f"net_tap0,iface={tap}"],
+                be = TestPmd([vhost_vdev(sock, self.queues), kernel_vdev],
                              queues=self.queues, mode=be_mode, cores=a.be_lcores,
                              extra_eal=["--main-lcore", a.be_main],
                              extra_app=["--disable-link-check", f"--nb-cores={a.be_nb_cores}"],
@@ -406,10 +426,10 @@ class Measurement:
                                      log_path=os.path.join(tmp, "fe.log"))
             fe.start()
             fe.wait_started(a.start_timeout)
-            tap_sampler = TapSampler(tap) if tap else None
-            if tap and self.workload == "tap-rx":
-                # the tap's host side feeds it: net_af_packet txonly
-                self.feeder = TestPmd(f"net_af_packet0,iface={tap}", queues=1, mode="txonly",
+            tap_sampler = TapSampler(peer) if tap else None
+            if tap and self.workload in ("tap-rx", "afp-rx"):
+                # the tap's host side (the veth peer) feeds it: net_af_packet txonly
+                self.feeder = TestPmd(f"net_af_packet0,iface={peer}", queues=1, mode="txonly",
                                       cores=a.fe_lcores, extra_eal=["--main-lcore", a.fe_main],
                                       txpkts=self.size, mem_mb=512, total_mbufs=16384,
                                       stats_period=0, extra_app=["--txonly-multi-flow"]
@@ -456,7 +476,7 @@ class Measurement:
             # rate
             if counter == "tap":
                 r = window_rate(tap_sampler.series("rx_packets"), t0, t1)
-                res["counted_by"] = f"tap {tap} rx_packets (rtnetlink)"
+                res["counted_by"] = f"{peer} rx_packets (rtnetlink)"
             elif counter == "frontend":
                 r = window_rate(fe_sampler.series("ipackets"), t0, t1)
                 res["counted_by"] = "front-end port 0 ipackets (DPDK telemetry)"
@@ -506,6 +526,9 @@ class Measurement:
             for ts in sockets:
                 ts.close()
             res.update(self._stop(rt, be, fe))
+            if tap and peer != tap:
+                from shardvu.testing.netns import sh
+                sh(f"ip link del {tap}", check=False)
             shutil.rmtree(tmp, ignore_errors=True)
         res["end"] = time.time()
         return res
@@ -715,7 +738,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workloads", default="tx,rx,loop",
-                    help="tx, rx, loop, tap-tx, tap-rx (default tx,rx,loop)")
+                    help="tx, rx, loop, tap-tx, tap-rx, afp-tx, afp-rx (default tx,rx,loop)")
     ap.add_argument("--sizes", default="64,1518", help="frame sizes in bytes (default 64,1518)")
     ap.add_argument("--queues", default="1,2,4,8", help="queue pairs (default 1,2,4,8)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds per configuration, each system once per round (default 3)")
@@ -753,7 +776,7 @@ def parse_args(argv=None):
     args.workloads = [w for w in args.workloads.split(",") if w]
     for w in args.workloads:
         if w not in WORKLOADS:
-            ap.error(f"unknown workload {w!r} (tx, rx, loop, tap-tx, tap-rx)")
+            ap.error(f"unknown workload {w!r} (tx, rx, loop, tap-tx, tap-rx, afp-tx, afp-rx)")
     args.sizes = abrun.ints(args.sizes)
     args.queues = abrun.ints(args.queues)
     args.systems = abrun.parse_systems(ap, args.systems)
@@ -840,7 +863,7 @@ def main(argv=None) -> int:
             [args.worker_python, "-c", "import sys; print(sys.version.replace(chr(10), ' '))"],
             capture_output=True, text=True, timeout=60).stdout.strip()
     with contextlib.ExitStack() as stack:
-        if any(w.startswith("tap") for w in args.workloads):
+        if any(w.startswith(("tap", "afp")) for w in args.workloads):
             # the taps and their traffic stay inside a namespace of our own
             from shardvu.testing.netns import can_netns, netns, sh
             why = can_netns()
