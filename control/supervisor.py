@@ -61,6 +61,10 @@ from .zygote import CPYTHON, Zygote, ZygoteError
 
 log = logging.getLogger("shardvu.control")
 
+#: How long the pool's start may wait for its workers' spares (a cold
+#: PyPy start per worker, side by side, on a loaded machine).
+START_TIMEOUT = 60.0
+
 
 class CrashPolicy:
     """How often a queue's worker may die before the queue is given up.
@@ -145,7 +149,7 @@ class _Record:
     """What the supervisor knows about one queue."""
 
     __slots__ = ("restarts", "exit_code", "exit_signal", "recovery_s", "deaths", "broken",
-                 "due", "died_at", "pidfd", "pid", "dead_pid")
+                 "due", "died_at", "pidfd", "pid", "dead_pid", "waiting")
 
     def __init__(self) -> None:
         self.restarts = 0
@@ -159,6 +163,7 @@ class _Record:
         self.pidfd = -1                         # the current worker's pidfd
         self.pid = 0
         self.dead_pid = 0                       # a dead worker whose status is awaited
+        self.waiting = False                    # a respawn waits for a warm spare
 
 
 class Supervisor:
@@ -338,10 +343,12 @@ class Supervisor:
                 self.respawn(index)
 
     # -- replacing ------------------------------------------------------------------
-    def spawn(self, index: int) -> WorkerHandle:
+    def spawn(self, index: int, wait: bool = True) -> WorkerHandle:
         """A warm spare from the zygote, made worker ``index`` (pinned, with
         the queue's progress page) and watched: the pool's ``spawner``.
-        Raises ZygoteError or WorkerError."""
+        Without ``wait`` it raises ZygoteError at once if no spare is warm
+        (the control loop must not wait on a cold PyPy start).  Raises
+        ZygoteError or WorkerError."""
         if self.zygote is None:
             raise ZygoteError("no zygote")
         taken, self._next = self._next, None
@@ -349,7 +356,7 @@ class Supervisor:
             if taken is not None:
                 os.close(taken.pidfd)
                 taken.chan.close()
-            taken = self.zygote.take(self.kind)
+            taken = self.zygote.take(self.kind, timeout=START_TIMEOUT, wait=wait)
         handle = WorkerHandle(index, PidfdProcess(taken.pid, taken.pidfd), taken.chan)
         self._by_pid[taken.pid] = index
         rec = self.records.setdefault(index, _Record())
@@ -379,8 +386,14 @@ class Supervisor:
         old_pid = rec.pid
         t0 = time.monotonic()
         try:
-            handle = self.spawn(index)
+            handle = self.spawn(index, wait=False)
         except (ZygoteError, WorkerError) as exc:
+            if "ready" in str(exc):     # spares still warming up: try again soon
+                if not rec.waiting:
+                    log.warning("queue %d: no warm spare yet; retrying", index)
+                rec.waiting = True
+                rec.due = time.monotonic() + 0.02
+                return False
             log.error("queue %d: no replacement worker: %s", index, exc)
             rec.due = time.monotonic() + self.policy.backoff_s[-1] + 0.5
             return False
@@ -393,6 +406,7 @@ class Supervisor:
             handle.process.kill()       # its pidfd fires: the crash policy decides what next
             return False
         rec.restarts += 1
+        rec.waiting = False
         rec.recovery_s = time.monotonic() - rec.died_at if rec.died_at else None
         log.info("queue %d: worker %d replaced by pid %d in %.1f ms (spare %.1f, resume %.1f)",
                  index, old_pid, handle.pid, (rec.recovery_s or 0) * 1e3, (t1 - t0) * 1e3,

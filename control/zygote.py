@@ -244,10 +244,10 @@ class _ZygoteLoop:
         self.retry_at[kind] = time.monotonic() + self.retry_s[kind]
         self.retry_s[kind] = min(self.retry_s[kind] * 2, _MAX_RETRY_S)
 
-    def _take(self, kind: str) -> _Spare:
+    def _take(self, kind: str, timeout: float = TAKE_TIMEOUT) -> _Spare:
         if kind not in self.spares:
             raise ValueError(f"no spares of kind {kind!r}")
-        deadline = time.monotonic() + TAKE_TIMEOUT
+        deadline = time.monotonic() + timeout
         while True:
             ready = [s for s in self.spares[kind] if s.ready]
             if ready:
@@ -257,7 +257,7 @@ class _ZygoteLoop:
             if not self.spares[kind]:
                 self.spares[kind].append(self._make(kind))
             if time.monotonic() > deadline:
-                raise ValueError(f"no {kind} spare ready in {TAKE_TIMEOUT} s")
+                raise ValueError(f"no {kind} spare ready in {timeout} s")
             self._wait(0.05, control=False)
 
     # events
@@ -329,7 +329,7 @@ class _ZygoteLoop:
             ctl.send(self.chan, {"ok": False, "error": f"no {kind} spare ready"})
             return
         try:
-            spare = self._take(kind)
+            spare = self._take(kind, float(obj.get("timeout", TAKE_TIMEOUT)))
         except (ValueError, OSError) as exc:
             ctl.send(self.chan, {"ok": False, "error": str(exc)})
             return
@@ -446,13 +446,14 @@ class Zygote:
         assert self.chan is not None
         return self.chan.fileno()
 
-    def take(self, kind: str = CPYTHON, timeout: float = TAKE_TIMEOUT + 2, wait: bool = True) -> Taken:
-        """A warm spare of ``kind``; if none is warm yet, wait for one, or
-        without ``wait`` raise ZygoteError at once."""
+    def take(self, kind: str = CPYTHON, timeout: float = TAKE_TIMEOUT, wait: bool = True) -> Taken:
+        """A warm spare of ``kind``; if none is warm yet, wait up to
+        ``timeout`` for one, or without ``wait`` raise ZygoteError at once."""
         if self.chan is None:
             raise ZygoteError("zygote not started")
         try:
-            ctl.send(self.chan, {"cmd": "take", "interp": kind, "wait": wait})
+            ctl.send(self.chan, {"cmd": "take", "interp": kind, "wait": wait, "timeout": timeout})
+            timeout += 2
             while True:
                 ready, _, _ = select.select([self.chan], [], [], timeout)
                 if not ready:

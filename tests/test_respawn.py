@@ -169,7 +169,7 @@ def test_kill_under_load_loopback_exactly_once(runtime, interp, victims):
         for _ in range(4):
             t.round()
         # the zygote's 2 spares and the one the control holds ready
-        wait_for(lambda: _spares(rt) == 3, timeout=20, interval=0.1)
+        wait_for(lambda: _spares(rt) == 3, timeout=60, interval=0.1)
         fds, children = rt.fds(), len(rt._children())
         counts = []
         for drill in range(3):
@@ -181,8 +181,8 @@ def test_kill_under_load_loopback_exactly_once(runtime, interp, victims):
             for _ in range(6):          # keep sending while the queue comes back
                 t.round()
             for q in victims:
-                wait_for(lambda: _replaced(rt, q, old[q]), timeout=15, interval=0.05)
-            wait_for(lambda: len(rt._children()) == children, timeout=20, interval=0.1)
+                wait_for(lambda: _replaced(rt, q, old[q]), timeout=30, interval=0.05)
+            wait_for(lambda: len(rt._children()) == children, timeout=60, interval=0.1)
             counts.append(rt.fds())
         for _ in range(4):
             t.round()
