@@ -334,3 +334,29 @@ def test_sessions_leak_no_fds_and_keep_the_tap(ns):
         assert T.interface_exists("shvta")
         assert "numqueues 0 numdisabled 2" in _detail("shvta")
     assert counts[0] == counts[1] == counts[2], counts
+
+
+def test_dead_worker_neither_detaches_nor_destroys_the_tap(ns):
+    """The control process owns the queue fds: SIGKILL on a pair's workers
+    leaves the (non-persistent) tap and its attached queues in place, and
+    the replacement workers carry traffic on the same queue."""
+    import signal
+    rt = ns("shvtb", 1)
+    with Frontend(rt.sock, queue_pairs=1) as fe:
+        fe.negotiate()
+        assert "numqueues 1 numdisabled 0" in _detail("shvtb")
+        victims = [p for p in rt.workers() if p.name() in ("shardvu-w0", "shardvu-w1")]
+        assert len(victims) == 2
+        for p in victims:
+            os.kill(p.pid, signal.SIGKILL)
+        for p in victims:
+            p.wait(5)
+        assert T.interface_exists("shvtb")
+        assert "numqueues 1 numdisabled 0" in _detail("shvtb")
+        wait_for(lambda: {p.name() for p in rt.workers()} >= {"shardvu-w0", "shardvu-w1"}
+                 and all(p.pid not in {v.pid for v in victims} for p in rt.workers()),
+                 timeout=10, interval=0.1)
+        before = T.link_stats("shvtb")["rx_packets"]
+        fe.reclaim_tx(0)
+        assert fe.send(0, [_frame(OTHER_MAC, i) for i in range(30)]) == 30
+        wait_for(lambda: T.link_stats("shvtb")["rx_packets"] - before == 30, timeout=10, interval=0.1)
