@@ -121,6 +121,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -862,6 +863,8 @@ def main(argv=None) -> int:
         meta["worker_python"] = subprocess.run(
             [args.worker_python, "-c", "import sys; print(sys.version.replace(chr(10), ' '))"],
             capture_output=True, text=True, timeout=60).stdout.strip()
+    # SIGTERM unwinds like an error: processes stopped, the namespace removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     with contextlib.ExitStack() as stack:
         if any(w.startswith(("tap", "afp")) for w in args.workloads):
             # the taps and their traffic stay inside a namespace of our own

@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import statistics
 import sys
@@ -168,6 +169,8 @@ def main(argv=None) -> int:
     kernel, initramfs = build_guest()
     rows: Dict[str, List[Dict]] = {}
     tmp = tempfile.mkdtemp(prefix="svtq-", dir="/tmp")
+    # SIGTERM unwinds like an error: processes stopped, the namespace removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     with netns("shvtq"):
         sh("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1")
         for rnd in range(a.rounds):
