@@ -15,14 +15,20 @@ whatever they send:
 valid prefix of the negotiation of varying length (cut inside one of the
 four :class:`Phase` values), then mutated messages: request codes 0-63,
 flags, sizes, edge field values, 0-8 fds of one :class:`FdKind` (now and
-then 40: more than the back-end's recvmsg takes), headers
-and payloads sent in pieces, several messages per write; a connection may
+then 40: more than the back-end's recvmsg takes), headers and payloads sent
+in pieces, several messages per write; a connection may
 end with a truncated header, a close in the middle of a payload, a bad
 version or an oversized ``size`` field.  Each message is followed by a
 GET_FEATURES probe, so that its replies can be told apart without waiting.
 
 :class:`GuestFuzzer` negotiates correctly, then writes random descriptor
-tables, indirect tables and avail-index games into the rings and kicks.
+tables, indirect tables and avail-index games into the rings and kicks,
+and chains valid but for one broken ring rule (one per class: a loop, an
+over-long or nested indirect chain, a wrong direction, a short or oversize
+frame, a buffer past the end of memory, one spanning two regions).
+
+:func:`run_campaign` runs both with the before/after checks, as the suite
+(``tests/test_fuzz.py``) and ``bench/fuzz.py`` do.
 
 Everything is drawn from ``random.Random`` seeded with ``(seed,
 connection)``: ``ProtocolFuzzer(...).run_connection(n)`` replays connection
