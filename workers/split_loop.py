@@ -40,7 +40,9 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, copy: bool, drops=None,
             vq.mark_broken(f"descriptor chain {elem.index} has a device-writable buffer "
                            "in a TX queue", BrokenReason.WRONG_DIRECTION)
             break
-        length = elem.out_len
+        length = 0
+        for v in elem.out_sg:
+            length += len(v)
         if hdr_len <= length <= maxlen:
             if out is not None:
                 sg = elem.out_sg
