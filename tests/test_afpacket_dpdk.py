@@ -77,10 +77,6 @@ def test_txonly_counted_exactly_on_the_peer(net, queues):
     assert sum(per_pair) == peer_rx + kernel_dropped and all(per_pair), per_pair
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known gap: now and then 1..96 of ~1e6 frames are neither delivered nor counted when the "
-    "counters settle; suspected: the RX worker left with frames in PortRx.pending, asleep "
-    "without watching the port fd, while the fast RX pass moves none of them"))
 @pytest.mark.parametrize("queues", [1, 2])
 def test_af_packet_peer_into_rxonly_counted_exactly(net, queues):
     nsb, start = net

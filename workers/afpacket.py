@@ -37,7 +37,10 @@ GUEST_TSO4/TSO6/UFO (and GUEST_ECN for ECN), else it is dropped and counted
 Bad outcomes: a frame larger than a ring slot (OVERSIZE_FRAME), a frame
 shorter than an Ethernet header (SHORT_FRAME), a full TX ring (PORT_FULL),
 frames the kernel dropped for a full RX ring (PORT_FULL on the RX queue,
-from PACKET_STATISTICS when it marks a frame TP_STATUS_LOSING),
+from PACKET_STATISTICS when it marks a frame TP_STATUS_LOSING, or when the
+ring runs dry), an RX slot the kernel moved past without filling it (seen
+under load with several CPUs receiving: the reader waiting at it would
+stall the ring for good; after HOLE_S it is skipped, PORT_ERROR),
 frames that arrive after IFNAME went away (PORT_ERROR, logged once; the RX
 worker stops watching the socket).
 
@@ -53,6 +56,7 @@ import mmap
 import os
 import socket
 import struct
+import time
 from typing import Any, Dict, List, Optional, Sequence
 
 from shardvu.reasons import DropReason
@@ -105,6 +109,8 @@ _GSO_NEEDS = {1: 7, 3: 10, 4: 8}
 _GUEST_CSUM, _GUEST_ECN = 1, 9
 
 ARPHRD_ETHER = 1
+#: how long an empty RX slot with frames after it may wait before it is skipped
+HOLE_S = 0.05
 
 
 class AfPacketError(Exception):
@@ -348,6 +354,11 @@ class AfPacketPort(Port):
         self.max_tx = self.geo.frame_size - _TX_DATA - VNET_LEN
         self.gone = False
         self._unchecked = False     # RX frames taken since PACKET_STATISTICS was read
+        self._hole_since: Optional[float] = None
+        self._stored = self._taken = 0      # RX frames the kernel stored / this port took
+        self._next_check = 0.0
+        self._hole_slot = -1
+        self._hole_logged = False
 
     # -- both sides ---------------------------------------------------------------
     def _lost(self, why: str) -> None:
@@ -458,7 +469,11 @@ class AfPacketPort(Port):
             off = slots[i]
             status, tlen, snap, mac, _net, _s, _ns, tci, tpid = _HDR.unpack_from(mm, off)
             if not status & TP_STATUS_USER:
+                if not out and self._hole(mm, i):
+                    i = self.slot
+                    continue
                 break
+            self._taken += 1
             if status & TP_STATUS_LOSING:
                 self._count_ring_drops()
             frame = self._take(mm, off, status, tlen, snap, mac, tci, tpid, csum_ok, features)
@@ -470,10 +485,6 @@ class AfPacketPort(Port):
                 out.append(frame[0] + tail + frame[1])
         if i != self.slot:
             self._unchecked = True
-        elif self._unchecked:
-            # the ring ran dry: drops after the last LOSING mark are counted now
-            self._unchecked = False
-            self._count_ring_drops()
         self.slot = i
         if not out:
             err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -481,11 +492,50 @@ class AfPacketPort(Port):
                 self._check_link(err)
         return out
 
+    def _hole(self, mm, i: int) -> bool:
+        """Our next slot ``i`` is the kernel's (the ring looks dry), yet the
+        kernel stored a frame there: the slot after it holds a frame, or
+        PACKET_STATISTICS counts more frames stored than were taken.
+        Normally a frame still being copied in on another CPU (microseconds,
+        in softirq); seen under load, a slot the kernel never fills, which
+        would stall the ring for good.  After HOLE_S seconds the slot is
+        skipped and its frame counted as lost (PORT_ERROR).  Also where
+        drops after the last LOSING mark get counted (once per burst).
+        True when the slot was skipped."""
+        nxt = self.slots[i + 1 if i + 1 < len(self.slots) else 0]
+        now = time.monotonic()
+        if not _U32.unpack_from(mm, nxt)[0] & TP_STATUS_USER:
+            # statistics once per burst, while a hole is suspected, and at
+            # most every HOLE_S when idle
+            if not (self._unchecked or self._hole_since is not None or now >= self._next_check):
+                return False
+            self._unchecked = False
+            self._next_check = now + HOLE_S
+            self._count_ring_drops()
+            if self._stored <= self._taken:
+                self._hole_since = None
+                return False
+        if self._hole_since is None or self._hole_slot != i:
+            self._hole_since, self._hole_slot = now, i
+            return False
+        if now - self._hole_since < HOLE_S:
+            return False
+        self._hole_since = None
+        self.slot = i + 1 if i + 1 < len(self.slots) else 0
+        self._taken += 1
+        self.drop(DropReason.PORT_ERROR, 1)
+        if not self._hole_logged:
+            self._hole_logged = True
+            log.warning("pair %d: af_packet %s: RX slot %d stayed empty while the kernel moved on; "
+                        "skipped (counted as port_error; logged once)", self.pair, self.ifname, i)
+        return True
+
     def _count_ring_drops(self) -> None:
         """The kernel dropped frames for a full RX ring (it marks the next
         frame LOSING): read and reset PACKET_STATISTICS, count them."""
         raw = self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8)
-        dropped = struct.unpack("II", raw)[1]
+        packets, dropped = struct.unpack("II", raw)
+        self._stored += packets - dropped       # (TPACKET_V2: tp_packets counts drops too)
         if dropped:
             self.drop(DropReason.PORT_FULL, dropped)
 
