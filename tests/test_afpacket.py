@@ -342,3 +342,17 @@ def test_a_slot_the_kernel_never_fills_is_skipped_and_counted(after):
             close_all(tx, rx)
             ctl.close()
             peer.close()
+
+
+def test_promiscuous_while_open():
+    """Each pair's socket holds a PACKET_MR_PROMISC membership; closing
+    the port releases them."""
+    with veth():
+        assert "promiscuity 0" in sh("ip -d link show va")
+        ctl = AF.AfPacketControl("va", 2, SMALL)
+        try:
+            assert "promiscuity 2" in sh("ip -d link show va")
+            assert "PROMISC" in sh("ip link show va")
+        finally:
+            ctl.close()
+        assert "promiscuity 0" in sh("ip -d link show va")
