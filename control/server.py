@@ -336,3 +336,9 @@ class ControlServer:
             self.stop()
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
+
+        def on_hup(signum, frame):          # live upgrade, run from the control loop
+            if self.supervisor is not None:
+                log.info("SIGHUP: replacing every worker with the code installed now")
+                self.supervisor.reload_requested = True
+        signal.signal(signal.SIGHUP, on_hup)

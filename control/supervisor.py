@@ -194,6 +194,9 @@ class Supervisor:
         #: a spare taken ahead from the zygote: a respawn then costs no
         #: round trip to it (taken again after each respawn)
         self._next = None
+        #: set (e.g. by SIGHUP's handler) to run :meth:`reload` from the loop
+        self.reload_requested = False
+        self._old_zygotes: List[Zygote] = []     # replaced by a reload, stopped at close
 
     def attach(self, device) -> None:
         """Serve ``device``'s queues; dead workers are replaced here, at once,
@@ -325,7 +328,11 @@ class Supervisor:
         self._publish(index)
 
     def on_tick(self) -> None:
-        """Run the respawns whose back-off has passed; hold a spare ready."""
+        """Run the respawns whose back-off has passed; hold a spare ready;
+        run a requested live upgrade."""
+        if self.reload_requested:
+            self.reload_requested = False
+            self.reload()
         self._take_ahead()
         now = time.monotonic()
         for index, rec in self.records.items():
@@ -420,6 +427,109 @@ class Supervisor:
         self._take_ahead()
         return True
 
+    # -- live upgrade ---------------------------------------------------------------
+    def reload(self) -> List[str]:
+        """Replace every worker, one at a time, by a process running the
+        code installed now: a fresh zygote is *executed* (its spares import
+        today's files), then for each queue a new worker first applies the
+        queue's snapshot while the old one still serves (a worker that
+        cannot read this control's snapshot version refuses it: it is
+        dropped and the old worker keeps the queue); then the old worker
+        stops (draining TX), the new one starts from the ring and the
+        progress page (nothing lost or repeated), and the old one exits.
+        Returns the failures, one line per queue (also logged)."""
+        failures: List[str] = []
+        old_zygote = self.zygote
+        if old_zygote is None or self.device is None:
+            return ["no zygote or device"]
+        fresh = Zygote(old_zygote.kinds, old_zygote.spares)
+        try:
+            fresh.restart()
+        except OSError as exc:
+            log.error("reload: cannot start a new zygote: %s", exc)
+            return [f"zygote: {exc}"]
+        if self._next is not None:          # held from the old code
+            signal.pidfd_send_signal(self._next.pidfd, signal.SIGKILL)
+            os.close(self._next.pidfd)
+            self._next.chan.close()
+            self._next = None
+        self.zygote = fresh
+        self.fds[fresh.fileno()] = self.on_zygote
+        for index in range(len(self.pool.workers)):
+            err = self._upgrade(index)
+            if err:
+                log.error("reload: queue %d keeps its worker: %s", index, err)
+                failures.append(f"queue {index}: {err}")
+        # The old zygote goes with its spares; not while it has workers kept
+        # (a refused upgrade): stopping it would kill them.
+        self.fds.pop(old_zygote.fileno(), None)
+        if failures:
+            self._old_zygotes.append(old_zygote)
+            fd = old_zygote.fileno()
+            self.fds[fd] = lambda: self._drain_old(old_zygote, fd)
+        else:
+            old_zygote.stop()
+        log.info("reload: %d of %d workers replaced", len(self.pool.workers) - len(failures),
+                 len(self.pool.workers))
+        return failures
+
+    def _drain_old(self, z: Zygote, fd: int) -> None:
+        z.poll_events()             # statuses of workers no longer watched
+        if not z.alive():
+            self.fds.pop(fd, None)
+
+    def _upgrade(self, index: int) -> Optional[str]:
+        dev = self.device
+        old = self.pool.workers[index]
+        if old.exitcode is not None:
+            return "its worker is dead"
+        rec = self.records.setdefault(index, _Record())
+        old_pidfd, old_pid = rec.pidfd, rec.pid
+        rec.pidfd = -1                      # spawn() must not close the old one's watch
+        self.fds.pop(old_pidfd, None)
+        try:
+            new = self.spawn(index, wait=True)
+            new.apply(dev.queue_snapshot(index))      # the version check
+        except (ZygoteError, WorkerError, ValueError) as exc:
+            if rec.pidfd >= 0:
+                self.fds.pop(rec.pidfd, None)
+                try:
+                    signal.pidfd_send_signal(rec.pidfd, signal.SIGKILL)
+                except OSError:
+                    pass
+                os.close(rec.pidfd)
+            rec.pidfd, rec.pid = old_pidfd, old_pid
+            if old_pidfd >= 0:
+                self.fds[old_pidfd] = lambda: self._on_death(index)
+            return str(exc)
+        try:
+            if dev.vqs[index].started:
+                old.stop()                  # drains TX; its last record is in the page
+        except WorkerError as exc:
+            log.warning("reload: queue %d: old worker did not stop: %s", index, exc)
+        self.pool.workers[index] = new
+        try:
+            dev.bootstrap(index)            # same snapshot (idempotent), then start
+        except WorkerError as exc:
+            log.error("reload: queue %d: new worker did not start: %s", index, exc)
+        try:
+            ctl.send(old.chan, {"cmd": "exit"})
+        except (ctl.ChannelClosed, OSError):
+            pass
+        if old_pidfd >= 0:
+            select.select([old_pidfd], [], [], 2.0)
+            os.close(old_pidfd)
+        if isinstance(old.process, PidfdProcess):
+            old.process.pidfd = -1
+        old.chan.close()
+        if self.collector is not None:
+            try:
+                self.collector.set_workers({index: new.pid}, carried=True)
+            except TypeError:
+                self.collector.set_workers({index: new.pid})
+        log.info("reload: queue %d: worker %d replaced by pid %d", index, old_pid, new.pid)
+        return None
+
     def _take_ahead(self) -> None:
         """Hold a spare ready, if the zygote has a warm one (never waits:
         the control loop must not; on_tick tries again)."""
@@ -485,6 +595,10 @@ class Supervisor:
             os.close(self._next.pidfd)
             self._next.chan.close()
             self._next = None
+        for z in self._old_zygotes + [self.zygote]:
+            if z is not None:
+                z.stop()
+        self._old_zygotes = []
 
 
 def _alive(pidfd: int) -> bool:

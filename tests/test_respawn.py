@@ -319,3 +319,30 @@ def test_zygote_death_leaves_the_workers_and_a_new_zygote_serves(runtime):
         t.drain()
         _exactly_once(t)
     assert not _zombies(rt)
+
+
+@pytest.mark.parametrize("interp", INTERPRETERS)
+def test_sighup_replaces_every_worker_without_losing_a_frame(runtime, interp):
+    rt = runtime(1, "loopback", *interp)
+    with Frontend(rt.sock) as fe:
+        fe.negotiate()
+        t = Traffic(fe)
+        for _ in range(3):
+            t.round()
+        before = {q: _pid(rt, q) for q in (0, 1)}
+        os.kill(rt.proc.pid, signal.SIGHUP)
+        for _ in range(4):          # traffic while the workers are replaced
+            t.round()
+        wait_for(lambda: "reload: 2 of 2 workers replaced" in rt.log(), timeout=60, interval=0.05)
+        for q in (0, 1):
+            wait_for(lambda: _replaced(rt, q, before[q]), timeout=10, interval=0.05)
+            assert not psutil.pid_exists(before[q]) or \
+                psutil.Process(before[q]).status() == psutil.STATUS_ZOMBIE
+        for _ in range(3):
+            t.round()
+        t.drain()
+        _exactly_once(t)
+        counted = lambda: [rt.queue_stats()[q]["packets"] for q in (0, 1)]    # noqa: E731
+        wait_for(lambda: counted() == [t.sent] * 2, timeout=5, interval=0.1)
+    assert "died" not in rt.log()           # a replacement, not a crash
+    assert not _zombies(rt)

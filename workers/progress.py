@@ -168,13 +168,22 @@ def resume(w) -> None:
         return
     c = w.counters
     vq = w.vq
+    spsc = w.spsc
+    if spsc is not None:
+        # attached a while ago (a live upgrade's new worker applied its
+        # snapshot while the old one still ran): the shared indices now
+        spsc._prod = _u64(spsc._pi.value)
+        spsc._cons = _u64(spsc._ci.value)
     if rec.generation != (w._generation or 0) or not vq.mapped or not vq.num:
         return
+    if vq.processed_in_order and not vq.inuse and vq.inflight is None:
+        # likewise the ring: resume at used->idx as it is now
+        vq.used_idx = vq.rings.used16[1]
+        vq.last_avail_idx = vq.shadow_avail_idx = vq.used_idx
     used = vq.used_idx
     done = (used - rec.avail) & 0xFFFF
     if done > vq.num:
         return            # not this ring's history (the front-end set a base)
-    spsc = w.spsc
     hdr = w.hdr_len
     if w.is_tx:
         if done:
@@ -191,6 +200,10 @@ def resume(w) -> None:
             c.bytes += sum(max(0, n - hdr) for _head, n in elems)
             if spsc is not None and spsc._cons == rec.spsc and not w.mergeable:
                 spsc.consumed(rec.spsc + done)
+
+
+def _u64(v: int) -> int:
+    return v + (1 << 64) if v < 0 else v
 
 
 def _tx_lengths(vq, start: int, n: int) -> list:
