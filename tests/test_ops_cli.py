@@ -288,6 +288,7 @@ def test_example_unit_files_are_consistent():
     assert "ListenStream=" in sock and "SocketMode=" in sock
     assert "ExecStart=" in unit and "shardvu-net" in unit and "--name %i" in unit
     assert "Type=simple" in unit        # no daemonizing
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in unit      # live upgrade
 
 
 @needs_net
