@@ -347,7 +347,7 @@ class StatsCollector:
                         "cpu_percent", "rss_bytes", "private_bytes"},
                         # cpu/memory summed over distinct live worker pids
              "time": <unix time>, "socket": <vhost socket path or "">,
-             "name": <instance name or "">}
+             "name": <instance name or "">, "control_pid": <this process>}
 
         Queues are sorted by index.  The counters, ``drops_by_reason``
         (every :class:`~shardvu.reasons.DropReason` value, zeros included),
@@ -424,4 +424,4 @@ class StatsCollector:
         totals["rss_bytes"] = sum(u[1] for u in usage.values())
         totals["private_bytes"] = sum(u[2] for u in usage.values())
         return {"queues": rows, "totals": totals, "time": time.time(),
-                "socket": self.socket_path, "name": self.name}
+                "socket": self.socket_path, "name": self.name, "control_pid": os.getpid()}

@@ -234,6 +234,25 @@ def install_descriptor(args) -> int:
 
 # -- entry points --------------------------------------------------------------
 
+def reload_command(args) -> int:
+    """``shardvu reload``: find the instance's control process through its
+    stats endpoint and send it SIGHUP (the replacement runs there; its
+    outcome is in the log and in ``shardvu stats``' restarts)."""
+    import signal
+    from . import statscli
+    from .statsapi import NoAnswer, query
+    try:
+        endpoint = statscli.target_endpoint(args)
+        pid = int(query(endpoint, args.timeout)["control_pid"])
+    except (ValueError, NoAnswer, KeyError, TypeError) as exc:
+        print(f"shardvu reload: no control process to reload: {exc or type(exc).__name__}",
+              file=sys.stderr)
+        return 1
+    os.kill(pid, signal.SIGHUP)
+    print(f"shardvu reload: asked control process {pid} to replace its workers")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """``shardvu``."""
     ap = Parser(prog="shardvu", description="A vhost-user back-end in Python.")
@@ -252,6 +271,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = sub.add_parser("stats", help="per-queue statistics of a running shardvu")
     statscli.add_arguments(p)
     p.set_defaults(func=statscli.command)
+
+    p = sub.add_parser("reload", help="live upgrade: replace every worker of a running shardvu, "
+                                      "one at a time, with the code installed now (= SIGHUP)")
+    statscli.add_target_arguments(p)
+    p.set_defaults(func=reload_command)
 
     p = sub.add_parser("top", help="live full-screen per-queue view of a running shardvu")
     top.add_arguments(p)

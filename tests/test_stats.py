@@ -65,7 +65,7 @@ def queue(snap, index):
 
 
 def check_shape(snap):
-    assert set(snap) == {"queues", "totals", "time", "socket", "name"}
+    assert set(snap) == {"queues", "totals", "time", "socket", "name", "control_pid"}
     assert isinstance(snap["time"], float)
     for q in snap["queues"]:
         assert set(q) == QUEUE_KEYS
