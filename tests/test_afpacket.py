@@ -11,8 +11,7 @@ import time
 import dpkt
 import pytest
 
-import afnet
-from afnet import A_IP, B_IP, entered, raw_socket, veth, drain
+from afnet import A_IP, entered, raw_socket, veth, drain
 from nsutil import can_netns, sh
 from shardvu.reasons import DropReason
 from shardvu.workers import afpacket as AF
@@ -132,7 +131,7 @@ def test_rx_fanout_spreads_flows_and_every_frame_arrives_once():
         rxs = [p[1] for p in ps]
         try:
             with entered(nsb):
-                sh(f"ip neigh replace 10.77.0.9 lladdr 02:00:00:00:00:09 dev vb nud permanent")
+                sh("ip neigh replace 10.77.0.9 lladdr 02:00:00:00:00:09 dev vb nud permanent")
                 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             for i in range(200):
                 s.sendto(struct.pack(">I", i) + bytes(40), ("10.77.0.9", 6000 + i % 50))

@@ -12,9 +12,8 @@ import time
 
 import pytest
 
-from afnet import A_IP, B_IP, drain, entered, raw_socket, veth
+from afnet import A_IP, drain, entered, raw_socket, veth
 from nsutil import can_netns, sh
-from shardvu import protocol as P
 from shardvu.testing.frontend import DEFAULT_FEATURES, Frontend
 from shardvu.testing.runtime import Runtime
 from shardvu.workers.tap import link_stats
