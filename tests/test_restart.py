@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import struct
 import threading
 import time
@@ -310,3 +311,82 @@ def test_inflight_buffers_of_a_killed_control_are_resubmitted(lab):
                 assert nbytes == sum(size[n] for n in "ACDE"[discarded:]), accounted()
         finally:
             region.close()
+
+
+# -- socket activation: the listening socket outlives the control -------------------------------
+def _family_gone(pid: int, timeout: float = 20.0) -> None:
+    try:
+        family = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    os.kill(pid, signal.SIGKILL)
+    _, alive = psutil.wait_procs(family, timeout=timeout)
+    for p in alive:
+        p.kill()
+    assert not alive, f"left running after kill -9 of the control: {_names(alive)}"
+
+
+def test_socket_activation_keeps_the_socket_across_a_restart(tmp_path):
+    """What systemd's socket unit does (docs/restart.md): it owns the
+    listening socket and hands it to each start of the service
+    (``LISTEN_FDS``/``LISTEN_PID``).  After kill -9 of the control the path
+    still accepts: a front-end that reconnects at once is queued in the
+    socket's backlog, not refused, and is served when the next instance
+    starts.  Loopback: the front-end gets each numbered frame back once."""
+    import subprocess
+    import sys
+    path = str(tmp_path / "vu.sock")
+    lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lst.bind(path)
+    lst.listen(8)
+    fd = lst.fileno()
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(tmp_path))
+    # the wrapper execs shardvu under its own pid (LISTEN_PID names it),
+    # the socket on fd 3 (SD_LISTEN_FDS_START)
+    wrapper = ("import os, sys\n"
+               f"os.dup2({fd}, 3)\nos.close({fd})\n"
+               "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1')\n"
+               "os.execv(sys.executable, [sys.executable, '-m', 'shardvu.cli', 'run', '--queues', '1',"
+               " '--port', 'loopback', '--name', 'act', '--log-level', 'INFO'])\n")
+
+    def start(n: int) -> subprocess.Popen:
+        log = open(tmp_path / f"act{n}.log", "w")
+        try:
+            return subprocess.Popen([sys.executable, "-c", wrapper], pass_fds=[fd], env=env,
+                                    stdout=log, stderr=subprocess.STDOUT)
+        finally:
+            log.close()
+
+    def round_trip(fe: Frontend, start_seq: int, n: int) -> None:
+        assert fe.send(0, _numbered(start_seq, n)) == n
+        got = []
+        deadline = time.monotonic() + 20
+        while len(got) < n and time.monotonic() < deadline:
+            got += [struct.unpack_from("<I", f)[0] for f in fe.receive(0, timeout=0.5)]
+        fe.reclaim_tx(0)
+        assert got == list(range(start_seq, start_seq + n))
+
+    procs = []
+    fe = None
+    try:
+        procs.append(start(0))
+        fe = Frontend(path, timeout=30)     # answered once the service is up
+        fe.negotiate()
+        fe.post_rx(0, 128)
+        round_trip(fe, 0, 32)
+        _family_gone(procs[0].pid)
+        assert procs[0].wait(10) == -signal.SIGKILL
+        assert fe.wait_closed(5)
+        early = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        early.connect(path)                 # nobody serves it now: queued, not refused
+        procs.append(start(1))
+        fe.reconnect(sock=early)
+        round_trip(fe, 32, 64)
+    finally:
+        if fe is not None:
+            fe.close()
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                assert p.wait(15) == 0
+        lst.close()
