@@ -10,7 +10,10 @@ would not spread one peer's flows).  IPv6 addresses go in brackets:
 
 Receive side: a datagram whose source is not pair *i*'s peer address is
 dropped and counted (WRONG_PEER); one shorter than an Ethernet header
-(NOT_ETHERNET) too.  The sockets are not connected, so those datagrams
+(NOT_ETHERNET) too.  Datagrams the kernel dropped because the socket's
+receive buffer was full (the ``drops`` column of /proc/net/udp for this
+socket) are counted as PORT_FULL on the RX queue, read at the end of each
+burst and at most every DROPS_S seconds.  The sockets are not connected, so those datagrams
 are seen and counted rather than filtered silently by the kernel.
 
 No offloads are offered (a datagram carries a whole, checksummed frame),
@@ -26,7 +29,8 @@ import errno
 import logging
 import os
 import socket
-from typing import Any, Dict, List, Sequence, Tuple
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from shardvu.reasons import DropReason
 
@@ -35,6 +39,8 @@ from .ports import Port, PortControl
 __all__ = ["UdpPort", "UdpControl", "parse_spec", "parse_endpoint"]
 
 log = logging.getLogger("shardvu.worker")
+#: how often, at most, the kernel's receive-buffer drops are read
+DROPS_S = 0.2
 #: the path MTU assumed when advertising the guest's MTU
 PATH_MTU = 1500
 _ETH = 14
@@ -156,6 +162,13 @@ class UdpPort(Port):
         self.peer = (meta["peer"][0], int(meta["peer"][1]))
         self._peer_key = _norm(self.peer)
         self._last_bad = None
+        self._inode = os.fstat(fds[0]).st_ino
+        self._table = "/proc/thread-self/net/udp6" if int(meta.get("family", 2)) == \
+            socket.AF_INET6 else "/proc/thread-self/net/udp"
+        self._kernel_drops: Optional[int] = None     # the socket's count at the last read
+        self._drops_due = 0.0
+        if not tx:
+            self._count_kernel_drops()      # the baseline: earlier drops are not this worker's
 
     def close(self) -> None:
         self.sock.close()
@@ -190,6 +203,8 @@ class UdpPort(Port):
             try:
                 data, addr = recvfrom(65536)
             except BlockingIOError:
+                if out or time.monotonic() >= self._drops_due:
+                    self._count_kernel_drops()
                 break
             except OSError as exc:
                 if exc.errno == errno.ECONNREFUSED:     # ICMP for an earlier send
@@ -207,3 +222,23 @@ class UdpPort(Port):
                 continue
             out.append(hdr + data)
         return out
+
+    def _count_kernel_drops(self) -> None:
+        """Count (PORT_FULL) the datagrams the kernel dropped for this
+        socket since the last read: its ``drops`` in /proc/net/udp[6]."""
+        self._drops_due = time.monotonic() + DROPS_S
+        key = str(self._inode)
+        try:
+            with open(self._table) as f:
+                for line in f:
+                    cols = line.split()
+                    if len(cols) > 12 and cols[9] == key:
+                        now = int(cols[-1])
+                        break
+                else:
+                    return
+        except (OSError, ValueError):
+            return
+        if self._kernel_drops is not None and now > self._kernel_drops:
+            self.drop(DropReason.PORT_FULL, now - self._kernel_drops)
+        self._kernel_drops = now
