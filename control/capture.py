@@ -184,6 +184,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     log.info("pcap: %d frames written%s; dropped (ring full) by queue: %s",
              writer.written, " (limit reached)" if writer.stopped else "",
              ", ".join(f"{q}:{n}" for q, n in enumerate(dropped)) or "none")
+    if os.getppid() != parent:      # the control process died (kill -9): nobody else removes the rings
+        shutil.rmtree(directory, ignore_errors=True)
     return 0
 
 

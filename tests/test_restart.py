@@ -172,6 +172,18 @@ def test_kill9_of_the_control_takes_zygote_spares_and_workers_with_it(lab, inter
         assert fe.wait_closed(5)
 
 
+def test_kill9_with_pcap_leaves_no_capture_process_nor_its_rings(lab, tmp_path):
+    """--pcap adds a capture process and per-queue rings in /dev/shm: after
+    kill -9 of the control the process ends and removes the rings."""
+    rt = lab.runtime(1, "udp:127.0.0.1:40190,127.0.0.1:41190", "--pcap", str(tmp_path / "c.pcapng"))
+    capture = [p for p in rt._children() if "shardvu.control.capture" in p.cmdline()]
+    assert len(capture) == 1
+    rings = capture[0].cmdline()[capture[0].cmdline().index("shardvu.control.capture") + 1]
+    assert os.path.isdir(rings)
+    lab.kill(rt)
+    assert not os.path.exists(rings), os.listdir(rings)
+
+
 # -- the front-end comes back -----------------------------------------------------------------------
 @pytest.mark.parametrize("interp", INTERPRETERS)
 def test_server_mode_a_restarted_instance_serves_the_front_end_again(lab, interp):
