@@ -207,6 +207,8 @@ def main() -> None:
                     help="A/B against the checkout DIR (e.g. git worktree add /tmp/base REV): "
                     "each whole pass of DIR's code (A) and of this one (B) timed batch by batch "
                     "in turn, in this process; prints the median ns/pkt of each and B/A")
+    ap.add_argument("--only", metavar="TEXT", default="",
+                    help="run only the whole passes whose name contains TEXT")
     args = ap.parse_args()
     size, frame, batches = args.size, args.frame, args.batches
     print(f"{platform.python_implementation()} {platform.python_version()}  ring {size}, "
@@ -215,6 +217,8 @@ def main() -> None:
         other, this = load_other(args.against), code()
         print(f"interleaved A/B: A = {args.against}, B = this checkout (medians, ns/pkt)")
         for spec_a, spec_b in zip(passes(other, size, frame), passes(this, size, frame)):
+            if args.only not in spec_b[0]:
+                continue
             a, b = _Pass(other, spec_a, size, frame), _Pass(this, spec_b, size, frame)
             try:
                 ma, mb = interleaved(a, b, batches, size)
@@ -225,6 +229,8 @@ def main() -> None:
         return
     print("whole passes:")
     for spec in passes(code(), size, frame):
+        if args.only not in spec[0]:
+            continue
         p = _Pass(code(), spec, size, frame)
         try:
             ns = timed(p.run, batches, size, p.post)

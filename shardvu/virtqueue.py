@@ -148,8 +148,9 @@ class VirtqElement:
     guest memory regions appears as several consecutive views.
     ``in_addr``/``out_addr`` give the guest-physical ``(gpa, len)`` of each
     view; ``in_len``/``out_len`` their totals; ``in_descs``/``out_descs``
-    count the chain's descriptors of each direction (a zero-length one has
-    no view), which is what the direction rules look at.  The views alias
+    are non-zero exactly when the chain has a descriptor of that direction
+    (its views plus its zero-length descriptors, which get none): what the
+    direction rules look at.  The views alias
     guest memory: they stay valid only while the memory table is unchanged.
     """
 
@@ -508,7 +509,7 @@ class VirtQueue:
         in_addr: List[Tuple[int, int]] = []
         out_addr: List[Tuple[int, int]] = []
         total = in_bytes = out_bytes = 0
-        n_in = n_out = 0
+        z_in = z_out = 0            # zero-length descriptors (they get no view)
         seen_write = False
         i = head
         count = 0
@@ -559,12 +560,15 @@ class VirtQueue:
             total += length
             if total > MAX_CHAIN_LEN:
                 raise _Hostile(B.CHAIN_LOOP, f"chain length overflow: {total} bytes > 2**32-1")
+            if not length:
+                if flags & VRING_DESC_F_WRITE:
+                    z_in += 1
+                else:
+                    z_out += 1
             if flags & VRING_DESC_F_WRITE:
                 seen_write = True
                 in_bytes += length
-                n_in += 1
             else:
-                n_out += 1
                 if seen_write:
                     raise _Hostile(B.WRONG_DIRECTION, f"device-readable descriptor {i} after a device-writable one")
                 out_bytes += length
@@ -591,7 +595,7 @@ class VirtQueue:
             i = nxt
         if build:
             return VirtqElement(head, out_sg, in_sg, in_addr, out_addr,
-                                (n_in, n_out, in_bytes, out_bytes))
+                                (len(in_sg) + z_in, len(out_sg) + z_out, in_bytes, out_bytes))
         return in_bytes, out_bytes
 
     def _map_head(self, head: int) -> Optional[VirtqElement]:
