@@ -123,7 +123,8 @@ def _offer(path: str, queue_pairs: int) -> Dict[str, object]:
     (2, "sink"),
     (1, "loopback", "--mtu", "9000", "--mac", "52:54:00:12:34:56", "--queue-size", "512"),
     (4, "generator", "--frame-size", "128", "--cpus", "0"),
-], ids=["sink", "loopback-mtu-mac", "generator-4"])
+    (1, "udp:127.0.0.1:40210,127.0.0.1:41210"),        # a port that sets the MTU itself
+], ids=["sink", "loopback-mtu-mac", "generator-4", "udp"])
 def test_a_restart_offers_what_the_first_start_offered(lab, monkeypatch, tmp_path, args):
     """QEMU refuses a reconnected back-end that lacks a feature the guest
     acknowledged ("vhost lacks feature mask"): the offer must be a function
