@@ -163,6 +163,11 @@ def resume(w) -> None:
     if w.resumed:
         return
     w.resumed = True
+    if w.vq.mapped:
+        # The loop starts idle, with notifications on: a predecessor killed
+        # while busy left them off (the driver would not kick, and the new
+        # worker would sleep until its idle timeout).
+        w.vq.set_notification(True)
     rec = w.progress.last()
     if rec is None:
         return
