@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import time
 
@@ -26,6 +27,7 @@ import pytest
 
 from shardvu.testing.guest import build_guest, have_guest_tools
 from shardvu.testing.qemu import Guest, have_qemu, leftover_qemus
+from shardvu.statsapi import name_endpoints, query
 from shardvu.testing.runtime import Runtime
 
 _qemu_ok, _qemu_why = have_qemu()
@@ -48,9 +50,9 @@ def lab():
     class Lab:
         sock = os.path.join(d, "vu.sock")
 
-        def runtime(self, *extra, port="sink"):
-            rt = Runtime(self.sock, QUEUES, port, *extra,
-                         log_path=os.path.join(d, f"rt{len(made['rt'])}.log"))
+        def runtime(self, *extra, port="sink", cls=Runtime, **kw):
+            rt = cls(self.sock, QUEUES, port, *extra,
+                     log_path=os.path.join(d, f"rt{len(made['rt'])}.log"), **kw)
             made["rt"].append(rt)
             return rt
 
@@ -113,7 +115,8 @@ def _errors(rt: Runtime):
     return [line for line in rt.log().splitlines() if "ERROR" in line or "Traceback" in line]
 
 
-def _drill(lab, guest: Guest, rt: Runtime, extra=(), port="sink", kills: int = 2) -> None:
+def _drill(lab, guest: Guest, rt: Runtime, extra=(), port="sink", kills: int = 2,
+           restart=None) -> None:
     """Traffic on every queue of ``rt``; then ``kills`` times: kill -9,
     the guest sees its carrier drop, a new instance with the same
     arguments, traffic on every queue of it (TX; with loopback the guest's
@@ -128,7 +131,7 @@ def _drill(lab, guest: Guest, rt: Runtime, extra=(), port="sink", kills: int = 2
         lab.kill(rt)
         mark = len(guest.serial())
         guest.wait_for(r"SHARDVU round n=\d+ carrier=0", 30, start=0)   # the guest saw it go
-        rt = lab.runtime(*extra, port=port)
+        rt = restart() if restart is not None else lab.runtime(*extra, port=port)
         _wait_growth(rt, guest, 60, queues)
         print(f"traffic on every queue {time.monotonic() - killed:.1f} s after kill -9 "
               f"(the restart included)")
@@ -158,3 +161,31 @@ def test_client_mode_reconnects_to_qemu_after_kill9(lab):
         time.sleep(0.05)
     rt = lab.runtime("--client")
     _drill(lab, g, rt, ("--client",))
+
+
+class _HeldRuntime(Runtime):
+    """``shardvu run --fd N --name held``: stats on the named endpoints."""
+
+    def stats(self, timeout: float = 2.0):
+        return query(name_endpoints("held")[1], timeout)
+
+
+def test_held_listening_socket_qemu_reconnects_into_the_backlog(lab, monkeypatch):
+    """Socket activation's restart (docs/restart.md): the test owns the
+    listening socket, as systemd's socket unit does, and hands it to each
+    instance (``--fd``, the form activation takes inside shardvu).  After
+    kill -9, QEMU's reconnect is queued in the socket's backlog rather than
+    refused, and the next instance serves it; two cycles."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", os.path.dirname(lab.sock))
+    lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lst.bind(lab.sock)
+    lst.listen(8)
+    fd = lst.fileno()
+    try:
+        def start():
+            return lab.runtime("--fd", str(fd), "--name", "held", cls=_HeldRuntime, pass_fds=(fd,))
+        rt = start()
+        g = lab.guest().start()
+        _drill(lab, g, rt, restart=start)
+    finally:
+        lst.close()
