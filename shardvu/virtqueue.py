@@ -159,17 +159,17 @@ class VirtqElement:
 
     def __init__(self, index: int, out_sg: List[memoryview], in_sg: List[memoryview],
                  in_addr: List[Tuple[int, int]], out_addr: List[Tuple[int, int]],
-                 counts: Optional[Tuple[int, int, int, int]] = None):
+                 in_descs: int, out_descs: int, in_len: int, out_len: int):
         self.index = index
         self.out_sg = out_sg
         self.in_sg = in_sg
         self.in_addr = in_addr
         self.out_addr = out_addr
         self._resubmit: Optional[Tuple[int, int]] = None
-        if counts is None:      # (in_descs, out_descs, in_len, out_len), as a walk knows them
-            counts = (len(in_sg), len(out_sg), sum(n for _, n in in_addr),
-                      sum(n for _, n in out_addr))
-        self.in_descs, self.out_descs, self.in_len, self.out_len = counts
+        self.in_descs = in_descs
+        self.out_descs = out_descs
+        self.in_len = in_len
+        self.out_len = out_len
 
     @property
     def out_num(self) -> int:
@@ -595,7 +595,7 @@ class VirtQueue:
             i = nxt
         if build:
             return VirtqElement(head, out_sg, in_sg, in_addr, out_addr,
-                                (len(in_sg) + z_in, len(out_sg) + z_out, in_bytes, out_bytes))
+                                len(in_sg) + z_in, len(out_sg) + z_out, in_bytes, out_bytes)
         return in_bytes, out_bytes
 
     def _map_head(self, head: int) -> Optional[VirtqElement]:
