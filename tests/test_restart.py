@@ -32,12 +32,34 @@ INTERPRETERS = [pytest.param((), id="cpython"),
                                                       reason="no PyPy venv at .venv-pypy"))]
 
 
+MARK = "SHARDVU_RESTART_TEST"
+
+
+def _marked(mark: str) -> List[psutil.Process]:
+    """Every live process (but this one) whose environment carries ``mark``:
+    whatever a runtime started, wherever it was reparented to."""
+    out = []
+    for p in psutil.process_iter():
+        if p.pid == os.getpid():
+            continue
+        try:
+            if p.environ().get(MARK) == mark and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
 @pytest.fixture
-def lab(tmp_path):
+def lab(tmp_path, monkeypatch):
     """Runtimes on one socket path; at the end every runtime still running
-    is stopped (exit 0) and no process any of them started is left."""
+    is stopped (exit 0) and no process any of them started is left.  Each
+    test's runtimes inherit a mark in their environment, so that a process
+    that escaped (reparented away from the control) is found too."""
     made: List[Runtime] = []
     everyone: List[psutil.Process] = []
+    mark = f"{os.getpid()}-{time.monotonic_ns()}"
+    monkeypatch.setenv(MARK, mark)
 
     class Lab:
         sock = str(tmp_path / "vu.sock")
@@ -60,6 +82,10 @@ def lab(tmp_path):
             for p in alive:
                 p.kill()
             assert not alive, f"left running after kill -9 of the control: {_names(alive)}"
+            try:
+                wait_for(lambda: not _marked(mark), timeout=timeout, interval=0.1)
+            except AssertionError:
+                raise AssertionError(f"escaped: {_names(_marked(mark))}") from None
     try:
         yield Lab()
     finally:
@@ -69,7 +95,7 @@ def lab(tmp_path):
                 assert rt.stop() == 0
             elif not rt._log.closed:
                 rt._log.close()
-        left = [p for p in everyone if _running(p)]
+        left = [p for p in everyone if _running(p)] + _marked(mark)
         assert not left, f"processes left behind: {_names(left)}"
 
 
@@ -171,6 +197,20 @@ def test_kill9_of_the_control_takes_zygote_spares_and_workers_with_it(lab, inter
         fe.send(0, _numbered(32, 32))
         lab.kill(rt)
         assert fe.wait_closed(5)
+
+
+@pytest.mark.parametrize("when", ["during", "after"])
+def test_kill9_around_a_reload_leaves_nothing(lab, when):
+    """A reload (SIGHUP) executes a new zygote and replaces every worker;
+    kill -9 while it runs, or after it, still takes the old zygote, the
+    new one, their spares and the new workers along."""
+    rt = lab.runtime(1, "sink")
+    os.kill(rt.proc.pid, signal.SIGHUP)
+    if when == "after":
+        wait_for(lambda: "workers replaced" in rt.log(), timeout=30, interval=0.05)
+    else:
+        time.sleep(0.05)
+    lab.kill(rt)
 
 
 def test_kill9_with_pcap_leaves_no_capture_process_nor_its_rings(lab, tmp_path):
