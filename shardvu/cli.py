@@ -97,8 +97,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mtu", type=int, default=0, help="MTU offered with VIRTIO_NET_F_MTU")
     p.add_argument("--frame-size", type=int, default=64, help="generator frame size (default 64)")
     p.add_argument("--pcap", metavar="FILE",
-                   help="capture every frame of a two-way port (tap, af_packet, udp) to a pcapng "
-                        "FILE: interface = queue pair, direction = inbound/outbound")
+                   help="capture every frame, both directions of every queue pair, to a pcapng "
+                        "FILE (any port): interface = queue pair, direction = inbound/outbound")
     p.add_argument("--pcap-limit", type=int, default=0, metavar="BYTES",
                    help="stop capturing before FILE exceeds BYTES (default: no limit)")
     p.add_argument("--name", type=_checked(check_name),
@@ -153,10 +153,7 @@ def run_command(args, prog: str = "shardvu run") -> int:
         if args.metrics:
             parse_address(args.metrics)
         gid = resolve_group(args.socket_group) if args.socket_group else None
-        spec = resolve(args.port)
-        if args.pcap and spec.two_way is None:
-            return _fail(prog, f"--pcap needs a two-way port (tap, af_packet, udp, module:Class), "
-                               f"not {args.port}", 2)
+        resolve(args.port)          # an unknown port: one-line error before anything starts
         mac = parse_mac(args.mac) if args.mac else None
         logsetup.setup(args.log_level, args.log_format, role="control")
         server = ControlServer(args.socket, args.queues, args.port, client=args.client,

@@ -114,7 +114,8 @@ def test_limit_stops_capture_and_says_so(tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["--port", "udp:127.0.0.1:7300,127.0.0.1:7400", "--pcap", "/nonexistent/dir/x.pcapng"],
      "cannot write it"),
-    (["--port", "sink", "--pcap", "/tmp/x.pcapng"], "--pcap needs a two-way port"),
+    (["--port", "sink", "--pcap", "/nonexistent/dir/x.pcapng"], "cannot write it"),
+    (["--port", "loopback", "--pcap", "/tmp", "--pcap-limit", "0"], "cannot write it"),
 ])
 def test_bad_pcap_one_line_exit(tmp_path, args, needle):
     r = subprocess.run([sys.executable, "-m", "shardvu.cli", "run", "--socket",

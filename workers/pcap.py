@@ -17,11 +17,30 @@ The producer also keeps, at byte 72 of the ring (its own cache line, next
 to the producer index), the number of frames it could not record because
 the ring was full: capture never waits for the writer, it drops and counts.
 
-What is captured: a two-way port's traffic (tap, af_packet, udp,
-``module:Class``), as the port sees it: guest TX frames as the worker hands
-them to :meth:`Port.send`, and frames for the guest as :meth:`Port.receive`
-returns them (before delivery into the guest's RX ring).  The virtio-net
-header is not recorded.
+What is captured, on every port: each queue's frames at the port's edge,
+without the virtio-net header.
+
+* Outbound (TX queue ``2i+1``): every frame the guest sent that the ring
+  rules accepted (short and oversize frames are dropped before any port
+  sees them), as the worker hands it on: to :meth:`Port.send` (two-way
+  ports), to the pair's loopback ring or port function, or to the sink.
+  So records = the queue's ``packets`` + the drops its port made (a full
+  loopback ring).  A disabled TX ring's frames, drained and dropped, are
+  not captured.
+* Inbound (RX queue ``2i``): every frame handed to the guest's RX ring:
+  as :meth:`Port.receive` returns it (two-way ports), or as the RX worker
+  consumes it from the pair's loopback ring or the generator (delivered,
+  or dropped by the RX policy).  So records = ``packets`` + RX policy drops.
+
+How, without slowing the ring loops when capture is off: :func:`install`
+runs once in each worker at start and does nothing unless
+``SHARDVU_PCAP_DIR`` is set.  When it is, it gives that one worker
+capture-aware batch functions (instance attributes over the class's
+``_tx_batch`` / ``pass_once``) that take frames as views
+(:func:`split_fast.tx_pass` with a callback, the loopback ring's
+:meth:`~SpscRing.peek`), record them, then move them on as usual; the
+zero-view loops (``tx_to_ring``, ``rx_from_ring``) are not used then.
+Two-way ports are captured by :func:`wrap` around their send/receive.
 
 Runs on CPython >= 3.9 and PyPy 3.9 (worker code): standard library only.
 """
@@ -33,14 +52,15 @@ import mmap
 import os
 import struct
 import time
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 from shardvu import eventfd as _efd
+from shardvu.ringrules import MAX_FRAME
 
 from .spsc import HEADER_SIZE, MAGIC, VERSION, SpscRing
 
 __all__ = ["ENV", "SLOTS", "SLOT_SIZE", "SNAPLEN", "REC", "DROPPED_OFF", "create_ring",
-           "ring_path", "CaptureRing", "wrap"]
+           "ring_path", "CaptureRing", "wrap", "install"]
 
 log = logging.getLogger("shardvu.worker")
 
@@ -157,3 +177,121 @@ def wrap(port, index: int) -> None:
                 cap.record(out, port.hdr_len)
             return out
         port.receive = captured_receive
+
+
+def install(worker) -> None:
+    """When capture is on (``SHARDVU_PCAP_DIR`` set), route ``worker``'s
+    batches through capture-aware paths (see the module docstring); when it
+    is off, or the worker's port is two-way (:func:`wrap` captures those),
+    nothing changes.  Called once, when the worker is made."""
+    if not os.environ.get(ENV) or worker.port.two_way is not None:
+        return
+    if not worker.is_tx and worker.port.rx_mode not in ("spsc", "generator"):
+        return                              # an idle RX queue moves nothing
+    cap = _ring_for(worker.index)
+    if cap is None:
+        return
+    paths = _Paths(worker, cap)
+    if worker.is_tx:
+        worker._tx_batch = paths.tx_batch
+    else:
+        worker.pass_once = paths.rx_pass_once
+
+
+class _Paths:
+    """One worker's capture-aware batch functions.  They keep the
+    contracts of the worker's own (``Worker._tx_batch``,
+    ``Worker.pass_once``) and its counting."""
+
+    def __init__(self, worker, cap: CaptureRing):
+        from . import worker as _wmod
+        self.w = worker
+        self.cap = cap
+        self.fast = _wmod.split_fast        # the loops this interpreter's worker uses
+        self.loop = _wmod.split_loop
+        self.deliver = _wmod.deliver
+        self.base_tx = worker._tx_batch     # the class's, bound: disabled rings
+        self.base_pass = worker.pass_once
+
+    # -- TX -------------------------------------------------------------------------
+    def _record(self, frames) -> None:
+        self.cap.record(frames, 0)
+
+    def _record_forward(self, frames) -> None:
+        self.cap.record(frames, 0)
+        self.w._forward(frames)
+
+    def _record_offload(self, frames) -> None:
+        w = self.w
+        self.cap.record(frames, w.hdr_len)  # header + frame: the header is not recorded
+        w._loop_offload(frames)
+
+    def tx_batch(self, forward: bool) -> Tuple[int, int]:
+        """``Worker._tx_batch`` recording every frame taken: views of the
+        fast loop's frames (or the general path's copies) are recorded, then
+        forwarded (``forward``) or dropped (a sink)."""
+        w = self.w
+        vq = w.vq
+        if not vq.enabled:              # drained and dropped: not traffic
+            return self.base_tx(forward)
+        spsc = w.spsc
+        loopback = forward and w.port.identity and spsc is not None
+        if loopback and w.offload_loop:
+            return w._tx_two_way(self._record_offload, spsc.max_frame)
+        on_frames = self._record_forward if forward else self._record
+        max_frame = spsc.max_frame if loopback else MAX_FRAME
+        h, c, budget = w.hdr_len, w.counters, w.batch
+        n = nbytes = 0
+        if self.fast.eligible(vq):
+            n, nbytes, more = self.fast.tx_pass(vq, h, budget, w.cache, on_frames, c, max_frame)
+            if not more:
+                return n, nbytes
+        n2, b2, frames = self.loop.tx_pass(vq, h, budget - n, True, c, max_frame)
+        if frames:
+            on_frames(frames)
+        return n + n2, nbytes + b2
+
+    # -- RX -------------------------------------------------------------------------
+    def rx_pass_once(self) -> int:
+        """``Worker.pass_once`` for a generator or loopback (ring) RX queue,
+        recording each frame it consumes; what moves nothing (a disabled
+        ring, no ring yet) is the worker's own."""
+        w = self.w
+        vq, c = w.vq, w.counters
+        if not vq.enabled or (w.port.rx_mode == "spsc" and w.spsc is None):
+            return self.base_pass()
+        d0 = c.drops
+        if w.port.rx_mode == "generator":
+            n, nbytes = w._rx_batch(w.frames, w.gen_frames)
+            if n:
+                self.cap.record(w.frames[:n], 0)
+        else:
+            n, nbytes = self._rx_from_ring()
+        if n:
+            c.batches += 1
+            c.packets += n - (c.drops - d0)
+            c.bytes += nbytes
+        return n
+
+    def _rx_from_ring(self) -> Tuple[int, int]:
+        """The loopback ring's frames, as views, into the guest's RX ring:
+        those consumed are recorded before their slots are released."""
+        w = self.w
+        spsc = w.spsc
+        views = spsc.peek(w.batch)
+        if not views:
+            return 0, 0
+        if w.offload_loop:              # header + frame in each slot
+            frames = [bytes(v) for v in views]
+            n, _, nbytes = self.deliver(w.vq, frames, w.hdr_len, w.mergeable, w._drop)
+            h = w.hdr_len
+        else:
+            frames = views
+            n, nbytes = w._rx_batch(views)
+            h = 0
+        if n:
+            self.cap.record(frames[:n], h)
+        del views, frames
+        spsc.release(n)
+        spsc.unpeek()                   # undelivered frames wait for RX buffers
+        return n, nbytes

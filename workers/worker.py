@@ -152,6 +152,8 @@ class Worker:
         self._port_part: Optional[PortPart] = None
         self._unreadable_kick = -1       # a kick fd read() refused (see _drain_kick)
         self.running = True
+        from .pcap import install as _capture
+        _capture(self)      # --pcap: capture-aware batch paths; nothing when capture is off
 
     # -- commands -----------------------------------------------------------------
     #: The whole command set.  ``apply`` takes a QueueSnapshot (the queue's
