@@ -38,7 +38,7 @@ def test_every_metric_in_the_readme_is_exported():
 
 
 def test_links_resolve():
-    for doc in ("README.md", "docs/api.md", "docs/perf/HISTORY.md"):
+    for doc in ("README.md", "docs/api.md", "docs/perf/HISTORY.md", "docs/tutorial.md"):
         text = open(os.path.join(ROOT, doc)).read()
         for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
             if target.startswith("http"):
@@ -52,3 +52,15 @@ def test_history_keeps_the_earlier_runs():
     for marker in ("**Run M**", "**Run J**", "bench/wakeup.py --samples 200", "bench/memory.py --queues 8",
                    "bench/qemu_compare.py --queues 1,2", "| loop | 64 | 8 | 0.45 [0.448–0.484]"):
         assert marker in history, marker
+
+
+def test_tutorial_commands_use_existing_options():
+    """The tutorial was run as written; its shardvu commands must keep working."""
+    text = open(os.path.join(ROOT, "docs", "tutorial.md")).read()
+    helptext = subprocess.run([sys.executable, "-m", "shardvu", "run", "--help"],
+                              capture_output=True, text=True, timeout=60).stdout
+    lines = [ln for ln in text.splitlines() if ln.lstrip("$ ").startswith(("shardvu-net", "    --name"))]
+    used = set(re.findall(r"(--[a-z][a-z-]+)", "\n".join(lines)))
+    assert {"--socket-path", "--queues", "--port", "--name", "--metrics"} <= used
+    assert all(opt in helptext for opt in used), used
+    assert "[restart.md](restart.md)" in text
