@@ -50,6 +50,23 @@ def coverage_table(report: Report) -> Table:
     return table
 
 
+def summary_table(report: Report) -> Table:
+    """Phase x fd kind: the fewest and most messages of any request code
+    in that cell column, and their total."""
+    cov = report.coverage
+    table = Table(title="per phase and fd kind: min-max over the 64 codes (total)")
+    table.add_column("phase")
+    for k in FdKind:
+        table.add_column(k.name, justify="right")
+    for p in Phase:
+        cells = []
+        for k in FdKind:
+            counts = [cov.count(c, k, p) for c in range(NUM_CODES)]
+            cells.append(f"{min(counts)}-{max(counts)} ({sum(counts)})")
+        table.add_row(p.name, *cells)
+    return table
+
+
 def dedupe(findings: Tuple[Finding, ...]) -> List[Tuple[Finding, int]]:
     """One finding per (fuzzer, what, first line of the detail's last line),
     with how often it happened."""
@@ -81,7 +98,7 @@ def main(argv=None) -> int:
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 32)
     # SIGTERM unwinds like Ctrl-C, so the runtimes started below are stopped.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    console = Console()
+    console = Console(width=max(Console().width, 150))
     console.print(f"seed {seed}")
     tmp = tempfile.mkdtemp(prefix="shardvu-fuzz-")
     extra = ["--worker-python", args.worker_python] if args.worker_python else []
@@ -122,6 +139,7 @@ def main(argv=None) -> int:
                               max_messages=args.max_messages, restart=restart,
                               progress=lambda line: console.print(line, markup=False))
         console.print(coverage_table(report))
+        console.print(summary_table(report))
         console.print("hostile ring rounds: " + ", ".join(f"{k} {v}" for k, v in sorted(report.guest_ops.items())),
                       markup=False, soft_wrap=True)
         for f, n in dedupe(report.findings):
