@@ -23,6 +23,10 @@ Counters (``_total``)::
     shardvu_kicks_total, shardvu_calls_total, shardvu_calls_suppressed_total
     shardvu_worker_restarts_total, shardvu_worker_cpu_seconds_total
 
+The size bins and the broadcast/multicast counters are exported from the
+worker counters of the same names (:data:`shardvu.workers.stats.SIZE_BINS`,
+``CAST_FIELDS``), which the ring loops do not fill yet: they read 0.
+
 Gauges: ``shardvu_worker_private_memory_bytes``,
 ``shardvu_worker_resident_memory_bytes``, ``shardvu_queue_broken`` (0/1);
 and ``shardvu_build_info{name, version}`` = 1.
@@ -61,8 +65,10 @@ _COUNTERS = (
     ("shardvu_calls", "calls", "Call eventfd writes: interrupts sent to the guest."),
     ("shardvu_calls_suppressed", "suppressed",
      "Interrupts not sent (EVENT_IDX or NO_INTERRUPT suppression)."),
-    ("shardvu_broadcast_packets", CAST_FIELDS[0], "Frames to the broadcast address."),
-    ("shardvu_multicast_packets", CAST_FIELDS[1], "Frames to a multicast address (not broadcast)."),
+    ("shardvu_broadcast_packets", CAST_FIELDS[0],
+     "Frames to the broadcast address (not counted by the ring loops yet: 0)."),
+    ("shardvu_multicast_packets", CAST_FIELDS[1],
+     "Frames to a multicast address, not broadcast (not counted by the ring loops yet: 0)."),
     ("shardvu_worker_restarts", "restarts", "Times the queue's worker was replaced."),
     ("shardvu_worker_cpu_seconds", "cpu_seconds",
      "CPU time (user + system) of the queue's workers, present and past."),
@@ -130,7 +136,8 @@ class SnapshotCollector(Collector):
                 fam.add_metric(labels(q) + [reason.value], by_reason.get(reason.value, 0))
         yield fam
         fam = CounterMetricFamily("shardvu_size_packets",
-                                  "Frames by length in bytes, in DPDK vhost's xstats bins.",
+                                  "Frames by length in bytes, in DPDK vhost's xstats bins "
+                                  "(not counted by the ring loops yet: 0).",
                                   labels=_LABELS + ["size"])
         for q in queues:
             for label, field in SIZE_LABELS:
