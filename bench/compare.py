@@ -4,7 +4,7 @@
     python3 bench/compare.py [--systems shardvu,shardvu-pypy,dpdk]
         [--workloads tx,rx,loop] [--sizes 64,1518] [--queues 1,2,4,8]
         [--rounds 3] [--seconds 5] [--warmup 1] [--out bench/out] [--plot]
-        [--worker-python PATH] [--shardvu-cpus LIST]
+        [--worker-python PATH] [--shardvu-cpus LIST] [--pcap]
 
 The same front-end — DPDK testpmd with a virtio-user port (``--no-huge -m
 1024 --total-num-mbufs=32768``) — drives, in turn, up to three vhost-user
@@ -108,6 +108,13 @@ process over the same window (psutil ``cpu_times`` deltas; shardvu's
 workers found through ``Runtime.stats()``'s ``worker_pid``).  Absolute
 rates on a shared machine are not worth much; the ratios measured in one
 run are the result.
+
+``--pcap`` runs every shardvu cell with ``shardvu run --pcap FILE`` (FILE
+in the cell's temporary directory, removed after it): the capture
+overhead, measured by comparing a run with ``--pcap`` against one
+without.  Each such result records ``pcap``: the frames the file holds
+(counted block by block), the capture records dropped per queue because
+a ring was full (the capture process's last log line) and the file's size.
 
 Outputs (``--out``): ``compare-<timestamp>.json`` (every sample and the
 summary), ``compare-<timestamp>.md`` (the table), and with ``--plot``
@@ -355,6 +362,10 @@ def backend_pids(rt, be) -> Dict[str, int]:
                     pids[f"w{q['index']}"] = q["worker_pid"]
         except Exception:                   # noqa: BLE001 - stats may be gone already
             pass
+        from shardvu.testing.runtime import _is_capture
+        for p in rt._children():            # --pcap: the capture process writes the file
+            if _is_capture(p):
+                pids["capture"] = p.pid
     return pids
 
 
@@ -370,6 +381,7 @@ class Measurement:
         res: Dict = {"system": self.system, "workload": self.workload, "size": self.size,
                      "queues": self.queues, "start": time.time()}
         rt = be = fe = None
+        pcap = None
         self.feeder = None
         sockets: List[TelemetrySampler] = []
         tap = f"shvb{next(_taps)}" if port in ("tap", "af_packet") else None
@@ -390,6 +402,9 @@ class Measurement:
             if self.system in SHARDVU:
                 from shardvu.testing.runtime import Runtime
                 extra = ["--worker-python", a.worker_python] if self.system == "shardvu-pypy" else []
+                if a.pcap:
+                    pcap = os.path.join(tmp, "cap.pcapng")
+                    extra += ["--pcap", pcap]
                 rt = Runtime(sock, self.queues, port, "--frame-size", str(self.size),
                              "--cpus", a.shardvu_cpus, "--log-level", "WARNING", *extra,
                              log_path=os.path.join(tmp, "shardvu.log"), wait=False)
@@ -527,6 +542,8 @@ class Measurement:
             for ts in sockets:
                 ts.close()
             res.update(self._stop(rt, be, fe))
+            if pcap is not None:
+                res["pcap"] = pcap_summary(pcap, rt)
             if tap and peer != tap:
                 from shardvu.testing.netns import sh
                 sh(f"ip link del {tap}", check=False)
@@ -580,6 +597,40 @@ class Measurement:
                 out["warning"] = "shardvu log mentions a broken queue: " + \
                     next(l for l in log.splitlines() if "broken" in l)[:300]
         return out
+
+
+def pcap_summary(path: str, rt) -> Dict:
+    """What a ``--pcap`` cell captured: Enhanced Packet Blocks in the file,
+    its size, and the capture records dropped per queue (ring full), from
+    the capture process's last log line (logged as a warning when any were
+    dropped, so it shows at ``--log-level WARNING``; absent: none)."""
+    import re
+    import struct
+    out: Dict = {"file_bytes": 0, "frames": 0, "dropped_by_queue": {}}
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        return dict(out, error=str(exc))
+    out["file_bytes"] = len(raw)
+    pos = frames = 0
+    while pos + 8 <= len(raw):
+        btype, blen = struct.unpack_from("<II", raw, pos)
+        if blen < 12:
+            break
+        frames += btype == 6                        # Enhanced Packet Block
+        pos += blen
+    out["frames"] = frames
+    try:
+        log = rt.log()
+    except OSError:
+        log = ""
+    m = re.search(r"pcap: (\d+) frames written.*dropped \(ring full\) by queue: (.*)", log)
+    if m:
+        out["dropped_by_queue"] = {q: int(n) for q, n in
+                                   (x.split(":") for x in m.group(2).split(", ") if ":" in x)}
+    out["dropped"] = sum(out["dropped_by_queue"].values())
+    return out
 
 
 def _final(stats: Optional[Dict], rc: Optional[int]) -> Dict:
@@ -769,6 +820,9 @@ def parse_args(argv=None):
         ap, "before each round, wait up to S seconds for the rest of the machine to "
             "use less than --idle-below %% of a CPU (shared machines; default 0: don't)",
         "threshold for --wait-idle (default 25)")
+    ap.add_argument("--pcap", action="store_true",
+                    help="run the shardvu cells with --pcap FILE (the capture overhead: compare "
+                         "with a run without); results record frames captured and dropped")
     ap.add_argument("--start-timeout", type=float, default=30.0,
                     help="seconds to wait for each testpmd to start forwarding")
     ap.add_argument("--summarize", metavar="JSON",
@@ -832,6 +886,9 @@ def _report(res: Dict) -> str:
     else:
         c = f"vhost {cpu.get('be', {}).get('percent', float('nan')):.0f}%"
     warn = f"  WARNING {res['warning']}" if "warning" in res else ""
+    if "pcap" in res:
+        warn += (f"  pcap {res['pcap']['frames']} frames ({res['pcap'].get('dropped', 0)} dropped), "
+                 f"capture {cpu.get('capture', {}).get('percent', float('nan')):.0f}%")
     return (f"{res['mpps']:8.3f} Mpps  {c}  fe {cpu.get('fe', {}).get('percent', float('nan')):.0f}%"
             f"  others {res['others_cpu_percent']:.0f}%{warn}")
 

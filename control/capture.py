@@ -14,9 +14,10 @@ pair *i*, named ``pairI``, nanosecond timestamps), and each frame's
 ``2i+1``), *inbound* for frames handed to the guest (RX queue ``2i``).  So
 queue = 2 x interface + (1 if outbound else 0).
 
-Never blocking traffic: a worker whose ring is full drops capture records
+Never blocking traffic: the process runs at a lower priority (``NICE``)
+than the workers, and a worker whose ring is full drops capture records
 and counts them (:data:`shardvu.workers.pcap.DROPPED_OFF`); the counts are
-logged when capture ends.  ``--pcap-limit BYTES`` stops writing before the
+logged when capture ends (a warning when any record was lost).  ``--pcap-limit BYTES`` stops writing before the
 file would exceed BYTES, says so in the log, and goes on draining the rings
 (their records are discarded, not counted as drops).
 
@@ -42,6 +43,10 @@ __all__ = ["Capture", "CaptureError", "main"]
 log = logging.getLogger("shardvu.capture")
 
 _IF_TSRESOL = 9
+#: the capture process's niceness increment: where it shares a CPU with the
+#: ring loops it gets what they leave (its rings overflow, counted; traffic
+#: keeps its CPU)
+NICE = 10
 _EPB_FLAGS = 2
 _INBOUND, _OUTBOUND = 1, 2
 
@@ -167,6 +172,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     directory, fd, queues, limit, level, parent = (argv or sys.argv[1:])[:6]
     queues, limit, parent = int(queues), int(limit), int(parent)
     logsetup.setup(level, role="capture")
+    try:
+        os.nice(NICE)       # on a CPU it shares with a worker, the worker goes first
+    except OSError:
+        pass
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     signal.signal(signal.SIGINT, signal.SIG_IGN)        # the control process decides
@@ -181,9 +190,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         _drain(rings, writer, per_queue)
         f.flush()
     dropped = [ctypes.c_int64.from_buffer(r.mm, DROPPED_OFF).value for r in rings]
-    log.info("pcap: %d frames written%s; dropped (ring full) by queue: %s",
-             writer.written, " (limit reached)" if writer.stopped else "",
-             ", ".join(f"{q}:{n}" for q, n in enumerate(dropped)) or "none")
+    # a capture that lost records says so at WARNING (shown at every usual level)
+    log.log(logging.WARNING if any(dropped) else logging.INFO,
+            "pcap: %d frames written%s; dropped (ring full) by queue: %s",
+            writer.written, " (limit reached)" if writer.stopped else "",
+            ", ".join(f"{q}:{n}" for q, n in enumerate(dropped)) or "none")
     if os.getppid() != parent:      # the control process died (kill -9): nobody else removes the rings
         shutil.rmtree(directory, ignore_errors=True)
     return 0
