@@ -31,8 +31,11 @@ and an ``/init`` script.  The kernel command line chooses what the guest does:
     rx_packets holds still for ``shardvu.settle`` seconds.
 ``shardvu.mode=ping``
     ``ip addr add shardvu.ip`` (default 10.0.0.1/24), optionally a permanent
-    neighbour ``shardvu.peer`` → ``shardvu.peermac``, and ``ping -c
-    shardvu.count shardvu.peer``.
+    neighbour ``shardvu.peer`` → ``shardvu.peermac``, says ``pinging``, and
+    ``ping -c shardvu.count -i shardvu.interval shardvu.peer`` (default 1 s);
+    reports ``ping`` with ``seqs`` (``s`` + the answered sequence numbers,
+    comma separated) and ``carrier_changes`` (the link's transitions during
+    the pings: 0 = it never went down).
 ``shardvu.mode=tcp``
     ``ip addr add shardvu.ip``, reports the virtio features and ``ping
     -c shardvu.count shardvu.peer`` (``ping`` with ``avg_ms``); then
@@ -95,7 +98,7 @@ fail() { say error "reason=$*"; finish; }
 P_mode=up; P_count=1000; P_rounds=1; P_settle=1.0; P_size=60; P_delay=0
 P_dstmac=ff:ff:ff:ff:ff:ff; P_time=5; P_until=time; P_timeout=120
 P_ip=10.0.0.1/24; P_peer=10.0.0.2; P_peermac=; P_queues=0; P_sizestep=0
-P_mb=50; P_flows=4; P_port=5001; P_rport=5101
+P_mb=50; P_flows=4; P_port=5001; P_rport=5101; P_interval=1
 for a in $(cat /proc/cmdline); do
     case "$a" in
         shardvu.*=*)
@@ -219,10 +222,14 @@ count)
 ping)
     ip addr add $P_ip dev eth0
     [ -n "$P_peermac" ] && ip neigh add $P_peer lladdr $P_peermac dev eth0 nud permanent
-    out=$(ping -c $P_count -W 2 $P_peer 2>&1)
+    cc0=$(cat $N/carrier_changes)
+    say pinging count=$P_count interval=$P_interval
+    out=$(ping -c $P_count -i $P_interval -W 2 $P_peer 2>&1)
     tx=$(echo "$out" | sed -n 's/^\([0-9]*\) packets transmitted.*/\1/p')
     rx=$(echo "$out" | sed -n 's/.* \([0-9]*\) packets received.*/\1/p')
-    say ping transmitted=${tx:-0} received=${rx:-0}
+    seqs=$(echo "$out" | sed -n 's/.* seq=\([0-9]*\) .*/\1/p' | tr '\n' ',')
+    say ping transmitted=${tx:-0} received=${rx:-0} seqs=s${seqs%,} \
+        carrier_changes=$(($(cat $N/carrier_changes) - cc0))
     report
     ;;
 tcp)
