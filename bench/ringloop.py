@@ -48,7 +48,12 @@ def code(pkg: str = "shardvu") -> types.SimpleNamespace:
     """The modules the passes use, from package ``pkg`` (this checkout's
     ``shardvu``, or a copy of another revision: see :func:`load_other`)."""
     m = lambda name: importlib.import_module(f"{pkg}.{name}")  # noqa: E731
+    try:        # revisions whose loops count size bins and casts (workers/framestats.py)
+        framestats, counters = m("workers.framestats"), m("workers.stats").Counters()
+    except ImportError:
+        framestats = counters = None
     return types.SimpleNamespace(
+        framestats=framestats, counters=counters,
         P=m("protocol"), DriverQueue=m("testing.driver").DriverQueue,
         GuestMemory=m("memory").GuestMemory, VirtQueue=m("virtqueue").VirtQueue,
         split_fast=m("workers.split_fast"), split_fast_struct=m("workers.split_fast_struct"),
@@ -119,33 +124,50 @@ def passes(k: types.SimpleNamespace, size: int, frame: int):
     hdr = fast.rx_header(12)
     joined = [hdr + f for f in frames]
     sink = []
+    # Where the loops count size bins and casts, they count as the worker
+    # has them count (into its Counters; RX fill: the worker counts the
+    # delivered prefix after the call): the A/B includes that cost.
+    cnt = k.counters
+    kw = {} if cnt is None else {"counts": cnt}
+
+    def rx(fn, fr, h):
+        if cnt is None:
+            return lambda vq, c, r: fn(vq, fr, h, c)
+        add_batch = k.framestats.add_batch
+
+        def body(vq, c, r):
+            n = fn(vq, fr, h, c)[0]
+            if n:
+                add_batch(cnt, frames, n)
+        return body
 
     def copy_out(vq, c, r):
-        fast.tx_pass(vq, 12, size, c, lambda views: sink.extend(bytes(v) for v in views))
+        fast.tx_pass(vq, 12, size, c, lambda views: sink.extend(bytes(v) for v in views), **kw)
         sink.clear()
 
     def drained(fn):        # TX hop: empty the ring again after each batch
         def body(vq, c, ring):
-            fn(vq, 12, size, c, ring)
+            fn(vq, 12, size, c, ring, **kw)
             ring.consumed(ring.produce_window()[0])
         return body
 
     def refilled(fn):       # RX hop: republish the same `size` frames each batch
         def body(vq, c, ring):              # (the slots were filled once: _Pass)
             ring.publish(ring.produce_window()[0] + size)
-            fn(vq, ring, 12, size, c)
+            fn(vq, ring, 12, size, c, **kw)
         return body
     return [
-        ("general API: TX pop/fill/flush", False, fast, lambda vq, c, r: loop.tx_pass(vq, 12, size, False)),
-        ("fast: TX sink (count only)", False, fast, lambda vq, c, r: fast.tx_pass(vq, 12, size, c)),
+        ("general API: TX pop/fill/flush", False, fast,
+         lambda vq, c, r: loop.tx_pass(vq, 12, size, False, **kw)),
+        ("fast: TX sink (count only)", False, fast, lambda vq, c, r: fast.tx_pass(vq, 12, size, c, **kw)),
         ("fast: TX copy out", False, fast, copy_out),
-        ("fast (struct style): TX sink", False, struct_, lambda vq, c, r: struct_.tx_pass(vq, 12, size, c)),
-        ("general API: RX fill", True, fast, lambda vq, c, r: loop.rx_pass(vq, frames, 12, True)),
-        ("fast: RX fill", True, fast, lambda vq, c, r: fast.rx_pass(vq, frames, hdr, c)),
-        ("fast (struct style): RX fill", True, struct_, lambda vq, c, r: struct_.rx_pass(vq, frames, hdr, c)),
-        ("fast: RX fill, header pre-joined", True, fast, lambda vq, c, r: fast.rx_pass(vq, joined, b"", c)),
-        ("fast (struct style): RX pre-joined", True, struct_,
-         lambda vq, c, r: struct_.rx_pass(vq, joined, b"", c)),
+        ("fast (struct style): TX sink", False, struct_,
+         lambda vq, c, r: struct_.tx_pass(vq, 12, size, c, **kw)),
+        ("general API: RX fill", True, fast, lambda vq, c, r: loop.rx_pass(vq, frames, 12, True, **kw)),
+        ("fast: RX fill", True, fast, rx(fast.rx_pass, frames, hdr)),
+        ("fast (struct style): RX fill", True, struct_, rx(struct_.rx_pass, frames, hdr)),
+        ("fast: RX fill, header pre-joined", True, fast, rx(fast.rx_pass, joined, b"")),
+        ("fast (struct style): RX pre-joined", True, struct_, rx(struct_.rx_pass, joined, b"")),
         ("loopback: TX -> ring", False, fast, drained(fast.tx_to_ring)),
         ("loopback (struct style): TX -> ring", False, struct_, drained(struct_.tx_to_ring)),
         ("loopback: ring -> RX", True, fast, refilled(fast.rx_from_ring)),

@@ -17,6 +17,7 @@ from .protocol import ProtocolFeature as PF
 from .reasons import BrokenReason, DropReason
 from .ringrules import MAX_FRAME
 from .virtqueue import VirtQueue
+from .workers.framestats import add_batch
 
 __all__ = ["NetIface", "net_hdr_len", "pop_tx_frames", "push_rx_frames", "parse_mac",
            "OFFLOADS", "offload_dependency_error"]
@@ -256,11 +257,13 @@ def push_rx_frames(vq: VirtQueue, frames: Sequence, hdr_len: int, mergeable: boo
 
 
 def push_rx_frames_counted(vq: VirtQueue, frames: Sequence, hdr_len: int, mergeable: bool,
-                           drops=None, max_frame: int = MAX_FRAME) -> Tuple[int, int]:
+                           drops=None, max_frame: int = MAX_FRAME, counts=None) -> Tuple[int, int]:
     """:func:`push_rx_frames`, returning ``(frames consumed, payload bytes
-    delivered)``."""
+    delivered)``; with ``counts`` (a worker's Counters) each frame delivered
+    is counted in its size bin and cast (workers/framestats.py)."""
     consumed = nbytes = 0
     used = 0
+    done: List = []         # frames delivered (counted at the end)
     for frame in frames:
         elem = vq.pop()
         if elem is None:
@@ -323,6 +326,9 @@ def push_rx_frames_counted(vq: VirtQueue, frames: Sequence, hdr_len: int, mergea
             used += 1
         consumed += 1
         nbytes += len(frame)
+        done.append(frame)
+    if counts is not None and done:
+        add_batch(counts, done, len(done))
     if used:
         vq.flush(used)
     return consumed, nbytes

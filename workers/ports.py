@@ -92,6 +92,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from shardvu.reasons import DropReason
 
+from .framestats import add_frames, add_same
+
 __all__ = ["PortSpec", "resolve", "register", "BUILTIN", "Port", "PortControl", "TapPort",
            "PortRx", "deliver", "loop_offload", "LOOPBACK_OFFLOADS"]
 
@@ -495,7 +497,7 @@ def _set_num_buffers(frame: bytes, n: int) -> bytes:
 
 
 def deliver(vq, frames: Sequence[bytes], hdr_len: int, mergeable: bool,
-            drop: Callable[[DropReason, int], None]) -> Tuple[int, int, int]:
+            drop: Callable[[DropReason, int], None], counts=None) -> Tuple[int, int, int]:
     """Write ``frames`` (each header + Ethernet frame) into the guest's RX
     buffers on ``vq``; with ``mergeable`` a frame may span several buffers,
     ``num_buffers`` (header bytes 10..11, 12-byte header) says how many.
@@ -505,7 +507,8 @@ def deliver(vq, frames: Sequence[bytes], hdr_len: int, mergeable: bool,
     wait for buffers.  Without MRG_RXBUF a frame larger than the next
     buffer is dropped (RX_BUFFER_TOO_SMALL) and the buffer kept for the
     next frame; with it, a frame larger than the whole ring
-    (OVERSIZE_FRAME).  One flush, one notify."""
+    (OVERSIZE_FRAME).  With ``counts`` (the queue's Counters) each frame
+    delivered is counted in its size bin and cast.  One flush, one notify."""
     used = 0
     consumed = delivered = nbytes = 0
     for frame in frames:
@@ -549,6 +552,8 @@ def deliver(vq, frames: Sequence[bytes], hdr_len: int, mergeable: bool,
         consumed += 1
         delivered += 1
         nbytes += size - hdr_len
+        if counts is not None:
+            add_same(counts, frame, hdr_len, 1)
     if used:
         vq.flush(used)
         vq.notify()
@@ -564,6 +569,10 @@ class PortRx:
     from the port only when nothing is pending; :meth:`want_fd` says
     whether the worker should sleep on the port's fd (not while frames wait
     for guest buffers: a kick wakes it then)."""
+
+    #: the queue's Counters, where delivered frames are counted by size
+    #: bin and cast (None: not counted)
+    counts = None
 
     def __init__(self, port: Port, drop: Callable[[DropReason, int], None]):
         self.port = port
@@ -624,12 +633,15 @@ class PortRx:
         if split_fast.eligible(vq):
             n, nbytes, _ = split_fast.rx_pass(vq, frames, b"", cache)
             nbytes -= n * port.hdr_len
+            if n and self.counts is not None:
+                add_frames(self.counts, frames[:n], port.hdr_len)
         delivered = n
         # whatever made the fast loop stop (a chain, a short buffer, a
         # buffer spanning two regions, the batch's end), the general path
         # takes what is left, or finds no buffer
         if n < len(frames) and not vq.broken:
-            consumed, d2, b2 = deliver(vq, frames[n:], port.hdr_len, mergeable, self.drop)
+            consumed, d2, b2 = deliver(vq, frames[n:], port.hdr_len, mergeable, self.drop,
+                                       self.counts)
             n += consumed
             delivered += d2
             nbytes += b2

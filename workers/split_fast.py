@@ -35,6 +35,7 @@ from shardvu.reasons import BrokenReason, DropReason
 from shardvu.ringrules import MAX_FRAME, covered
 from shardvu.virtqueue import VirtQueue
 
+from .framestats import add_guest, add_lengths, add_one, add_slots
 from .spsc import DATA_OFF, HEADER_SIZE as SLOT0, SpscRing
 
 _SLOW_FLAGS = 1 | 4          # NEXT | INDIRECT
@@ -178,9 +179,11 @@ def _publish_rx(vq: VirtQueue, rings, elems: List[int], last: int, hdr_len: int)
 
 def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
             on_frames: Optional[Callable[[List[memoryview]], None]] = None, drops=None,
-            max_frame: int = MAX_FRAME) -> Tuple[int, int, bool]:
+            max_frame: int = MAX_FRAME, counts=None) -> Tuple[int, int, bool]:
     """Consume up to ``budget`` single-descriptor frames from the guest's TX
-    ring.  With ``on_frames``, it is called once with views of the frames
+    ring.  With ``counts`` (:class:`.stats.Counters`), every frame taken
+    (not the dropped ones) is counted in its size bin and cast
+    (:mod:`.framestats`), before its buffer goes back.  With ``on_frames``, it is called once with views of the frames
     (without the virtio-net header) in guest memory, before the buffers go
     back to the guest: the views are valid only during that call.  A frame
     shorter than the header or longer than ``max_frame`` is taken and
@@ -202,8 +205,16 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
         flags, lens, addrs = cols
         k = len(heads)
         longest = max(lens)
-        if (flags.count(0) == k and min(lens) >= hdr_len and longest - hdr_len <= max_frame
+        shortest = min(lens)
+        if (flags.count(0) == k and shortest >= hdr_len and longest - hdr_len <= max_frame
                 and min(addrs) >= lo and max(addrs) + longest <= hi):
+            if counts is not None:
+                if on_frames is None:       # count only: no frame byte is read
+                    add_lengths(counts, lens, hdr_len, shortest, longest)
+                else:
+                    h0 = heads[0]
+                    add_guest(counts, cache.mm, cache.base - lo + hdr_len, addrs, lens, hdr_len,
+                              shortest, longest, rings.desc64[h0 << 1:(h0 + k) << 1:2])
             if on_frames is not None:
                 d = hdr_len - lo
                 on_frames([view[a + d:a - lo + ln] for a, ln in zip(addrs, lens)])
@@ -227,6 +238,9 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
             if out is not None:             # the common case: one chained test
                 off = addr - lo
                 out.append(view[off + hdr_len:off + length])
+            if counts is not None:
+                add_one(counts, cache.mm, cache.base + addr - lo + hdr_len, length - hdr_len,
+                        out is not None)
             nbytes += length - hdr_len
             n += 1
             continue
@@ -242,6 +256,8 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
             if out is not None:
                 off = addr - lo
                 out.append(view[off + hdr_len:off + length])
+            if counts is not None:
+                add_one(counts, cache.mm, cache.base + addr - lo + hdr_len, flen, out is not None)
             nbytes += flen
         elif drops is not None:
             drops.drop(DropReason.SHORT_FRAME if flen < 0 else DropReason.OVERSIZE_FRAME)
@@ -392,14 +408,16 @@ def rx_header(hdr_len: int) -> bytes:
 # -- loopback: guest TX ring -> SPSC slots -> guest RX ring, one copy per hop --
 
 def tx_to_ring(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
-               ring: SpscRing, drops=None) -> Tuple[int, int, int, bool]:
+               ring: SpscRing, drops=None, counts=None) -> Tuple[int, int, int, bool]:
     """Move up to ``budget`` single-descriptor frames from the guest's TX
     ring straight into ``ring``'s slots (one copy each: no views, no list)
     and publish them with one producer-index store; the caller rings the
     doorbell.  A frame shorter than the header, longer than
     ``ring.max_frame`` or finding the ring full is consumed and dropped
     (``drops.drop(reason)``: SHORT_FRAME, OVERSIZE_FRAME, PORT_FULL); its
-    buffer must still lie inside guest memory.
+    buffer must still lie inside guest memory.  With ``counts``, every frame
+    taken is counted in its size bin and cast, those finding the ring full
+    too (see :func:`tx_pass`).
     Returns ``(frames taken, payload bytes forwarded, dropped, more)``."""
     rings = vq.rings
     num = rings.num
@@ -425,8 +443,13 @@ def tx_to_ring(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
         flags, lens, addrs = cols
         k = len(heads)
         longest = max(lens)
-        if (flags.count(0) == k and min(lens) >= hdr_len and longest - hdr_len <= maxf
+        shortest = min(lens)
+        if (flags.count(0) == k and shortest >= hdr_len and longest - hdr_len <= maxf
                 and min(addrs) >= lo and max(addrs) + longest <= hi):
+            if counts is not None:
+                h0 = heads[0]
+                add_guest(counts, mm, delta, addrs, lens, hdr_len, shortest, longest,
+                          rings.desc64[h0 << 1:(h0 + k) << 1:2])
             for addr, length in zip(addrs, lens):
                 flen = length - hdr_len
                 len32[(data - DATA_OFF) >> 2] = flen
@@ -452,6 +475,8 @@ def tx_to_ring(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
             lo, hi, mm = cache.lo, cache.hi, cache.mm
             delta = cache.base - lo + hdr_len
         flen = length - hdr_len
+        if counts is not None and 0 <= flen <= maxf:
+            add_one(counts, mm, addr + delta, flen)
         if 0 <= flen <= maxf and room:
             off = addr + delta
             len32[(data - DATA_OFF) >> 2] = flen
@@ -476,14 +501,16 @@ def tx_to_ring(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
 
 
 def rx_from_ring(vq: VirtQueue, ring: SpscRing, hdr_len: int, budget: int,
-                 cache: RegionCache) -> Tuple[int, int, bool]:
+                 cache: RegionCache, counts=None, skip: int = 0) -> Tuple[int, int, bool]:
     """Deliver up to ``budget`` frames from ``ring`` into single-descriptor
     RX buffers, each with the ``hdr_len``-byte virtio-net header that the
     producer laid down in the slot's headroom (:meth:`SpscRing.set_headroom`):
     one copy of header + frame per buffer; their slots are released with one
     consumer-index store.  Returns ``(delivered, payload bytes, more)``;
     ``more`` means frames are left and the next RX buffer needs the general
-    path (a chain, or too small)."""
+    path (a chain, or too small).  With ``counts``, each frame delivered is
+    counted in its size bin and cast; ``skip``: bytes in front of the frame
+    in each slot (a virtio-net header the producer left there)."""
     cons, ready = ring.consume_window(budget)
     if not ready:
         return 0, 0, False
@@ -515,6 +542,9 @@ def rx_from_ring(vq: VirtQueue, ring: SpscRing, hdr_len: int, budget: int,
             dmin = min(dlens)
             if (longest <= maxf and flags.count(_WRITE) == k and dmin >= need
                     and min(addrs) >= lo and max(addrs) + _top(dlens, dmin) <= hi):
+                if counts is not None:
+                    add_slots(counts, smm, slot + DATA_OFF, ssize, flens, skip,
+                              longest if flens.count(longest) == k else min(flens), longest)
                 for addr, flen in zip(addrs, flens):
                     off = addr + delta
                     mm[off:off + hdr_len + flen] = smm[slot + start:slot + DATA_OFF + flen]
@@ -545,6 +575,8 @@ def rx_from_ring(vq: VirtQueue, ring: SpscRing, hdr_len: int, budget: int,
             delta = cache.base - lo
         off = addr + delta
         mm[off:off + total] = smm[slot + start:slot + DATA_OFF + flen]
+        if counts is not None:
+            add_one(counts, smm, slot + DATA_OFF + skip, flen - skip)
         put(head | total << 32)
         slot += ssize
         if slot == send:

@@ -33,6 +33,7 @@ from shardvu.reasons import BrokenReason, DropReason
 from shardvu.ringrules import MAX_FRAME
 from shardvu.virtqueue import VirtQueue
 
+from .framestats import BIN as _BIN
 from .spsc import DATA_OFF, HEADER_SIZE as SLOT0, SpscRing
 from .split_fast import _SLOW_FLAGS, _WRITE, batch_size, eligible, rx_header, translate
 from .split_fast import RegionCache as _ViewCache
@@ -52,9 +53,33 @@ _ELEM = struct.Struct("II")
 # the length half is zero); "q", not "Q", for PyPy's small-int path.
 _TX_ELEM = struct.Struct("q")
 _OUT_OF_RANGE = BrokenReason.INDEX_OUT_OF_RANGE
+_B = struct.Struct("B")
+_MAC = struct.Struct("IH")
+_ALL_ONES = (0xFFFFFFFF, 0xFFFF)
 _ffi = cffi.FFI()
 _memmove = _ffi.memmove
 _pointer = _ffi.from_buffer
+
+
+def _count(counts, mm, at: int, flen: int) -> None:
+    """Count one frame (``flen`` bytes at ``mm[at]``) in its size bin and
+    cast, as :func:`shardvu.workers.framestats.add_one` (inlined by the JIT)."""
+    counts.sizes[_BIN[flen] if flen < 1523 else 6] += 1
+    _cast(counts, mm, at, flen)
+
+
+def _cast(counts, mm, at: int, flen: int) -> None:
+    """Count one frame's cast (``flen`` bytes at ``mm[at]``)."""
+    if flen >= 6 and _B.unpack_from(mm, at)[0] & 1:
+        if _MAC.unpack_from(mm, at) == _ALL_ONES:
+            counts.broadcast_packets += 1
+        else:
+            counts.multicast_packets += 1
+
+
+def _add_sizes(sizes: List[int], *per_bin: int) -> None:
+    for i, k in enumerate(per_bin):
+        sizes[i] += k
 
 
 class RegionCache(_ViewCache):
@@ -89,7 +114,7 @@ def _publish(vq: VirtQueue, used, uoff: int, num: int, old: int, count: int, las
 
 def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
             on_frames: Optional[Callable[[List[memoryview]], None]] = None, drops=None,
-            max_frame: int = MAX_FRAME) -> Tuple[int, int, bool]:
+            max_frame: int = MAX_FRAME, counts=None) -> Tuple[int, int, bool]:
     """See :func:`shardvu.workers.split_fast.tx_pass`."""
     num = vq.num
     mask = num - 1
@@ -108,6 +133,7 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
     himax = hi - maxlen       # addr <= himax: any length up to maxlen stays inside
     nbytes = n = 0
     more = False
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = 0    # frames per size bin (counts)
     while n < navail:
         head = h_from(avail, aoff + 4 + 2 * ((last + n) & mask))[0]
         if head >= num:
@@ -121,6 +147,24 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
             if out is not None:             # the common case: one chained test
                 off = addr - lo
                 out.append(view[off + hdr_len:off + length])
+                if counts is not None:      # (a sink's count-only pass reads no frame byte)
+                    _cast(counts, cache.mm, cache.base + addr - lo + hdr_len, length - hdr_len)
+            if counts is not None:
+                fl = length - hdr_len
+                if fl <= 64:
+                    s0 += 1
+                elif fl <= 127:
+                    s1 += 1
+                elif fl <= 255:
+                    s2 += 1
+                elif fl <= 511:
+                    s3 += 1
+                elif fl <= 1023:
+                    s4 += 1
+                elif fl <= 1522:
+                    s5 += 1
+                else:
+                    s6 += 1
             nbytes += length                # headers taken off once, at the end
         else:
             if not (lo <= addr and addr + length <= hi):
@@ -135,6 +179,10 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
                 if out is not None:
                     off = addr - lo
                     out.append(view[off + hdr_len:off + length])
+                if counts is not None:
+                    counts.sizes[_BIN[flen] if flen < 1523 else 6] += 1
+                    if out is not None:
+                        _cast(counts, cache.mm, cache.base + addr - lo + hdr_len, flen)
                 nbytes += length
             else:
                 nbytes += hdr_len           # no payload: cancels its share below
@@ -144,6 +192,8 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
         n += 1
     if n:
         nbytes -= n * hdr_len
+        if counts is not None:
+            _add_sizes(counts.sizes, s0, s1, s2, s3, s4, s5, s6)
         if out:
             on_frames(out)
             out = None
@@ -198,7 +248,7 @@ def rx_pass(vq: VirtQueue, frames: Sequence, hdr: bytes,
 
 
 def tx_to_ring(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
-               ring: SpscRing, drops=None) -> Tuple[int, int, int, bool]:
+               ring: SpscRing, drops=None, counts=None) -> Tuple[int, int, int, bool]:
     """See :func:`shardvu.workers.split_fast.tx_to_ring`."""
     num = vq.num
     mask = num - 1
@@ -237,10 +287,14 @@ def tx_to_ring(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
             slot = SLOT0 + (prod & smask) * ssize
             len_into(smm, slot, flen)
             _memmove(sptr + (slot + DATA_OFF), ptr + (base + addr - lo + hdr_len), flen)
+            if counts is not None:          # from the copy, just written
+                _count(counts, smm, slot + DATA_OFF, flen)
             prod += 1
             room -= 1
             nbytes += flen
         else:
+            if counts is not None and 0 <= flen <= maxf:     # taken, then port_full
+                _count(counts, cache.mm, base + addr - lo + hdr_len, flen)
             dropped += 1
             if drops is not None:
                 drops.drop(DropReason.SHORT_FRAME if flen < 0 else
@@ -254,7 +308,7 @@ def tx_to_ring(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
 
 
 def rx_from_ring(vq: VirtQueue, ring: SpscRing, hdr_len: int, budget: int,
-                 cache: RegionCache) -> Tuple[int, int, bool]:
+                 cache: RegionCache, counts=None, skip: int = 0) -> Tuple[int, int, bool]:
     """See :func:`shardvu.workers.split_fast.rx_from_ring`."""
     cons, ready = ring.consume_window(budget)
     if not ready:
@@ -297,6 +351,8 @@ def rx_from_ring(vq: VirtQueue, ring: SpscRing, hdr_len: int, budget: int,
                 break
             lo, hi, ptr, base = cache.lo, cache.hi, cache.ptr, cache.base
         _memmove(ptr + (base + addr - lo), sptr + (slot + start), total)
+        if counts is not None:
+            _count(counts, smm, slot + DATA_OFF + skip, flen - skip)
         nbytes += flen
         e_into(used, uoff + 4 + (((used_idx + n) & mask) << 3), head, total)
         n += 1

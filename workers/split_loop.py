@@ -15,11 +15,13 @@ from shardvu.reasons import BrokenReason, DropReason
 from shardvu.ringrules import MAX_FRAME
 from shardvu.virtqueue import VirtQueue
 
+from .framestats import BIN, add_frame_cast
+
 _PYPY = sys.implementation.name == "pypy"
 
 
 def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, copy: bool, drops=None,
-            max_frame: int = MAX_FRAME) -> Tuple[int, int, Optional[List[bytes]]]:
+            max_frame: int = MAX_FRAME, counts=None) -> Tuple[int, int, Optional[List[bytes]]]:
     """Consume up to ``budget`` chains the guest sent on ``vq``, by the
     rules of :mod:`shardvu.ringrules` (as :func:`shardvu.net.pop_tx_frames`).
 
@@ -27,8 +29,10 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, copy: bool, drops=None,
     frames (without the virtio-net header) are returned as bytes for
     forwarding; without, they are only counted.  A short or oversize frame
     is taken (its buffer comes back), not counted in the bytes nor copied,
-    and recorded with ``drops.drop(reason)``.  Used buffers are returned to
-    the guest (length 0) with one flush and one notify."""
+    and recorded with ``drops.drop(reason)``.  With ``counts``
+    (:class:`.stats.Counters`) every frame taken (not the dropped ones) is
+    counted in its size bin and cast.  Used buffers are returned to the
+    guest (length 0) with one flush and one notify."""
     pop = vq.pop
     fill = vq.fill
     out: Optional[List[bytes]] = [] if copy else None
@@ -54,6 +58,15 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, copy: bool, drops=None,
                 sg = elem.out_sg
                 data = bytes(sg[0]) if len(sg) == 1 else b"".join(sg)
                 out.append(data[hdr_len:])
+            if counts is not None:
+                flen = length - hdr_len
+                counts.sizes[BIN[flen] if flen < 1523 else 6] += 1
+                first = elem.out_sg[0]
+                if len(first) >= hdr_len + 6:
+                    if first[hdr_len] & 1:
+                        add_frame_cast(counts, first[hdr_len:hdr_len + 6])
+                elif flen >= 6:         # the destination is split across buffers
+                    add_frame_cast(counts, b"".join(bytes(v) for v in elem.out_sg)[hdr_len:hdr_len + 6])
             nbytes += length - hdr_len
         elif drops is not None:
             drops.drop(DropReason.SHORT_FRAME if length < hdr_len else DropReason.OVERSIZE_FRAME)
@@ -66,17 +79,18 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, copy: bool, drops=None,
 
 
 def rx_pass(vq: VirtQueue, frames: Sequence, hdr_len: int, mergeable: bool, drops=None,
-            max_frame: int = MAX_FRAME) -> Tuple[int, int]:
+            max_frame: int = MAX_FRAME, counts=None) -> Tuple[int, int]:
     """Write ``frames`` into the guest's RX buffers on ``vq`` (one flush, one
     notify), by :func:`shardvu.net.push_rx_frames`.  Returns ``(frames
     consumed, payload bytes delivered)``: consumed frames (a prefix) were
     delivered or dropped (recorded with ``drops.drop(reason)``); frames
     beyond the buffers the guest posted are not consumed (the caller keeps
-    or drops them)."""
+    or drops them).  With ``counts``, each frame delivered is counted in its
+    size bin and cast."""
     if not frames:
         return 0, 0
     used0 = vq.used_idx
-    n, nbytes = push_rx_frames_counted(vq, frames, hdr_len, mergeable, drops, max_frame)
+    n, nbytes = push_rx_frames_counted(vq, frames, hdr_len, mergeable, drops, max_frame, counts)
     if vq.used_idx != used0:
         vq.notify()
     return n, nbytes

@@ -30,18 +30,35 @@ import zmq
 
 from shardvu.reasons import DropReason
 
-#: Frame-size bins, named as DPDK's vhost PMD names its xstats:
-#: ``(counter name, smallest length, largest length)``, lengths in bytes of
-#: the Ethernet frame (without the virtio-net header).  Frames under 64
-#: bytes count in the first bin, as DPDK's ``size_64_packets`` does.
-SIZE_BINS = (("size_64_packets", 0, 64), ("size_65_to_127_packets", 65, 127),
-             ("size_128_to_255_packets", 128, 255), ("size_256_to_511_packets", 256, 511),
-             ("size_512_to_1023_packets", 512, 1023), ("size_1024_to_1522_packets", 1024, 1522),
-             ("size_1523_to_max_packets", 1523, 1 << 62))
-
-#: Per-frame classes counted beside the size bins (destination MAC's
-#: group bit; broadcast is ff:ff:ff:ff:ff:ff and not counted as multicast).
-CAST_FIELDS = ("broadcast_packets", "multicast_packets")
+# Size bins and casts (DPDK vhost xstats names), counted by the ring loops
+# with the helpers of .framestats.  Which frames count:
+#
+# * TX queue (guest -> back-end): every frame the ring loop takes from the
+#   guest, when it takes it, whatever the port does with it next (forwarded,
+#   or dropped as port_full, ring_disabled or by the port itself), as DPDK's
+#   vhost PMD counts every frame rte_vhost_dequeue_burst returned, before
+#   the application sees it.  Chains the ring rules drop (short_frame,
+#   oversize_frame: shorter than the virtio-net header, longer than the
+#   path's limit) are not frames taken and count only in drops.  So on TX,
+#   sum(size bins) = packets + the drops after the take.
+# * RX queue (back-end -> guest): every frame delivered into the guest's RX
+#   buffers (used element written), as DPDK counts tx_size_* for the frames
+#   rte_vhost_enqueue_burst took; sum(size bins) = packets.  Casts count the
+#   same frames.  (DPDK also counts, per RFC 2863, the frames it could not
+#   enqueue in tx_broadcast/multicast; shardvu's RX frames that find no
+#   buffer are not lost there: they wait in the port, the loopback ring or
+#   the generator, and are counted when delivered.)
+# * Every path counts the size bins: the CPython and PyPy fast loops, the
+#   general VirtQueue path, the two-way ports (counted on the frames handed
+#   to the port's send and delivered from its receive), the generator.
+# * Casts are counted wherever frame bytes are read or copied.  One path
+#   does not count them: a TX queue whose frames go nowhere (--port sink,
+#   split_fast*.tx_pass without on_frames), which reads only descriptors;
+#   reading each frame's first byte there touches one more cache line per
+#   frame and cost 10-50 % of that pass (bench/ringloop.py A/B), so a sink's
+#   TX queue reports broadcast_packets = multicast_packets = 0.
+# * Under --pcap the capture-aware paths (workers/pcap.py) count nothing.
+from .framestats import CAST_FIELDS, SIZE_BINS  # noqa: E402  (re-exported)
 
 #: Counter attribute names, in display order; shared with the control side.
 COUNTER_FIELDS = ("packets", "bytes", "drops", "kicks", "calls", "suppressed",
@@ -65,7 +82,8 @@ class Counters:
     "broken"`` (else None).
     """
 
-    __slots__ = COUNTER_FIELDS + ("state", "broken_reason", "broken_detail", "drops_by_reason")
+    __slots__ = COUNTER_FIELDS[:8] + CAST_FIELDS + (
+        "sizes", "state", "broken_reason", "broken_detail", "drops_by_reason")
 
     def __init__(self) -> None:
         self.packets = 0        # descriptor chains (frames) completed
@@ -76,8 +94,11 @@ class Counters:
         self.suppressed = 0     # interrupts skipped (EVENT_IDX / NO_INTERRUPT)
         self.batches = 0        # ring-loop iterations that did work
         self.ring_errors = 0    # malformed descriptors / ring violations
-        for name in COUNTER_FIELDS[8:]:
-            setattr(self, name, 0)   # SIZE_BINS and CAST_FIELDS
+        #: frames per size bin, SIZE_BINS order (read as attributes too:
+        #: ``c.size_64_packets``)
+        self.sizes = [0] * len(SIZE_BINS)
+        self.broadcast_packets = 0
+        self.multicast_packets = 0
         self.state = "idle"
         self.broken_reason: Optional[str] = None
         self.broken_detail: Optional[str] = None
@@ -99,6 +120,14 @@ class Counters:
     def __repr__(self) -> str:
         inner = ", ".join(f"{f}={getattr(self, f)}" for f in COUNTER_FIELDS)
         return f"Counters({inner}, state={self.state!r})"
+
+
+def _size_field(i: int) -> property:
+    return property(lambda self: self.sizes[i], doc=f"frames in size bin {SIZE_BINS[i][0]}")
+
+
+for _i, (_name, _lo, _hi) in enumerate(SIZE_BINS):
+    setattr(Counters, _name, _size_field(_i))
 
 
 class StatsPublisher:

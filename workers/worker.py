@@ -62,6 +62,7 @@ if sys.implementation.name == "pypy":
     from . import split_fast_struct as split_fast
 else:
     from . import split_fast
+from .framestats import add_batch, add_frames
 from .stats import Counters, StatsPublisher
 
 log = logging.getLogger("shardvu.worker")
@@ -345,6 +346,7 @@ class Worker:
         capture(self.twoway, self.index)
         if not self.is_tx:
             self.port_rx = PortRx(self.twoway, self._drop)
+            self.port_rx.counts = self.counters
             self.port_rx.pending = pending
 
     def _drop(self, reason, n: int) -> None:
@@ -481,24 +483,29 @@ class Worker:
             if loopback:
                 # loopback: straight into the pair's ring, no port call
                 n, nbytes, dropped, more = split_fast.tx_to_ring(
-                    vq, self.hdr_len, self.batch, self.cache, self.spsc, c)
+                    vq, self.hdr_len, self.batch, self.cache, self.spsc, c, c)
                 if n > dropped:
                     self.spsc.producer_notify()
             else:
                 n, nbytes, more = split_fast.tx_pass(vq, self.hdr_len, self.batch, self.cache,
-                                                     on_frames, c, max_frame)
+                                                     on_frames, c, max_frame, c)
             if not more:
                 return n, nbytes
-        n2, b2, frames = split_loop.tx_pass(vq, self.hdr_len, self.batch - n, forward, c, max_frame)
+        n2, b2, frames = split_loop.tx_pass(vq, self.hdr_len, self.batch - n, forward, c, max_frame, c)
         if frames:
             self._forward(frames)
         return n + n2, nbytes + b2
 
     def _tx_two_way(self, send=None, max_frame: int = MAX_FRAME):
         """TX to a two-way port (or ``send``): frames keep their virtio-net
-        header; ``max_frame`` bounds the frame after it."""
+        header; ``max_frame`` bounds the frame after it.  The frames are
+        counted (size bin, cast) as they are handed to ``send``."""
         vq, c, h = self.vq, self.counters, self.hdr_len
-        send = send or self._send_two_way
+        port_send = send or self._send_two_way
+
+        def send(frames) -> None:
+            add_frames(c, frames, h)
+            port_send(frames)
         n = nbytes = 0
         if split_fast.eligible(vq):
             n, nbytes, more = split_fast.tx_pass(vq, 0, self.batch, self.cache, send, c,
@@ -560,7 +567,7 @@ class Worker:
         copies each once).  Returns ``(frames consumed, payload bytes)``:
         consumed frames (a prefix) were delivered, or dropped and counted
         by reason (RX buffer too small, oversize)."""
-        vq = self.vq
+        vq, c = self.vq, self.counters
         n = nbytes = 0
         if split_fast.eligible(vq):
             if with_hdr is not None:
@@ -568,10 +575,12 @@ class Worker:
                 nbytes -= n * len(self.rx_hdr)
             else:
                 n, nbytes, more = split_fast.rx_pass(vq, frames, self.rx_hdr, self.cache)
+            if n:       # the fast loop delivers every frame it consumes
+                add_batch(c, frames, n)
             if not more:
                 return n, nbytes
             frames = frames[n:]
-        n2, b2 = split_loop.rx_pass(vq, frames, self.hdr_len, self.mergeable, self.counters)
+        n2, b2 = split_loop.rx_pass(vq, frames, self.hdr_len, self.mergeable, c, MAX_FRAME, c)
         return n + n2, nbytes + b2
 
     def pass_once(self) -> int:
@@ -609,7 +618,8 @@ class Worker:
             if split_fast.eligible(vq):
                 # offload_loop: the slots hold the header too
                 h = 0 if self.offload_loop else self.hdr_len
-                n, nbytes, more = split_fast.rx_from_ring(vq, self.spsc, h, self.batch, self.cache)
+                n, nbytes, more = split_fast.rx_from_ring(vq, self.spsc, h, self.batch, self.cache,
+                                                          c, self.hdr_len - h)
                 nbytes -= (self.hdr_len - h) * n
             if more:          # a chained or short RX buffer: the general path
                 n2, b2 = self._rx_from_peek(self.batch - n)
@@ -643,7 +653,8 @@ class Worker:
             return 0, 0
         if self.offload_loop:           # header + frame in each slot
             frames = [bytes(v) for v in views]
-            n, _, nbytes = deliver(self.vq, frames, self.hdr_len, self.mergeable, self._drop)
+            n, _, nbytes = deliver(self.vq, frames, self.hdr_len, self.mergeable, self._drop,
+                                   self.counters)
         else:
             n, nbytes = self._rx_batch(views)
         del views
