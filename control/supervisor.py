@@ -460,6 +460,20 @@ class Supervisor:
             if err:
                 log.error("reload: queue %d keeps its worker: %s", index, err)
                 failures.append(f"queue {index}: {err}")
+        if len(failures) == len(self.pool.workers):
+            # Nothing upgraded (e.g. the code installed now cannot read this
+            # control's snapshots): the old zygote stays, so replacements
+            # after a death are still workers that can read them.
+            if self._next is not None:      # a spare of the refused code
+                signal.pidfd_send_signal(self._next.pidfd, signal.SIGKILL)
+                os.close(self._next.pidfd)
+                self._next.chan.close()
+                self._next = None
+            self.fds.pop(fresh.fileno(), None)
+            fresh.stop()
+            self.zygote = old_zygote
+            log.info("reload: 0 of %d workers replaced; the running code stays", len(failures))
+            return failures
         # The old zygote goes with its spares; not while it has workers kept
         # (a refused upgrade): stopping it would kill them.
         self.fds.pop(old_zygote.fileno(), None)

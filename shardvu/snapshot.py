@@ -48,6 +48,23 @@ __all__ = ["SNAPSHOT_VERSION", "SnapshotError", "RegionPart", "LogPart", "Inflig
 SNAPSHOT_VERSION = 1
 
 
+def _version_under_test(default: int) -> int:
+    """Tests only: ``SHARDVU_TEST_SNAPSHOT_VERSION_FILE`` names a file; if it
+    exists when this module is imported, its number is this code's version
+    (a reload test makes the code "installed now" another release)."""
+    path = os.environ.get("SHARDVU_TEST_SNAPSHOT_VERSION_FILE")
+    if not path:
+        return default
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return default
+
+
+SNAPSHOT_VERSION = _version_under_test(SNAPSHOT_VERSION)
+
+
 class SnapshotError(ValueError):
     """A snapshot that cannot be read: another version, or malformed."""
 

@@ -353,3 +353,44 @@ def test_sighup_replaces_every_worker_without_losing_a_frame(runtime, interp):
         wait_for(lambda: counted() == [t.sent] * 2, timeout=5, interval=0.1)
     assert "died" not in rt.log()           # a replacement, not a crash
     assert not _zombies(rt)
+
+
+def test_reload_refused_by_another_snapshot_version_keeps_the_old_workers(runtime, tmp_path, monkeypatch):
+    """The code installed now reads snapshot version N+1 (the test hook in
+    shardvu/snapshot.py, read when the reload's fresh zygote imports it):
+    every new worker refuses the running control's snapshot, the old
+    workers keep serving with every frame counted exactly once, and a
+    death after it is still replaced by a worker of the running code."""
+    from shardvu.snapshot import SNAPSHOT_VERSION
+    version_file = tmp_path / "snapshot-version"
+    monkeypatch.setenv("SHARDVU_TEST_SNAPSHOT_VERSION_FILE", str(version_file))
+    rt = runtime(1, "loopback")
+    with Frontend(rt.sock) as fe:
+        fe.negotiate()
+        t = Traffic(fe)
+        for _ in range(3):
+            t.round()
+        before = {q: _pid(rt, q) for q in (0, 1)}
+        fds0, kids0 = rt.fds(), {p.pid for p in rt.workers()}
+        version_file.write_text(str(SNAPSHOT_VERSION + 1))
+        os.kill(rt.proc.pid, signal.SIGHUP)
+        for _ in range(4):          # traffic while the new workers are refused
+            t.round()
+        wait_for(lambda: "reload: 0 of 2 workers replaced" in rt.log(), timeout=60, interval=0.05)
+        refusals = [line for line in rt.log().splitlines() if "keeps its worker" in line]
+        assert len(refusals) == 2 and all(f"version {SNAPSHOT_VERSION}" in r for r in refusals), refusals
+        assert {q: _pid(rt, q) for q in (0, 1)} == before
+        for _ in range(3):
+            t.round()
+        wait_for(lambda: rt.fds() == fds0, timeout=5, interval=0.1)
+        assert {p.pid for p in rt.workers()} == kids0
+        os.kill(before[1], signal.SIGKILL)      # replaced from the running code's zygote
+        wait_for(lambda: _replaced(rt, 1, before[1]), timeout=15, interval=0.05)
+        for _ in range(3):
+            t.round()
+        t.drain()
+        _exactly_once(t)
+        counted = lambda: [rt.queue_stats()[q]["packets"] for q in (0, 1)]    # noqa: E731
+        wait_for(lambda: counted() == [t.sent] * 2, timeout=5, interval=0.1)
+        assert rt.queue_stats()[1]["state"] != "broken"
+    assert not _zombies(rt)
