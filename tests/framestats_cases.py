@@ -120,11 +120,18 @@ class Ring:
         self.mem.close()
 
 
-def run_cases(styles=None, runt: bool = True):
-    """``{case name: counts}`` for every loop family of this interpreter."""
+#: the frame sets: every edge (with the runt, without it) and one length
+#: for the whole batch (the loops' O(1) path), destinations in turn
+SETS = {"edges": frames(True), "edges_no_runt": frames(False),
+        "uniform": [DESTS[i % 4] + bytes([i]) * 58 for i in range(16)]}
+
+
+def run_cases(styles=None, runt: bool = True, fs=None):
+    """``{case name: counts}`` for every loop family of this interpreter, on
+    ``fs`` (default :func:`frames`)."""
     styles = styles or [split_fast, split_fast_struct]
     out = {}
-    fs = frames(runt)
+    fs = frames(runt) if fs is None else fs
 
     def case(name, body):
         r, c = Ring(), Counters()
@@ -215,5 +222,5 @@ def run_cases(styles=None, runt: bool = True):
 
 if __name__ == "__main__":
     print(json.dumps({"implementation": sys.implementation.name,
-                      "runs": [{"runt": runt, "expected": expected(runt), "cases": run_cases(runt=runt)}
-                               for runt in (True, False)]}))
+                      "runs": [{"set": name, "expected": expected(fs=fs), "cases": run_cases(fs=fs)}
+                               for name, fs in SETS.items()]}))

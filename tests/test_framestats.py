@@ -26,17 +26,17 @@ PYPY = os.path.join(ROOT, ".venv-pypy", "bin", "python")
 BINS = tuple(b[0] for b in SIZE_BINS)
 
 
-def _want(name: str, runt: bool) -> dict:
-    want = fc.expected(runt)
+def _want(name: str, fs) -> dict:
+    want = fc.expected(fs=fs)
     if ".tx_sink." in name:          # count only: casts not counted (workers/stats.py)
         want.update(broadcast_packets=0, multicast_packets=0)
     return want
 
 
-def _check(cases: dict, runt: bool) -> None:
+def _check(cases: dict, fs) -> None:
     assert cases
     for name, got in cases.items():
-        assert got == _want(name, runt), name
+        assert got == _want(name, fs), name
 
 
 def test_expected_counts_are_the_definitions():
@@ -44,16 +44,19 @@ def test_expected_counts_are_the_definitions():
     assert [want[b] for b in BINS] == [3, 2, 2, 2, 2, 2, 2]     # 4/60/64, 65/127, ... 1523/9000
     assert (want["broadcast_packets"], want["multicast_packets"]) == (3, 7)
     assert fc.expected(False)["size_64_packets"] == 2
+    uniform = fc.expected(fs=fc.SETS["uniform"])
+    assert (uniform["size_64_packets"], uniform["broadcast_packets"], uniform["multicast_packets"]) == (16, 4, 8)
 
 
-@pytest.mark.parametrize("runt", [True, False])
-def test_cpython_fast_loops_general_path_and_deliver(runt):
+@pytest.mark.parametrize("name", sorted(fc.SETS))
+def test_cpython_fast_loops_general_path_and_deliver(name):
     """split_fast (batch and per-buffer paths), split_fast_struct run by
     CPython, split_loop's TX and RX general paths on chained buffers, and
     ports.deliver."""
-    cases = fc.run_cases(runt=runt)
+    fs = fc.SETS[name]
+    cases = fc.run_cases(fs=fs)
     assert {n.split(".")[0] for n in cases} == {"split_fast", "split_fast_struct", "general", "ports"}
-    _check(cases, runt)
+    _check(cases, fs)
 
 
 @pytest.mark.skipif(not os.path.exists(PYPY), reason="no PyPy worker venv (.venv-pypy)")
@@ -63,9 +66,11 @@ def test_pypy_fast_loops():
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout)
     assert report["implementation"] == "pypy"
+    assert [run["set"] for run in report["runs"]] == list(fc.SETS)
     for run in report["runs"]:
-        assert run["expected"] == fc.expected(run["runt"])
-        _check(run["cases"], run["runt"])
+        fs = fc.SETS[run["set"]]
+        assert run["expected"] == fc.expected(fs=fs)
+        _check(run["cases"], fs)
 
 
 class _Port:

@@ -61,13 +61,6 @@ _memmove = _ffi.memmove
 _pointer = _ffi.from_buffer
 
 
-def _count(counts, mm, at: int, flen: int) -> None:
-    """Count one frame (``flen`` bytes at ``mm[at]``) in its size bin and
-    cast, as :func:`shardvu.workers.framestats.add_one` (inlined by the JIT)."""
-    counts.sizes[_BIN[flen] if flen < 1523 else 6] += 1
-    _cast(counts, mm, at, flen)
-
-
 def _cast(counts, mm, at: int, flen: int) -> None:
     """Count one frame's cast (``flen`` bytes at ``mm[at]``)."""
     if flen >= 6 and _B.unpack_from(mm, at)[0] & 1:
@@ -77,9 +70,30 @@ def _cast(counts, mm, at: int, flen: int) -> None:
             counts.multicast_packets += 1
 
 
-def _add_sizes(sizes: List[int], *per_bin: int) -> None:
-    for i, k in enumerate(per_bin):
-        sizes[i] += k
+def _sizes_tx(counts, avail, aoff: int, desc, doff: int, last: int, mask: int, n: int,
+              lo_len: int, hi_len: int, hdr_len: int) -> None:
+    """Size bins of the ``n`` TX chains from avail slot ``last`` on whose
+    length is in ``[lo_len, hi_len]`` (the frames taken; the others were
+    dropped), re-read from the ring before their buffers go back: the
+    loops' path for a batch of mixed lengths."""
+    sizes = counts.sizes
+    for i in range(n):
+        head = _H.unpack_from(avail, aoff + 4 + 2 * ((last + i) & mask))[0]
+        length = _DESC.unpack_from(desc, doff + (head << 4))[1]
+        if lo_len <= length <= hi_len:
+            fl = length - hdr_len
+            sizes[_BIN[fl] if fl < 1523 else 6] += 1
+
+
+def _sizes_same(counts, n: int, flen: int) -> None:
+    counts.sizes[_BIN[flen] if flen < 1523 else 6] += n
+
+
+def _first_length(avail, aoff: int, desc, doff: int, last: int, mask: int, num: int) -> int:
+    """The length of the batch's first descriptor (-1: its head is out of
+    range): the loops compare every frame's against it."""
+    head = _H.unpack_from(avail, aoff + 4 + 2 * (last & mask))[0]
+    return _DESC.unpack_from(desc, doff + (head << 4))[1] if head < num else -1
 
 
 class RegionCache(_ViewCache):
@@ -133,7 +147,10 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
     himax = hi - maxlen       # addr <= himax: any length up to maxlen stays inside
     nbytes = n = 0
     more = False
-    s0 = s1 = s2 = s3 = s4 = s5 = s6 = 0    # frames per size bin (counts)
+    # size bins: each taken frame's length xor-ed against the first's; 0 at
+    # the end = one length for the batch (O(1)), else _sizes_tx re-reads them
+    first = _first_length(avail, aoff, desc, doff, last, mask, num)
+    diff = 0
     while n < navail:
         head = h_from(avail, aoff + 4 + 2 * ((last + n) & mask))[0]
         if head >= num:
@@ -149,22 +166,7 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
                 out.append(view[off + hdr_len:off + length])
                 if counts is not None:      # (a sink's count-only pass reads no frame byte)
                     _cast(counts, cache.mm, cache.base + addr - lo + hdr_len, length - hdr_len)
-            if counts is not None:
-                fl = length - hdr_len
-                if fl <= 64:
-                    s0 += 1
-                elif fl <= 127:
-                    s1 += 1
-                elif fl <= 255:
-                    s2 += 1
-                elif fl <= 511:
-                    s3 += 1
-                elif fl <= 1023:
-                    s4 += 1
-                elif fl <= 1522:
-                    s5 += 1
-                else:
-                    s6 += 1
+            diff |= length ^ first
             nbytes += length                # headers taken off once, at the end
         else:
             if not (lo <= addr and addr + length <= hi):
@@ -179,12 +181,11 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
                 if out is not None:
                     off = addr - lo
                     out.append(view[off + hdr_len:off + length])
-                if counts is not None:
-                    counts.sizes[_BIN[flen] if flen < 1523 else 6] += 1
-                    if out is not None:
-                        _cast(counts, cache.mm, cache.base + addr - lo + hdr_len, flen)
+                if counts is not None and out is not None:
+                    _cast(counts, cache.mm, cache.base + addr - lo + hdr_len, flen)
                 nbytes += length
             else:
+                diff = -1                   # (not counted: _sizes_tx skips it by its length)
                 nbytes += hdr_len           # no payload: cancels its share below
                 if drops is not None:
                     drops.drop(DropReason.SHORT_FRAME if flen < 0 else DropReason.OVERSIZE_FRAME)
@@ -193,7 +194,10 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
     if n:
         nbytes -= n * hdr_len
         if counts is not None:
-            _add_sizes(counts.sizes, s0, s1, s2, s3, s4, s5, s6)
+            if diff == 0:
+                _sizes_same(counts, n, first - hdr_len)
+            else:
+                _sizes_tx(counts, avail, aoff, desc, doff, last, mask, n, hdr_len, maxlen, hdr_len)
         if out:
             on_frames(out)
             out = None
@@ -268,6 +272,8 @@ def tx_to_ring(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
     sptr = _pointer(smm)
     nbytes = n = dropped = 0
     more = False
+    first = _first_length(avail, aoff, desc, doff, last, mask, num)
+    diff = group = bc = 0   # size bins as in tx_pass; group bits, broadcasts
     while n < navail:
         head = h_from(avail, aoff + 4 + 2 * ((last + n) & mask))[0]
         if head >= num:
@@ -287,14 +293,19 @@ def tx_to_ring(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
             slot = SLOT0 + (prod & smask) * ssize
             len_into(smm, slot, flen)
             _memmove(sptr + (slot + DATA_OFF), ptr + (base + addr - lo + hdr_len), flen)
-            if counts is not None:          # from the copy, just written
-                _count(counts, smm, slot + DATA_OFF, flen)
+            diff |= length ^ first
+            if counts is not None and flen >= 6:    # from the copy, just written
+                b = _B.unpack_from(smm, slot + DATA_OFF)[0]
+                group += b & 1
+                if b == 255 and _MAC.unpack_from(smm, slot + DATA_OFF) == _ALL_ONES:
+                    bc += 1
             prod += 1
             room -= 1
             nbytes += flen
         else:
+            diff = -1
             if counts is not None and 0 <= flen <= maxf:     # taken, then port_full
-                _count(counts, cache.mm, base + addr - lo + hdr_len, flen)
+                _cast(counts, cache.mm, base + addr - lo + hdr_len, flen)
             dropped += 1
             if drops is not None:
                 drops.drop(DropReason.SHORT_FRAME if flen < 0 else
@@ -302,6 +313,13 @@ def tx_to_ring(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
         e_into(used, uoff + 4 + (((used_idx + n) & mask) << 3), head, 0)
         n += 1
     if n:
+        if counts is not None:
+            if diff == 0:
+                _sizes_same(counts, n, first - hdr_len)
+            else:
+                _sizes_tx(counts, avail, aoff, desc, doff, last, mask, n, hdr_len, hdr_len + maxf, hdr_len)
+            counts.broadcast_packets += bc
+            counts.multicast_packets += group - bc
         ring.publish(prod)
         _publish(vq, used, uoff, num, used_idx, n, (last + n) & 0xFFFF)
     return n, nbytes, dropped, more
@@ -331,6 +349,9 @@ def rx_from_ring(vq: VirtQueue, ring: SpscRing, hdr_len: int, budget: int,
     start = DATA_OFF - hdr_len
     nbytes = n = 0
     more = False
+    first = len_from(smm, SLOT0 + (cons & smask) * ssize)[0]
+    diff = group = bc = 0   # size bins as in tx_pass (slot lengths), group bits, broadcasts
+    at = DATA_OFF + skip    # a frame's first byte in its slot
     while n < navail:
         head = h_from(avail, aoff + 4 + 2 * ((last + n) & mask))[0]
         if head >= num:
@@ -351,12 +372,26 @@ def rx_from_ring(vq: VirtQueue, ring: SpscRing, hdr_len: int, budget: int,
                 break
             lo, hi, ptr, base = cache.lo, cache.hi, cache.ptr, cache.base
         _memmove(ptr + (base + addr - lo), sptr + (slot + start), total)
-        if counts is not None:
-            _count(counts, smm, slot + DATA_OFF + skip, flen - skip)
+        diff |= flen ^ first
+        if counts is not None and flen - skip >= 6:
+            b = _B.unpack_from(smm, slot + at)[0]
+            group += b & 1
+            if b == 255 and _MAC.unpack_from(smm, slot + at) == _ALL_ONES:
+                bc += 1
         nbytes += flen
         e_into(used, uoff + 4 + (((used_idx + n) & mask) << 3), head, total)
         n += 1
     if n:
+        if counts is not None:
+            if diff == 0:
+                _sizes_same(counts, n, first - skip)
+            else:
+                sizes = counts.sizes
+                for i in range(n):
+                    fl = len_from(smm, SLOT0 + ((cons + i) & smask) * ssize)[0] - skip
+                    sizes[_BIN[fl] if fl < 1523 else 6] += 1
+            counts.broadcast_packets += bc
+            counts.multicast_packets += group - bc
         _publish(vq, used, uoff, num, used_idx, n, (last + n) & 0xFFFF)
         ring.consumed(cons + n)         # after the used store (workers/progress.py)
     return n, nbytes, more
