@@ -72,13 +72,28 @@ class WorkerHandle:
         """Send ``obj`` (with ``fds``, duplicated into the worker) and return
         the worker's answer.  Raises WorkerError if it refused, timed out or
         is dead."""
+        self.post(obj, fds)
+        return self.answer(obj.get("cmd"), timeout)
+
+    def post(self, obj: Dict[str, Any], fds: Sequence[int] = ()) -> None:
+        """Send ``obj`` without waiting; :meth:`answer` collects the reply
+        (one per post, in order), so commands to several workers overlap.
+        Raises WorkerError if the worker is dead or its channel failed."""
         if self.exitcode is not None:
             raise WorkerError(f"worker {self.index} is dead (exit code {self.exitcode})")
         try:
             ctl.send(self.chan, obj, fds)
+        except (ctl.ChannelClosed, OSError) as exc:
+            raise WorkerError(f"worker {self.index}: channel failed: {exc}") from None
+
+    def answer(self, cmd: Optional[str], timeout: float = COMMAND_TIMEOUT) -> Dict[str, Any]:
+        """The reply to the oldest :meth:`post` not yet answered (``cmd``
+        names it in errors).  Raises WorkerError if the worker refused,
+        timed out or is dead."""
+        try:
             ready, _, _ = select.select([self.chan], [], [], timeout)
             if not ready:
-                raise WorkerError(f"worker {self.index}: no answer to {obj.get('cmd')} in {timeout} s")
+                raise WorkerError(f"worker {self.index}: no answer to {cmd} in {timeout} s")
             reply, extra = ctl.recv(self.chan)
         except (ctl.ChannelClosed, OSError) as exc:
             raise WorkerError(f"worker {self.index}: channel failed: {exc}") from None

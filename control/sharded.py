@@ -25,7 +25,7 @@ is the path a respawn takes).
 from __future__ import annotations
 
 import logging
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from shardvu import protocol as P
 from shardvu.device import Device, DeviceIface, Outcome, Unwatch, Watch
@@ -161,6 +161,43 @@ class ShardedDevice(Device):
                 log.error("worker %d: cannot start a replacement: %s", q, exc)
                 continue
             self._applied[q] = self._running[q] = False
+
+    def bootstrap_many(self, indices: Sequence[int]) -> Dict[int, Optional[WorkerError]]:
+        """:meth:`bootstrap` for several workers at once (a pair that died
+        together): each step goes to all of them before any answer is
+        awaited, so their start-ups overlap.  Returns each index's failure
+        (None: applied, and started if the ring is)."""
+        out: Dict[int, Optional[WorkerError]] = {}
+        for i in indices:
+            self._applied[i] = self._running[i] = False
+            obj, fds = self.queue_snapshot(i).encode()
+            try:
+                self.pool[i].post({"cmd": "apply", "snapshot": obj}, fds)
+                out[i] = None
+            except WorkerError as exc:
+                out[i] = exc
+        for step in ("apply", "start"):
+            waiting = [i for i in indices if out[i] is None
+                       and (step == "apply" or self._applied[i] and self.vqs[i].started)]
+            if step == "start":
+                for i in waiting:
+                    try:
+                        self.pool[i].post({"cmd": "start"})
+                    except WorkerError as exc:
+                        out[i] = exc
+            for i in waiting:
+                if out[i] is not None:
+                    continue
+                try:
+                    self.pool[i].answer(step)
+                except WorkerError as exc:
+                    out[i] = exc
+                    continue
+                if step == "apply":
+                    self._applied[i] = True
+                else:
+                    self._running[i] = True
+        return out
 
     def bootstrap(self, index: int) -> None:
         """Start worker ``index`` from the current snapshot: apply it, then

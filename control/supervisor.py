@@ -194,6 +194,8 @@ class Supervisor:
         #: a spare taken ahead from the zygote: a respawn then costs no
         #: round trip to it (taken again after each respawn)
         self._next = None
+        #: indices whose workers died together, while their deaths are noted
+        self._batch: Optional[List[int]] = None
         #: set (e.g. by SIGHUP's handler) to run :meth:`reload` from the loop
         self.reload_requested = False
         self._old_zygotes: List[Zygote] = []     # replaced by a reload, stopped at close
@@ -233,8 +235,10 @@ class Supervisor:
 
     # -- deaths ----------------------------------------------------------------------
     def _on_death(self, index: int) -> None:
-        now = time.monotonic()
         rec = self.records[index]
+        if rec.pidfd >= 0 and _alive(rec.pidfd):
+            return      # a stale dispatch: the poll saw a pidfd this batch already closed
+        now = time.monotonic()
         w = self.pool.workers[index]
         self._unwatch(rec)
         if isinstance(w.process, PidfdProcess):
@@ -262,8 +266,19 @@ class Supervisor:
             log.warning("queue %d: death %d within %.0f s: respawn in %.2f s", index,
                         len(rec.deaths), self.policy.window_s, delay)
             rec.due = now + delay
+        elif self._batch is not None:     # a sibling's death is being handled
+            self._batch.append(index)
         else:
-            self.respawn(index)
+            # Workers that died together (a whole pair) start up together:
+            # their replacements' start-ups overlap (Supervisor.respawn_many).
+            self._batch = [index]
+            try:
+                for j, other in list(self.records.items()):
+                    if j != index and other.pidfd >= 0 and not _alive(other.pidfd):
+                        self._on_death(j)
+            finally:
+                batch, self._batch = self._batch, None
+            self.respawn_many(batch)
 
     def _set_exit(self, rec: _Record, code: Optional[int]) -> None:
         if code is None:
@@ -389,29 +404,51 @@ class Supervisor:
         """Replace queue ``index``'s dead worker and resume its ring.
         Returns False (and schedules a retry through the crash policy) if no
         replacement could be started."""
+        return self.respawn_many([index])[index]
+
+    def respawn_many(self, indices: Sequence[int]) -> Dict[int, bool]:
+        """:meth:`respawn` for workers that died together: every replacement
+        is taken first, then all resume at once (their apply and start
+        overlap: ``ShardedDevice.bootstrap_many``)."""
+        done: Dict[int, bool] = {}
+        handles: Dict[int, Tuple[WorkerHandle, int, float, float]] = {}
+        for index in indices:
+            t0 = time.monotonic()
+            old_pid = self.records.setdefault(index, _Record()).pid
+            handle = self._replacement(index)
+            if handle is None:
+                done[index] = False
+                continue
+            self.pool.workers[index] = handle
+            handles[index] = (handle, old_pid, t0, time.monotonic())
+        failures = self._resume_many([h[0] for h in handles.values()])
+        for index, (handle, old_pid, t0, t1) in handles.items():
+            exc = failures.get(index)
+            if exc is not None:
+                log.error("queue %d: replacement %d failed to resume: %s", index, handle.pid, exc)
+                handle.process.kill()       # its pidfd fires: the crash policy decides what next
+                done[index] = False
+                continue
+            done[index] = self._respawned(index, handle, old_pid, t0, t1)
+        return done
+
+    def _replacement(self, index: int) -> Optional[WorkerHandle]:
         rec = self.records.setdefault(index, _Record())
-        old_pid = rec.pid
-        t0 = time.monotonic()
         try:
-            handle = self.spawn(index, wait=False)
+            return self.spawn(index, wait=False)
         except (ZygoteError, WorkerError) as exc:
             if "ready" in str(exc):     # spares still warming up: try again soon
                 if not rec.waiting:
                     log.warning("queue %d: no warm spare yet; retrying", index)
                 rec.waiting = True
                 rec.due = time.monotonic() + 0.02
-                return False
+                return None
             log.error("queue %d: no replacement worker: %s", index, exc)
             rec.due = time.monotonic() + self.policy.backoff_s[-1] + 0.5
-            return False
-        self.pool.workers[index] = handle
-        t1 = time.monotonic()
-        try:
-            self._resume(handle)
-        except (WorkerError, ctl.ChannelClosed, OSError, ValueError) as exc:
-            log.error("queue %d: replacement %d failed to resume: %s", index, handle.pid, exc)
-            handle.process.kill()       # its pidfd fires: the crash policy decides what next
-            return False
+            return None
+
+    def _respawned(self, index: int, handle: WorkerHandle, old_pid: int, t0: float, t1: float) -> bool:
+        rec = self.records[index]
         rec.restarts += 1
         rec.waiting = False
         rec.recovery_s = time.monotonic() - rec.died_at if rec.died_at else None
@@ -561,6 +598,27 @@ class Supervisor:
                           "frame_size": pool.frame_size, "stats_endpoint": pool.stats_endpoint,
                           "log_level": pool.log_level, "cpu": cpu, "progress": True},
                  [self.page(w.index)])
+
+    def _resume_many(self, handles: Sequence[WorkerHandle]) -> Dict[int, Optional[Exception]]:
+        """:meth:`_resume` for several replacements, overlapped; each
+        index's failure (None: resumed)."""
+        dev = self.device
+        if len(handles) == 1 or dev is None or not hasattr(dev, "bootstrap_many") \
+                or not hasattr(self.pool, "port_part"):
+            out: Dict[int, Optional[Exception]] = {}
+            for w in handles:
+                try:
+                    self._resume(w)
+                    out[w.index] = None
+                except (WorkerError, ctl.ChannelClosed, OSError, ValueError) as exc:
+                    out[w.index] = exc
+            return out
+        out = dict(dev.bootstrap_many([w.index for w in handles]))
+        for w in handles:
+            vq = dev.vqs[w.index]
+            if out[w.index] is None and vq.started and vq.call_fd >= 0:
+                eventfd.signal(vq.call_fd)
+        return out
 
     def _resume(self, w: WorkerHandle) -> None:
         """The device's state for the queue (its snapshot, the pair's shared
