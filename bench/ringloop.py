@@ -125,20 +125,21 @@ def passes(k: types.SimpleNamespace, size: int, frame: int):
     joined = [hdr + f for f in frames]
     sink = []
     # Where the loops count size bins and casts, they count as the worker
-    # has them count (into its Counters; RX fill: the worker counts the
-    # delivered prefix after the call): the A/B includes that cost.
+    # has them count (into its Counters; RX fill, the generator's: the
+    # worker counts its one frame times the frames delivered, after the
+    # call): the A/B includes that cost.
     cnt = k.counters
     kw = {} if cnt is None else {"counts": cnt}
 
     def rx(fn, fr, h):
         if cnt is None:
             return lambda vq, c, r: fn(vq, fr, h, c)
-        add_batch = k.framestats.add_batch
+        add_same = k.framestats.add_same
 
         def body(vq, c, r):
             n = fn(vq, fr, h, c)[0]
             if n:
-                add_batch(cnt, frames, n)
+                add_same(cnt, frames[0], 0, n)
         return body
 
     def copy_out(vq, c, r):

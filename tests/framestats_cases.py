@@ -126,6 +126,14 @@ SETS = {"edges": frames(True), "edges_no_runt": frames(False),
         "uniform": [DESTS[i % 4] + bytes([i]) * 58 for i in range(16)]}
 
 
+def _wrapped_ring() -> SpscRing:
+    """A 16-slot ring whose indices stand at 10: 16 frames wrap past slot 15."""
+    ring = SpscRing.create(16, STRIDE)
+    ring.push_batch([b"x" * 60] * 10)
+    ring.consumed(ring.produce_window()[0])
+    return ring
+
+
 def run_cases(styles=None, runt: bool = True, fs=None):
     """``{case name: counts}`` for every loop family of this interpreter, on
     ``fs`` (default :func:`frames`)."""
@@ -188,6 +196,29 @@ def run_cases(styles=None, runt: bool = True, fs=None):
                 finally:
                     ring.close()
 
+            def tx_ring_wrap(r, c, rev=rev, st=st):
+                ring = _wrapped_ring()      # the frames wrap past the ring's end
+                try:
+                    r.send(fs, reverse=rev)
+                    n, _b, dropped, _m = st.tx_to_ring(r.vq, HDR, 64, st.RegionCache(r.mem), ring, None, c)
+                    assert (n, dropped) == (len(fs), 0)
+                finally:
+                    ring.close()
+
+            def rx_ring_wrap(r, c, rev=rev, st=st):
+                ring = _wrapped_ring()
+                try:
+                    ring.set_headroom(split_fast.rx_header(HDR))
+                    assert ring.push_batch(fs) == len(fs)
+                    r.post_rx(len(fs), reverse=rev)
+                    total = 0
+                    while total < len(fs):  # (the batch path stops at the wrap)
+                        n = st.rx_from_ring(r.vq, ring, HDR, 64, st.RegionCache(r.mem), c)[0]
+                        assert n
+                        total += n
+                finally:
+                    ring.close()
+
             def rx_fill(r, c, rev=rev, st=st):
                 r.post_rx(len(fs), reverse=rev)
                 n = st.rx_pass(r.vq, fs, split_fast.rx_header(HDR), st.RegionCache(r.mem))[0]
@@ -196,6 +227,7 @@ def run_cases(styles=None, runt: bool = True, fs=None):
 
             for name, body in (("tx_sink", tx_sink), ("tx_copy", tx_copy), ("tx_to_ring", tx_ring),
                                ("rx_from_ring", rx_ring), ("rx_from_ring_with_header", rx_ring_hdr),
+                               ("tx_to_ring_wrapped", tx_ring_wrap), ("rx_from_ring_wrapped", rx_ring_wrap),
                                ("rx_fill", rx_fill)):
                 case(f"{tag}.{name}.{how}", body)
 

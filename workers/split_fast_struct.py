@@ -33,7 +33,7 @@ from shardvu.reasons import BrokenReason, DropReason
 from shardvu.ringrules import MAX_FRAME
 from shardvu.virtqueue import VirtQueue
 
-from .framestats import BIN as _BIN
+from .framestats import BIN as _BIN, add_firsts
 from .spsc import DATA_OFF, HEADER_SIZE as SLOT0, SpscRing
 from .split_fast import _SLOW_FLAGS, _WRITE, batch_size, eligible, rx_header, translate
 from .split_fast import RegionCache as _ViewCache
@@ -79,10 +79,44 @@ def _sizes_tx(counts, avail, aoff: int, desc, doff: int, last: int, mask: int, n
     sizes = counts.sizes
     for i in range(n):
         head = _H.unpack_from(avail, aoff + 4 + 2 * ((last + i) & mask))[0]
+        if head > mask:         # the guest rewrote the entry meanwhile: not ours to read
+            continue
         length = _DESC.unpack_from(desc, doff + (head << 4))[1]
         if lo_len <= length <= hi_len:
             fl = length - hdr_len
             sizes[_BIN[fl] if fl < 1523 else 6] += 1
+
+
+def _slots_counted(counts, ring: SpscRing, idx: int, k: int, skip: int, sizes: bool,
+                   uniform: int) -> None:
+    """Casts (and, with ``sizes``, size bins) of the ``k`` frames in ring
+    slots ``idx ..`` (each ``skip`` bytes after the slot's data start),
+    outside the per-frame loop.  ``uniform``: the one frame length of all
+    of them (-1: lengths differ; each slot is then read on its own).  With
+    one length of 6 bytes or more, one strided slice per run of slots reads
+    every first byte."""
+    smm, smask, ssize = ring.mm, ring.mask, ring.slot_size
+    at = DATA_OFF + skip
+    if uniform >= 6:
+        s = idx & smask
+        e = s + k
+        if e <= ring.slots:
+            firsts = smm[SLOT0 + s * ssize + at:SLOT0 + (e - 1) * ssize + at + 1:ssize]
+        else:
+            firsts = (smm[SLOT0 + s * ssize + at:SLOT0 + ring.slots * ssize:ssize]
+                      + smm[SLOT0 + at:SLOT0 + (e - ring.slots - 1) * ssize + at + 1:ssize])
+
+        def broadcasts() -> int:
+            return sum(1 for i in range(k)
+                       if _MAC.unpack_from(smm, SLOT0 + ((idx + i) & smask) * ssize + at) == _ALL_ONES)
+        add_firsts(counts, firsts, broadcasts)
+        return
+    for i in range(k):
+        slot = SLOT0 + ((idx + i) & smask) * ssize
+        fl = _U32.unpack_from(smm, slot)[0] - skip
+        if sizes:
+            counts.sizes[_BIN[fl] if 0 <= fl < 1523 else (6 if fl > 0 else 0)] += 1
+        _cast(counts, smm, slot + at, fl)
 
 
 def _sizes_same(counts, n: int, flen: int) -> None:
@@ -273,7 +307,8 @@ def tx_to_ring(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
     nbytes = n = dropped = 0
     more = False
     first = _first_length(avail, aoff, desc, doff, last, mask, num)
-    diff = group = bc = 0   # size bins as in tx_pass; group bits, broadcasts
+    diff = 0                # size bins as in tx_pass; casts read from the slots afterwards
+    prod0 = prod
     while n < navail:
         head = h_from(avail, aoff + 4 + 2 * ((last + n) & mask))[0]
         if head >= num:
@@ -294,11 +329,6 @@ def tx_to_ring(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
             len_into(smm, slot, flen)
             _memmove(sptr + (slot + DATA_OFF), ptr + (base + addr - lo + hdr_len), flen)
             diff |= length ^ first
-            if counts is not None and flen >= 6:    # from the copy, just written
-                b = _B.unpack_from(smm, slot + DATA_OFF)[0]
-                group += b & 1
-                if b == 255 and _MAC.unpack_from(smm, slot + DATA_OFF) == _ALL_ONES:
-                    bc += 1
             prod += 1
             room -= 1
             nbytes += flen
@@ -318,8 +348,9 @@ def tx_to_ring(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
                 _sizes_same(counts, n, first - hdr_len)
             else:
                 _sizes_tx(counts, avail, aoff, desc, doff, last, mask, n, hdr_len, hdr_len + maxf, hdr_len)
-            counts.broadcast_packets += bc
-            counts.multicast_packets += group - bc
+            if prod != prod0:       # the copies, before the consumer may take them
+                _slots_counted(counts, ring, prod0, prod - prod0, 0, False,
+                               first - hdr_len if diff == 0 else -1)
         ring.publish(prod)
         _publish(vq, used, uoff, num, used_idx, n, (last + n) & 0xFFFF)
     return n, nbytes, dropped, more
@@ -350,8 +381,7 @@ def rx_from_ring(vq: VirtQueue, ring: SpscRing, hdr_len: int, budget: int,
     nbytes = n = 0
     more = False
     first = len_from(smm, SLOT0 + (cons & smask) * ssize)[0]
-    diff = group = bc = 0   # size bins as in tx_pass (slot lengths), group bits, broadcasts
-    at = DATA_OFF + skip    # a frame's first byte in its slot
+    diff = 0                # slot lengths xor-ed against the first's (see tx_pass)
     while n < navail:
         head = h_from(avail, aoff + 4 + 2 * ((last + n) & mask))[0]
         if head >= num:
@@ -373,25 +403,14 @@ def rx_from_ring(vq: VirtQueue, ring: SpscRing, hdr_len: int, budget: int,
             lo, hi, ptr, base = cache.lo, cache.hi, cache.ptr, cache.base
         _memmove(ptr + (base + addr - lo), sptr + (slot + start), total)
         diff |= flen ^ first
-        if counts is not None and flen - skip >= 6:
-            b = _B.unpack_from(smm, slot + at)[0]
-            group += b & 1
-            if b == 255 and _MAC.unpack_from(smm, slot + at) == _ALL_ONES:
-                bc += 1
         nbytes += flen
         e_into(used, uoff + 4 + (((used_idx + n) & mask) << 3), head, total)
         n += 1
     if n:
-        if counts is not None:
+        if counts is not None:      # before the slots are released
             if diff == 0:
                 _sizes_same(counts, n, first - skip)
-            else:
-                sizes = counts.sizes
-                for i in range(n):
-                    fl = len_from(smm, SLOT0 + ((cons + i) & smask) * ssize)[0] - skip
-                    sizes[_BIN[fl] if fl < 1523 else 6] += 1
-            counts.broadcast_packets += bc
-            counts.multicast_packets += group - bc
+            _slots_counted(counts, ring, cons, n, skip, diff != 0, first - skip if diff == 0 else -1)
         _publish(vq, used, uoff, num, used_idx, n, (last + n) & 0xFFFF)
         ring.consumed(cons + n)         # after the used store (workers/progress.py)
     return n, nbytes, more

@@ -62,7 +62,7 @@ if sys.implementation.name == "pypy":
     from . import split_fast_struct as split_fast
 else:
     from . import split_fast
-from .framestats import add_batch, add_frames
+from .framestats import add_batch, add_frames, add_same
 from .stats import Counters, StatsPublisher
 
 log = logging.getLogger("shardvu.worker")
@@ -576,7 +576,10 @@ class Worker:
             else:
                 n, nbytes, more = split_fast.rx_pass(vq, frames, self.rx_hdr, self.cache)
             if n:       # the fast loop delivers every frame it consumes
-                add_batch(c, frames, n)
+                if frames is self.frames:       # the generator's: one frame, repeated
+                    add_same(c, self.frame, 0, n)
+                else:
+                    add_batch(c, frames, n)
             if not more:
                 return n, nbytes
             frames = frames[n:]
