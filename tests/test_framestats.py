@@ -142,15 +142,21 @@ E2E = [f for f in fc.frames() if len(f) <= 1523]
 
 
 @needs_net
-def test_run_reports_size_bins_and_casts_in_stats_and_metrics(tmp_path, env, runtime_dir):
+@pytest.mark.parametrize("workers", ["cpython", "pypy"])
+def test_run_reports_size_bins_and_casts_in_stats_and_metrics(tmp_path, env, runtime_dir, workers):
     from shardvu.statsapi import name_endpoints
+    extra = []
+    if workers == "pypy":
+        if not os.path.exists(PYPY):
+            pytest.skip("no PyPy worker venv (.venv-pypy)")
+        extra = ["--worker-python", PYPY]
     sock = str(tmp_path / "vu.sock")
     log = str(tmp_path / "net.log")
     proc = start([NET, "--socket-path", sock, "--queues", "1", "--port", "loopback",
-                  "--name", "bins", "--metrics", "127.0.0.1:0"], env=env, log=log)
+                  "--name", "bins", "--metrics", "127.0.0.1:0"] + extra, env=env, log=log)
     try:
         endpoint = name_endpoints("bins")[1]
-        wait_stats(endpoint, proc, log)
+        wait_stats(endpoint, proc, log, timeout=60)
         url = metrics_url(log)
         rounds = 3
         assert traffic(sock, rounds, E2E) == rounds * len(E2E)

@@ -57,7 +57,10 @@ from shardvu.reasons import DropReason
 #   reading each frame's first byte there touches one more cache line per
 #   frame and cost 10-50 % of that pass (bench/ringloop.py A/B), so a sink's
 #   TX queue reports broadcast_packets = multicast_packets = 0.
-# * Under --pcap the capture-aware paths (workers/pcap.py) count nothing.
+# * Under --pcap, workers/pcap.py's capture-aware batch paths replace the
+#   worker's: they count what they route through Worker._rx_batch (the
+#   generator, the loopback ring's general path) and nothing else until
+#   they pass counts= to the loops as the worker does.
 from .framestats import CAST_FIELDS, SIZE_BINS  # noqa: E402  (re-exported)
 
 #: Counter attribute names, in display order; shared with the control side.
