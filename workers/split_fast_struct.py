@@ -33,7 +33,7 @@ from shardvu.reasons import BrokenReason, DropReason
 from shardvu.ringrules import MAX_FRAME
 from shardvu.virtqueue import VirtQueue
 
-from .framestats import BIN as _BIN, add_firsts
+from .framestats import BIN as _BIN
 from .spsc import DATA_OFF, HEADER_SIZE as SLOT0, SpscRing
 from .split_fast import _SLOW_FLAGS, _WRITE, batch_size, eligible, rx_header, translate
 from .split_fast import RegionCache as _ViewCache
@@ -61,6 +61,11 @@ _memmove = _ffi.memmove
 _pointer = _ffi.from_buffer
 
 
+def _u8(ptr):
+    """``ptr`` as ``uint8_t *``: indexing it is one byte load in the JIT."""
+    return _ffi.cast("uint8_t *", ptr)
+
+
 def _cast(counts, mm, at: int, flen: int) -> None:
     """Count one frame's cast (``flen`` bytes at ``mm[at]``)."""
     if flen >= 6 and _B.unpack_from(mm, at)[0] & 1:
@@ -85,38 +90,6 @@ def _sizes_tx(counts, avail, aoff: int, desc, doff: int, last: int, mask: int, n
         if lo_len <= length <= hi_len:
             fl = length - hdr_len
             sizes[_BIN[fl] if fl < 1523 else 6] += 1
-
-
-def _slots_counted(counts, ring: SpscRing, idx: int, k: int, skip: int, sizes: bool,
-                   uniform: int) -> None:
-    """Casts (and, with ``sizes``, size bins) of the ``k`` frames in ring
-    slots ``idx ..`` (each ``skip`` bytes after the slot's data start),
-    outside the per-frame loop.  ``uniform``: the one frame length of all
-    of them (-1: lengths differ; each slot is then read on its own).  With
-    one length of 6 bytes or more, one strided slice per run of slots reads
-    every first byte."""
-    smm, smask, ssize = ring.mm, ring.mask, ring.slot_size
-    at = DATA_OFF + skip
-    if uniform >= 6:
-        s = idx & smask
-        e = s + k
-        if e <= ring.slots:
-            firsts = smm[SLOT0 + s * ssize + at:SLOT0 + (e - 1) * ssize + at + 1:ssize]
-        else:
-            firsts = (smm[SLOT0 + s * ssize + at:SLOT0 + ring.slots * ssize:ssize]
-                      + smm[SLOT0 + at:SLOT0 + (e - ring.slots - 1) * ssize + at + 1:ssize])
-
-        def broadcasts() -> int:
-            return sum(1 for i in range(k)
-                       if _MAC.unpack_from(smm, SLOT0 + ((idx + i) & smask) * ssize + at) == _ALL_ONES)
-        add_firsts(counts, firsts, broadcasts)
-        return
-    for i in range(k):
-        slot = SLOT0 + ((idx + i) & smask) * ssize
-        fl = _U32.unpack_from(smm, slot)[0] - skip
-        if sizes:
-            counts.sizes[_BIN[fl] if 0 <= fl < 1523 else (6 if fl > 0 else 0)] += 1
-        _cast(counts, smm, slot + at, fl)
 
 
 def _sizes_same(counts, n: int, flen: int) -> None:
@@ -307,8 +280,8 @@ def tx_to_ring(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
     nbytes = n = dropped = 0
     more = False
     first = _first_length(avail, aoff, desc, doff, last, mask, num)
-    diff = 0                # size bins as in tx_pass; casts read from the slots afterwards
-    prod0 = prod
+    diff = group = bc = 0   # size bins as in tx_pass; group bits, broadcasts (of the copies)
+    su8 = _u8(sptr)
     while n < navail:
         head = h_from(avail, aoff + 4 + 2 * ((last + n) & mask))[0]
         if head >= num:
@@ -329,6 +302,11 @@ def tx_to_ring(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
             len_into(smm, slot, flen)
             _memmove(sptr + (slot + DATA_OFF), ptr + (base + addr - lo + hdr_len), flen)
             diff |= length ^ first
+            if flen >= 6:           # the copy's first byte, just written
+                b = su8[slot + DATA_OFF]
+                group += b & 1
+                if b == 255:
+                    bc += _MAC.unpack_from(smm, slot + DATA_OFF) == _ALL_ONES
             prod += 1
             room -= 1
             nbytes += flen
@@ -348,9 +326,8 @@ def tx_to_ring(vq: VirtQueue, hdr_len: int, budget: int, cache: RegionCache,
                 _sizes_same(counts, n, first - hdr_len)
             else:
                 _sizes_tx(counts, avail, aoff, desc, doff, last, mask, n, hdr_len, hdr_len + maxf, hdr_len)
-            if prod != prod0:       # the copies, before the consumer may take them
-                _slots_counted(counts, ring, prod0, prod - prod0, 0, False,
-                               first - hdr_len if diff == 0 else -1)
+            counts.broadcast_packets += bc
+            counts.multicast_packets += group - bc
         ring.publish(prod)
         _publish(vq, used, uoff, num, used_idx, n, (last + n) & 0xFFFF)
     return n, nbytes, dropped, more
@@ -381,8 +358,10 @@ def rx_from_ring(vq: VirtQueue, ring: SpscRing, hdr_len: int, budget: int,
     nbytes = n = 0
     more = False
     first = len_from(smm, SLOT0 + (cons & smask) * ssize)[0]
-    diff = 0                # slot lengths xor-ed against the first's (see tx_pass)
-    while n < navail:
+    diff = group = bc = 0   # slot lengths xor-ed against the first's (see tx_pass); casts
+    su8 = _u8(sptr)
+    at = DATA_OFF + skip    # a frame's first byte in its slot (read for any length:
+    while n < navail:       # a batch with a runt is recounted slot by slot below)
         head = h_from(avail, aoff + 4 + 2 * ((last + n) & mask))[0]
         if head >= num:
             vq.mark_broken(f"head index {head} >= queue size {num}", _OUT_OF_RANGE)
@@ -403,14 +382,26 @@ def rx_from_ring(vq: VirtQueue, ring: SpscRing, hdr_len: int, budget: int,
             lo, hi, ptr, base = cache.lo, cache.hi, cache.ptr, cache.base
         _memmove(ptr + (base + addr - lo), sptr + (slot + start), total)
         diff |= flen ^ first
+        b = su8[slot + at]
+        group += b & 1
+        if b == 255:
+            bc += _MAC.unpack_from(smm, slot + at) == _ALL_ONES
         nbytes += flen
         e_into(used, uoff + 4 + (((used_idx + n) & mask) << 3), head, total)
         n += 1
     if n:
         if counts is not None:      # before the slots are released
-            if diff == 0:
+            if diff == 0 and first - skip >= 6:
                 _sizes_same(counts, n, first - skip)
-            _slots_counted(counts, ring, cons, n, skip, diff != 0, first - skip if diff == 0 else -1)
+                counts.broadcast_packets += bc
+                counts.multicast_packets += group - bc
+            else:               # mixed lengths or runts: slot by slot
+                sizes = counts.sizes
+                for i in range(n):
+                    slot = SLOT0 + ((cons + i) & smask) * ssize
+                    fl = len_from(smm, slot)[0] - skip
+                    sizes[_BIN[fl] if 0 <= fl < 1523 else (6 if fl > 0 else 0)] += 1
+                    _cast(counts, smm, slot + at, fl)
         _publish(vq, used, uoff, num, used_idx, n, (last + n) & 0xFFFF)
         ring.consumed(cons + n)         # after the used store (workers/progress.py)
     return n, nbytes, more
