@@ -118,3 +118,42 @@ def test_kill9_of_the_tap_rx_worker_loses_at_most_the_frames_in_flight(tap_rt):
         assert got > 1000
         assert 0 <= lost <= IN_FLIGHT
         assert rt.queue_stats()[0]["restarts"] == 1
+
+
+def test_kill9_of_the_af_packet_tx_worker_repeats_at_most_the_frames_in_flight(tmp_path):
+    """The same bound on ``--port af_packet`` (a TPACKET_V2 TX ring on a
+    veth): numbered frames, each seen on the peer end; none lost, repeats
+    only of frames in flight."""
+    import struct
+    from afnet import drain, raw_socket, veth
+    mark = b"\x88\xb5"
+    with veth("shvkaf") as (nsa, nsb):
+        rt = Runtime(str(tmp_path / "rt.sock"), 1, "af_packet:va")
+        peer = raw_socket(nsb, "vb")
+        try:
+            with Frontend(rt.sock, queue_pairs=1) as fe:
+                fe.negotiate()
+                sent, got = 0, []
+                for rnd in range(30):
+                    frames = [b"\x02\x00\x00\x00\x00\xbb\x02\x00\x00\x00\x00\xaa" + mark
+                              + struct.pack(">I", rnd * 100 + i) + bytes(46) for i in range(100)]
+                    done, deadline = 0, time.monotonic() + 10
+                    while done < len(frames):
+                        done += fe.send(0, frames[done:])
+                        fe.reclaim_tx(0)
+                        assert time.monotonic() < deadline, "TX ring stayed full"
+                    sent += done
+                    if rnd == 15:
+                        _kill(rt, 1)
+                    got += drain(peer, lambda f: f[12:14] == mark, timeout=0.01)
+                got += drain(peer, lambda f: f[12:14] == mark, timeout=1.0)
+            seqs = [struct.unpack_from(">I", f, 14)[0] for f in got]
+            lost = set(range(sent)) - set(seqs)
+            repeated = len(seqs) - len(set(seqs))
+            print(f"af_packet TX kill: {sent} sent, {len(seqs)} on the peer, {repeated} repeated, {len(lost)} lost")
+            assert not lost
+            assert repeated <= IN_FLIGHT
+            assert rt.queue_stats()[1]["restarts"] == 1
+        finally:
+            peer.close()
+            assert rt.stop() == 0, rt.log()

@@ -57,7 +57,7 @@ import os
 import socket
 import struct
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from shardvu.reasons import DropReason
 
@@ -99,6 +99,12 @@ _HDR = struct.Struct("IIIHHIIHH4x")
 _U32 = struct.Struct("I")
 #: TPACKET2_HDRLEN - sizeof(struct sockaddr_ll): where a TX frame starts
 _TX_DATA = 32
+_TX_SERIAL = 16         # tpacket2_hdr.tp_sec: the kernel ignores it on TX
+
+
+def _next_serial(s: int) -> int:
+    """Serials run 1..2**32-1 and wrap to 1 (0 = a slot never written)."""
+    return s + 1 if s < 0xFFFFFFFF else 1
 #: struct virtio_net_hdr (the kernel's 10 bytes)
 VNET_LEN = 10
 _VNET = struct.Struct("<BBHHHH")
@@ -351,6 +357,13 @@ class AfPacketPort(Port):
         self.buf: Optional[memoryview] = memoryview(self.mm)
         self.slots = self.geo.offsets(tx)
         self.slot = 0
+        #: TX: serial of the last frame written, kept in each slot's tp_sec
+        #: (ignored by the kernel on TX), so a replacement worker resumes
+        #: at the slot after its predecessor's last one: the kernel's TX
+        #: head is there, and it sends only from its head on.
+        self.serial = 0
+        if tx:
+            self.slot, self.serial = self._resume_slot()
         self.max_tx = self.geo.frame_size - _TX_DATA - VNET_LEN
         self.gone = False
         self._unchecked = False     # RX frames taken since PACKET_STATISTICS was read
@@ -387,6 +400,16 @@ class AfPacketPort(Port):
         self.sock.close()
 
     # -- send side (TX worker) ---------------------------------------------------------
+    def _resume_slot(self) -> Tuple[int, int]:
+        """(slot to write next, last serial) from the serials in the ring:
+        the write head is where consecutive serials break (0 = never used)."""
+        serials = [_U32.unpack_from(self.mm, off + _TX_SERIAL)[0] for off in self.slots]
+        n = len(serials)
+        for i, s in enumerate(serials):
+            if s and serials[(i + 1) % n] != _next_serial(s):
+                return (i + 1) % n, s
+        return 0, 0
+
     def send(self, frames: Sequence) -> None:
         if self.gone:
             self.drop(DropReason.PORT_ERROR, len(frames))
@@ -397,6 +420,7 @@ class AfPacketPort(Port):
         nslots = len(slots)
         h = self.hdr_len
         i = self.slot
+        serial = self.serial
         queued = 0
         flushed = False
         for k, f in enumerate(frames):
@@ -427,12 +451,15 @@ class AfPacketPort(Port):
             buf[d:d + VNET_LEN] = f[:VNET_LEN]
             buf[d + VNET_LEN:d + VNET_LEN + flen] = f[h:]
             _U32.pack_into(mm, off + 4, VNET_LEN + flen)      # tp_len before the status
+            serial = _next_serial(serial)
+            _U32.pack_into(mm, off + _TX_SERIAL, serial)
             _U32.pack_into(mm, off, TP_STATUS_SEND_REQUEST)
             queued += 1
             i += 1
             if i == nslots:
                 i = 0
         self.slot = i
+        self.serial = serial
         if queued:
             self._flush(queued)
 
