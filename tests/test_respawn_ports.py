@@ -157,3 +157,60 @@ def test_kill9_of_the_af_packet_tx_worker_repeats_at_most_the_frames_in_flight(t
         finally:
             peer.close()
             assert rt.stop() == 0, rt.log()
+
+
+def test_kill9_of_the_udp_tx_worker_repeats_at_most_the_frames_in_flight(tmp_path):
+    """The same bound on ``--port udp`` (one datagram per frame), counted at
+    a plain socket peer with a receive buffer that holds the whole test."""
+    import struct
+    from test_udp_port import _free_base
+    with netns("shvkud"):
+        a, b = _free_base(n=1), _free_base(n=1)
+        while a == b:
+            b = _free_base(n=1)
+        peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        peer.setsockopt(socket.SOL_SOCKET, 33, 32 << 20)        # SO_RCVBUFFORCE
+        peer.bind(("127.0.0.1", b))
+        peer.setblocking(False)
+        rt = Runtime(str(tmp_path / "rt.sock"), 1, f"udp:127.0.0.1:{a},127.0.0.1:{b}")
+        seqs: list = []
+
+        def take() -> None:
+            while True:
+                try:
+                    d = peer.recv(2048)
+                except BlockingIOError:
+                    return
+                if d[12:14] == b"\x88\xb5":
+                    seqs.append(struct.unpack_from(">I", d, 14)[0])
+        try:
+            with Frontend(rt.sock, queue_pairs=1) as fe:
+                fe.negotiate()
+                sent = 0
+                for rnd in range(30):
+                    frames = [b"\x02\x00\x00\x00\x00\xbb\x02\x00\x00\x00\x00\xaa\x88\xb5"
+                              + struct.pack(">I", rnd * 100 + i) + bytes(46) for i in range(100)]
+                    done, deadline = 0, time.monotonic() + 10
+                    while done < len(frames):
+                        done += fe.send(0, frames[done:])
+                        fe.reclaim_tx(0)
+                        take()
+                        assert time.monotonic() < deadline, "TX ring stayed full"
+                    sent += done
+                    if rnd == 15:
+                        _kill(rt, 1)
+                deadline = time.monotonic() + 5
+                while len(set(seqs)) < sent and time.monotonic() < deadline:
+                    take()
+                    time.sleep(0.05)
+                time.sleep(0.3)
+                take()
+            lost = set(range(sent)) - set(seqs)
+            repeated = len(seqs) - len(set(seqs))
+            print(f"udp TX kill: {sent} sent, {len(seqs)} at the peer, {repeated} repeated, {len(lost)} lost")
+            assert not lost
+            assert repeated <= IN_FLIGHT
+            assert rt.queue_stats()[1]["restarts"] == 1
+        finally:
+            peer.close()
+            assert rt.stop() == 0, rt.log()
