@@ -48,10 +48,15 @@ def code(pkg: str = "shardvu") -> types.SimpleNamespace:
     """The modules the passes use, from package ``pkg`` (this checkout's
     ``shardvu``, or a copy of another revision: see :func:`load_other`)."""
     m = lambda name: importlib.import_module(f"{pkg}.{name}")  # noqa: E731
-    try:        # revisions whose loops count size bins and casts (workers/framestats.py)
-        framestats, counters = m("workers.framestats"), m("workers.stats").Counters()
-    except ImportError:
-        framestats = counters = None
+    framestats = counters = None
+    # revisions whose loops count size bins and casts (shardvu/framestats.py;
+    # workers/framestats.py in the revision that introduced them)
+    for name in ("framestats", "workers.framestats"):
+        try:
+            framestats, counters = m(name), m("workers.stats").Counters()
+            break
+        except ImportError:
+            pass
     return types.SimpleNamespace(
         framestats=framestats, counters=counters,
         P=m("protocol"), DriverQueue=m("testing.driver").DriverQueue,

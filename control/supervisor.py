@@ -56,7 +56,7 @@ from shardvu import eventfd
 from shardvu.reasons import BrokenReason
 from shardvu.workers import ctl, progress
 
-from .pool import COMMAND_TIMEOUT, WorkerError, WorkerHandle, WorkerPool
+from .pool import WorkerError, WorkerHandle, WorkerPool
 from .zygote import CPYTHON, Zygote, ZygoteError
 
 log = logging.getLogger("shardvu.control")

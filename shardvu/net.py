@@ -17,7 +17,7 @@ from .protocol import ProtocolFeature as PF
 from .reasons import BrokenReason, DropReason
 from .ringrules import MAX_FRAME
 from .virtqueue import VirtQueue
-from .workers.framestats import add_batch
+from .framestats import add_batch
 
 __all__ = ["NetIface", "net_hdr_len", "pop_tx_frames", "push_rx_frames", "parse_mac",
            "OFFLOADS", "offload_dependency_error"]
@@ -260,7 +260,7 @@ def push_rx_frames_counted(vq: VirtQueue, frames: Sequence, hdr_len: int, mergea
                            drops=None, max_frame: int = MAX_FRAME, counts=None) -> Tuple[int, int]:
     """:func:`push_rx_frames`, returning ``(frames consumed, payload bytes
     delivered)``; with ``counts`` (a worker's Counters) each frame delivered
-    is counted in its size bin and cast (workers/framestats.py)."""
+    is counted in its size bin and cast (shardvu/framestats.py)."""
     consumed = nbytes = 0
     used = 0
     done: List = []         # frames delivered (counted at the end)

@@ -20,7 +20,7 @@ from shardvu.protocol import MemoryRegion, VringAddr  # noqa: E402
 from shardvu.testing.driver import VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, DriverQueue  # noqa: E402
 from shardvu.virtqueue import VirtQueue  # noqa: E402
 from shardvu.workers import split_fast, split_fast_struct, split_loop  # noqa: E402
-from shardvu.workers.framestats import CAST_FIELDS, SIZE_BINS, add_batch  # noqa: E402
+from shardvu.framestats import CAST_FIELDS, SIZE_BINS, add_batch  # noqa: E402
 from shardvu.workers.ports import deliver  # noqa: E402
 from shardvu.workers.spsc import SpscRing  # noqa: E402
 from shardvu.workers.stats import Counters  # noqa: E402

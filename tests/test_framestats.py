@@ -16,7 +16,7 @@ import pytest
 
 import framestats_cases as fc
 from shardvu.workers import split_fast
-from shardvu.workers.framestats import SIZE_BINS
+from shardvu.framestats import SIZE_BINS
 from shardvu.workers.ports import PortRx
 from shardvu.workers.stats import COUNTER_FIELDS, Counters
 from shardvu.workers.worker import Worker

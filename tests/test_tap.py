@@ -7,7 +7,6 @@ import fcntl
 import os
 import select
 import socket
-import struct
 import subprocess
 import sys
 import time

@@ -42,7 +42,7 @@ def ns(tmp_path):
         rt = Runtime(str(tmp_path / f"rt{len(made)}.sock"), queues, f"tap:{ifname}", *extra)
         made.append(rt)
         return rt
-    with netns("shvtr") as name:
+    with netns("shvtr"):
         # no IPv6 autoconfiguration chatter on the taps: exact counts
         sh("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1")
         yield start
@@ -160,7 +160,7 @@ def test_offloads_negotiated_and_gso_frames_reach_the_guest(ns, mrg):
         assert fe.features & off == off
         _addresses("shvt3")
         sh("sysctl -qw net.ipv4.ip_forward=1")
-        sh(f"ip route add 10.77.1.0/24 dev shvt3")
+        sh("ip route add 10.77.1.0/24 dev shvt3")
         sh(f"ip neigh replace {FAR_IP} lladdr 02:00:00:00:00:03 dev shvt3 nud permanent")
         k = sh("ethtool -k shvt3")
         assert "tcp-segmentation-offload: on" in k and "tx-checksumming: on" in k

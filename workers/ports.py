@@ -92,7 +92,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from shardvu.reasons import DropReason
 
-from .framestats import add_frames, add_same
+from shardvu.framestats import add_frames, add_same
 
 __all__ = ["PortSpec", "resolve", "register", "BUILTIN", "Port", "PortControl", "TapPort",
            "PortRx", "deliver", "loop_offload", "LOOPBACK_OFFLOADS"]

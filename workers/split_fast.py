@@ -35,7 +35,7 @@ from shardvu.reasons import BrokenReason, DropReason
 from shardvu.ringrules import MAX_FRAME, covered
 from shardvu.virtqueue import VirtQueue
 
-from .framestats import add_guest, add_lengths, add_one, add_slots
+from shardvu.framestats import add_guest, add_lengths, add_one, add_slots
 from .spsc import DATA_OFF, HEADER_SIZE as SLOT0, SpscRing
 
 _SLOW_FLAGS = 1 | 4          # NEXT | INDIRECT

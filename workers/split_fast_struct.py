@@ -33,7 +33,7 @@ from shardvu.reasons import BrokenReason, DropReason
 from shardvu.ringrules import MAX_FRAME
 from shardvu.virtqueue import VirtQueue
 
-from .framestats import BIN as _BIN
+from shardvu.framestats import BIN as _BIN
 from .spsc import DATA_OFF, HEADER_SIZE as SLOT0, SpscRing
 from .split_fast import _SLOW_FLAGS, _WRITE, batch_size, eligible, rx_header, translate
 from .split_fast import RegionCache as _ViewCache

@@ -15,7 +15,7 @@ from shardvu.reasons import BrokenReason, DropReason
 from shardvu.ringrules import MAX_FRAME
 from shardvu.virtqueue import VirtQueue
 
-from .framestats import BIN, add_frame_cast
+from shardvu.framestats import BIN, add_frame_cast
 
 _PYPY = sys.implementation.name == "pypy"
 

@@ -61,7 +61,7 @@ from shardvu.reasons import DropReason
 #   worker's: they count what they route through Worker._rx_batch (the
 #   generator, the loopback ring's general path) and nothing else until
 #   they pass counts= to the loops as the worker does.
-from .framestats import CAST_FIELDS, SIZE_BINS  # noqa: E402  (re-exported)
+from shardvu.framestats import CAST_FIELDS, SIZE_BINS  # noqa: E402  (re-exported)
 
 #: Counter attribute names, in display order; shared with the control side.
 COUNTER_FIELDS = ("packets", "bytes", "drops", "kicks", "calls", "suppressed",

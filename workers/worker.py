@@ -62,7 +62,7 @@ if sys.implementation.name == "pypy":
     from . import split_fast_struct as split_fast
 else:
     from . import split_fast
-from .framestats import add_batch, add_frames, add_same
+from shardvu.framestats import add_batch, add_frames, add_same
 from .stats import Counters, StatsPublisher
 
 log = logging.getLogger("shardvu.worker")

@@ -14,7 +14,7 @@ Contracts:
   frame shorter than 6 bytes has no destination and is neither.
 * The helpers add to a counters object with ``sizes`` (a list, one int per
   bin), ``broadcast_packets`` and ``multicast_packets``
-  (:class:`.stats.Counters`).  The batch helpers cost O(1) Python steps
+  (:class:`shardvu.workers.stats.Counters`).  The batch helpers cost O(1) Python steps
   for a batch whose lengths fall in one bin and whose destinations are
   unicast; C loops (``min``/``max``, slicing, ``bytes.translate``/
   ``count``) do the per-frame work.
