@@ -241,16 +241,23 @@ class Supervisor:
         now = time.monotonic()
         w = self.pool.workers[index]
         self._unwatch(rec)
+        logged = False
         if isinstance(w.process, PidfdProcess):
             rec.dead_pid = w.pid          # the zygote's exit event brings the status
-            self._collect_events()
+            self._collect_events()        # (and logs the death, if it is in)
+            logged = not rec.dead_pid
             code = w.process.exitcode
+            if code is not None:          # the event came before the pidfd fired
+                rec.dead_pid = 0
         else:
             w.process.join(0)             # dead: reaps it (multiprocess's waitpid)
             code = w.process.exitcode
         w.exitcode = code if code is not None else -1
         self._set_exit(rec, code)
-        log.error("worker %d (pid %d) died (%s)", index, w.pid, _describe(rec))
+        if rec.dead_pid:        # logged with its status once the zygote reports it
+            log.info("worker %d (pid %d) died; exit status not reported yet", index, w.pid)
+        elif not logged:
+            log.error("worker %d (pid %d) died (%s)", index, w.pid, _describe(rec))
         w.chan.close()
         if self.collector is not None:
             self.collector.mark_dead(index, w.exitcode)
@@ -299,7 +306,11 @@ class Supervisor:
         log.error("the zygote (pid %s) died; starting another", z.pid)
         self.fds.pop(z.fileno(), None)
         for pid in list(self._by_pid):      # their exit statuses died with it
-            self._by_pid.pop(pid)
+            index = self._by_pid.pop(pid)
+            rec = self.records.get(index)
+            if rec is not None and rec.dead_pid == pid:
+                rec.dead_pid = 0
+                log.error("worker %d (pid %d) died (exit status lost with the zygote)", index, pid)
         try:
             z.restart()
         except OSError as exc:
@@ -326,6 +337,7 @@ class Supervisor:
             if rec is not None and rec.dead_pid == pid:           # its death was handled before the status came
                 rec.dead_pid = 0
                 self._set_exit(rec, exitcode)
+                log.error("worker %d (pid %d) died (%s)", index, pid, _describe(rec))
                 self._publish(index)
 
     def _give_up(self, index: int, rec: _Record) -> None:
@@ -349,6 +361,9 @@ class Supervisor:
             self.reload_requested = False
             self.reload()
         self._take_ahead()
+        # exit events a command round trip with the zygote read ahead (its
+        # channel is then no longer readable for on_zygote)
+        self._collect_events()
         now = time.monotonic()
         for index, rec in self.records.items():
             if rec.due is not None and now >= rec.due:
