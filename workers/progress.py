@@ -151,8 +151,9 @@ def resume(w) -> None:
       first ``m`` chains from ``rec.avail`` that hold the ``k`` frames
       (frames too short or too long for a slot were dropped by the same
       rule, and are counted as drops).
-    * RX, ``done`` > 0: those frames were delivered (used store first); if
-      the consumer index did not move, their slots are released now.
+    * RX, ``done`` > 0: those frames were delivered (used store first);
+      their slots not yet released (the consumer index may have moved part
+      of the way) are released now.
 
     Exactly once for single-buffer frames (what the fast loops take); a
     chained TX frame (general path: used store, then hand-on) or an RX
@@ -203,8 +204,14 @@ def resume(w) -> None:
             elems = [_used_elem(vq, (rec.avail + i) & 0xFFFF) for i in range(done)]
             c.packets += done
             c.bytes += sum(max(0, n - hdr) for _head, n in elems)
-            if spsc is not None and spsc._cons == rec.spsc and not w.mergeable:
-                spsc.consumed(rec.spsc + done)
+            # One slot per delivered frame: release those not yet released.
+            # A pass may release in two steps (the fast loop, then the
+            # general path at a slot wrap), so the consumer index may have
+            # moved part of the way.
+            if spsc is not None and not w.mergeable:
+                released = (spsc._cons - rec.spsc) % (1 << 64)
+                if released < done:
+                    spsc.consumed(rec.spsc + done)
 
 
 def _u64(v: int) -> int:

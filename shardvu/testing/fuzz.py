@@ -216,13 +216,26 @@ class Target:
     def baseline(self) -> None:
         """Take the current processes and fd counts as the reference."""
         self.changed = False
-        self.children = _children(self.control_pid)
+        self.children = self._settled_children()
         self.fds = self._settled_fds()
         if self.log_path:
             try:
                 self._log_pos = os.path.getsize(self.log_path)
             except OSError:
                 self._log_pos = 0
+
+    def _settled_children(self, settle: float = 0.5, timeout: float = 20.0) -> Set[int]:
+        """The descendants, once the set held still for ``settle`` seconds:
+        a back-end that keeps warm spares (shardvu's zygote) may still be
+        starting or refilling them."""
+        deadline = time.monotonic() + timeout
+        last = _children(self.control_pid)
+        while True:
+            time.sleep(settle)
+            now = _children(self.control_pid)
+            if now == last or time.monotonic() > deadline:
+                return now
+            last = now
 
     def _settled_fds(self, settle: float = 0.2, timeout: float = 5.0) -> Dict[int, int]:
         """fd counts of the control and every child, once they held still
