@@ -304,18 +304,22 @@ class Target:
         except OSError:
             return []
         cut = text.rfind("\n") + 1
-        self._log_pos += len(text[:cut].encode())
         out = []
-        lines = text[:cut].splitlines()
+        lines = text[:cut].splitlines(keepends=True)
         for i, line in enumerate(lines):
             if "died with exit code" in line or "Fatal Python" in line:
-                out.append(line)
+                out.append(line.rstrip("\n"))
             elif line.startswith("Traceback"):
                 end = i + 1             # through the exception line (the first unindented)
                 while end < len(lines) and lines[end][:1] in (" ", "\t"):
                     end += 1
-                block = lines[max(0, i - 1):end + 1]
+                if end >= len(lines):
+                    # still being written: read the block again next time
+                    cut = len("".join(lines[:max(0, i - 1)]))
+                    break
+                block = [b.rstrip("\n") for b in lines[max(0, i - 1):end + 1]]
                 out.append("\n".join(block[:2] + ["..."] + block[-6:] if len(block) > 10 else block))
+        self._log_pos += len(text[:cut].encode())
         return out
 
 
