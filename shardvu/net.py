@@ -14,8 +14,8 @@ from typing import List, Optional, Sequence, Tuple
 from . import protocol as P
 from .device import Device, DeviceIface, RequestError
 from .protocol import ProtocolFeature as PF
-from .reasons import BrokenReason, DropReason
-from .ringrules import MAX_FRAME
+from .reasons import DropReason
+from .ringrules import MAX_FRAME, refuse_wrong_direction
 from .virtqueue import VirtQueue
 from .framestats import add_batch
 
@@ -218,9 +218,7 @@ def pop_tx_frames(vq: VirtQueue, hdr_len: int, limit: int = 256, drops=None,
         if elem is None:
             break
         if elem.in_descs:
-            vq.unpop(elem)
-            vq.mark_broken(f"descriptor chain {elem.index} has a device-writable buffer "
-                           "in a TX queue", BrokenReason.WRONG_DIRECTION)
+            refuse_wrong_direction(vq, elem, tx=True)
             break
         flen = elem.out_len - hdr_len
         if flen < 0:
@@ -269,9 +267,7 @@ def push_rx_frames_counted(vq: VirtQueue, frames: Sequence, hdr_len: int, mergea
         if elem is None:
             break
         if elem.out_descs:
-            vq.unpop(elem)
-            vq.mark_broken(f"descriptor chain {elem.index} has a device-readable buffer "
-                           "in an RX queue", BrokenReason.WRONG_DIRECTION)
+            refuse_wrong_direction(vq, elem, tx=False)
             break
         if len(frame) > max_frame:
             vq.unpop(elem)
@@ -295,9 +291,7 @@ def push_rx_frames_counted(vq: VirtQueue, frames: Sequence, hdr_len: int, mergea
             if elem is None:
                 break
             if elem.out_descs:
-                vq.unpop(elem)
-                vq.mark_broken(f"descriptor chain {elem.index} has a device-readable buffer "
-                               "in an RX queue", BrokenReason.WRONG_DIRECTION)
+                refuse_wrong_direction(vq, elem, tx=False)
                 break
             room = elem.in_len
             elems.append((elem, room))

@@ -418,3 +418,17 @@ if __name__ == "__main__":      # pragma: no cover - docs helper
     print(policy_markdown())
     print()
     print(BATCH_RULE)
+
+
+def refuse_wrong_direction(vq, elem, tx: bool) -> None:
+    """Apply the ``tx_writable_descriptor`` / ``rx_readable_descriptor``
+    rows of :data:`POLICY` to a popped chain ``elem`` of ``vq``: give it
+    back unconsumed (:data:`BATCH_RULE`) and break the queue.  The walkers
+    call it only on the bad path."""
+    vq.unpop(elem)
+    if tx:
+        vq.mark_broken(f"descriptor chain {elem.index} has a device-writable buffer "
+                       "in a TX queue", BrokenReason.WRONG_DIRECTION)
+    else:
+        vq.mark_broken(f"descriptor chain {elem.index} has a device-readable buffer "
+                       "in an RX queue", BrokenReason.WRONG_DIRECTION)

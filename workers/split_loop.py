@@ -11,8 +11,8 @@ import sys
 from typing import List, Optional, Sequence, Tuple
 
 from shardvu.net import push_rx_frames_counted
-from shardvu.reasons import BrokenReason, DropReason
-from shardvu.ringrules import MAX_FRAME
+from shardvu.reasons import DropReason
+from shardvu.ringrules import MAX_FRAME, refuse_wrong_direction
 from shardvu.virtqueue import VirtQueue
 
 from shardvu.framestats import BIN, add_frame_cast
@@ -43,9 +43,7 @@ def tx_pass(vq: VirtQueue, hdr_len: int, budget: int, copy: bool, drops=None,
         if elem is None:
             break
         if elem.in_descs:
-            vq.unpop(elem)
-            vq.mark_broken(f"descriptor chain {elem.index} has a device-writable buffer "
-                           "in a TX queue", BrokenReason.WRONG_DIRECTION)
+            refuse_wrong_direction(vq, elem, tx=True)
             break
         if _PYPY:                   # (its JIT likes the loop better than the attribute)
             length = 0
