@@ -56,6 +56,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from shardvu.transport import close_fds_except
 from shardvu.workers import ctl
 
 log = logging.getLogger("shardvu.zygote")
@@ -91,16 +92,6 @@ def set_name(name: str) -> None:
 
 def _die_with_parent() -> None:
     _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def _close_all_but(keep: Sequence[int]) -> None:
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd > 2 and fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
 
 def exit_status(res: Any) -> Tuple[Optional[int], Optional[int]]:
@@ -220,7 +211,7 @@ class _ZygoteLoop:
             if pid == 0:                # the spare
                 try:
                     fd = theirs.detach()
-                    _close_all_but([fd])
+                    close_fds_except([fd])
                     spare_main(fd)
                 finally:
                     os._exit(1)
@@ -375,7 +366,7 @@ def _zygote_main(chan: socket.socket, kinds: Sequence[str], spares: int, initial
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    _close_all_but([chan.fileno()])
+    close_fds_except([chan.fileno()])
     import shardvu.workers.worker  # noqa: F401  (forked spares start warm)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s zygote %(levelname)s %(message)s")
     _ZygoteLoop(chan, kinds, spares, initial).run()

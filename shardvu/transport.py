@@ -70,3 +70,16 @@ def check_mappable(fd: int, offset: int, size: int, what: str) -> None:
         raise ValueError(f"{what} fd is {fd_kind(st.st_mode)}, not a file that can be mapped")
     if st.st_size < offset + size:
         raise ValueError(f"{what} fd holds {st.st_size} bytes, {offset + size} needed")
+
+
+def close_fds_except(keep) -> None:
+    """Close every fd of this process above 2 except those in ``keep``: a
+    forked process (a zygote's spare, a worker) keeps only what it needs,
+    so that fds its parent closes are really closed."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass

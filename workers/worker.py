@@ -45,6 +45,7 @@ from shardvu import logsetup
 from shardvu import protocol as P
 from shardvu.dirtylog import DirtyLog, FileLock
 from shardvu.eventfd import drain
+from shardvu.transport import close_fds_except
 from shardvu.inflight import InflightBuffer
 from shardvu.memory import GuestMemory, MemoryMapError
 from shardvu.net import net_hdr_len
@@ -82,18 +83,6 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):  # pragma: no cover - not Linux
         pass
-
-
-def _close_inherited(keep: set) -> None:
-    """A forked worker inherits every fd of the control process; keep only
-    what it needs, so that fds closed there are really closed."""
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd > 2 and fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
 
 class Worker:
@@ -831,7 +820,7 @@ def worker_main(index: int, chan, port_name: str, frame_size: int,
         _die_with_parent()
     chan_fd = chan if isinstance(chan, int) else chan.fileno()
     if forked:
-        _close_inherited({chan_fd})
+        close_fds_except({chan_fd})
     signal.signal(signal.SIGINT, signal.SIG_IGN)       # the control process decides
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     logsetup.setup(log_level, role=f"worker{index}")   # format inherited (SHARDVU_LOG_FORMAT)
