@@ -104,11 +104,26 @@ class WorkerHandle:
         return reply
 
     # -- the command set ----------------------------------------------------------
-    def apply(self, snap: QueueSnapshot) -> None:
-        """Bring the worker's configuration to ``snap`` (its fds are sent as
-        duplicates; the caller keeps its own)."""
+    @staticmethod
+    def apply_message(snap: QueueSnapshot, session_fd: int = -1) -> Tuple[Dict[str, Any], List[int]]:
+        """The ``apply`` command for ``snap`` and its fds.  ``session_fd``
+        (the front-end's connection, -1 when none) goes with it: the worker
+        holds a copy for as long as the session lasts, so that a front-end
+        sees the control process's death only once its workers are gone
+        (workers/worker.py ``_hold_session``)."""
         obj, fds = snap.encode()
-        self.command({"cmd": "apply", "snapshot": obj}, fds)
+        msg: Dict[str, Any] = {"cmd": "apply", "snapshot": obj}
+        fds = list(fds)
+        if session_fd >= 0:
+            msg["session"] = True
+            fds.append(session_fd)
+        return msg, fds
+
+    def apply(self, snap: QueueSnapshot, session_fd: int = -1) -> None:
+        """Bring the worker's configuration to ``snap`` (its fds are sent as
+        duplicates; the caller keeps its own), with the session's
+        connection (see :meth:`apply_message`)."""
+        self.command(*self.apply_message(snap, session_fd))
 
     def start(self) -> None:
         """Run the ring."""

@@ -82,7 +82,11 @@ class ControlRunner(Runner):
     def run_connection(self, conn: socket.socket) -> None:
         if self.supervisor is not None:
             self.supervisor.revive_broken()     # a new session: crash-looped queues start afresh
-        super().run_connection(conn)
+        self.device.session_fd = conn.fileno()  # held by the workers too (ShardedDevice.session_fd)
+        try:
+            super().run_connection(conn)
+        finally:
+            self.device.session_fd = -1
 
 
 # -- where the connection comes from ----------------------------------------------

@@ -33,7 +33,7 @@ from shardvu.protocol import Message, ProtocolFeature as PF
 from shardvu.snapshot import PortPart
 from shardvu.virtqueue import VirtQueue
 
-from .pool import WorkerError, WorkerPool
+from .pool import WorkerError, WorkerHandle, WorkerPool
 
 log = logging.getLogger("shardvu.control")
 
@@ -58,6 +58,11 @@ class ShardedDevice(Device):
         #: first request.  A supervisor that respawns workers itself (issue
         #: 12) sets this False.
         self.replaces_dead_workers = True
+        #: The connection's socket fd while a front-end is connected (-1:
+        #: none; the caller owns it).  Every snapshot carries it to the
+        #: workers, which hold it until :meth:`close`
+        #: (``WorkerHandle.apply_message``).
+        self.session_fd = -1
 
     def offered_protocol_features(self) -> int:
         return super().offered_protocol_features() & ~_NOT_SHARDED
@@ -99,7 +104,7 @@ class ShardedDevice(Device):
         for q in sorted(wanted | stale):
             self._applied[q] = False
             try:
-                self.pool[q].apply(self.queue_snapshot(q))
+                self.pool[q].apply(self.queue_snapshot(q), self.session_fd)
             except WorkerError as exc:
                 failed(q, exc)
                 continue
@@ -145,6 +150,7 @@ class ShardedDevice(Device):
 
     def close(self) -> List[object]:
         out = super().close()
+        self.session_fd = -1        # the workers drop their copies of the connection
         failures = self.sync(range(self.max_queues))    # every worker releases the session
         if failures:
             log.error("workers did not release the session: %s", "; ".join(failures))
@@ -170,9 +176,8 @@ class ShardedDevice(Device):
         out: Dict[int, Optional[WorkerError]] = {}
         for i in indices:
             self._applied[i] = self._running[i] = False
-            obj, fds = self.queue_snapshot(i).encode()
             try:
-                self.pool[i].post({"cmd": "apply", "snapshot": obj}, fds)
+                self.pool[i].post(*WorkerHandle.apply_message(self.queue_snapshot(i), self.session_fd))
                 out[i] = None
             except WorkerError as exc:
                 out[i] = exc
@@ -209,7 +214,7 @@ class ShardedDevice(Device):
         what to resubmit).  Raises WorkerError."""
         self._applied[index] = self._running[index] = False
         w = self.pool[index]
-        w.apply(self.queue_snapshot(index))
+        w.apply(self.queue_snapshot(index), self.session_fd)
         self._applied[index] = True
         if self.vqs[index].started:
             w.start()

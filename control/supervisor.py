@@ -555,7 +555,7 @@ class Supervisor:
         self.fds.pop(old_pidfd, None)
         try:
             new = self.spawn(index, wait=True)
-            new.apply(dev.queue_snapshot(index))      # the version check
+            new.apply(dev.queue_snapshot(index), dev.session_fd)      # the version check
         except (ZygoteError, WorkerError, ValueError) as exc:
             if rec.pidfd >= 0:
                 self.fds.pop(rec.pidfd, None)

@@ -82,6 +82,11 @@ def lab(tmp_path, monkeypatch):
             for p in alive:
                 p.kill()
             assert not alive, f"left running after kill -9 of the control: {_names(alive)}"
+            self.kill_done(family, timeout)
+
+        def kill_done(self, family: List[psutil.Process], timeout: float = 20.0) -> None:
+            """After a kill -9 of the control: nothing it started is left."""
+            everyone.extend(family)
             try:
                 wait_for(lambda: not _marked(mark), timeout=timeout, interval=0.1)
             except AssertionError:
@@ -197,6 +202,46 @@ def test_kill9_of_the_control_takes_zygote_spares_and_workers_with_it(lab, inter
         fe.send(0, _numbered(32, 32))
         lab.kill(rt)
         assert fe.wait_closed(5)
+
+
+@pytest.mark.parametrize("interp", INTERPRETERS)
+def test_the_front_end_sees_a_killed_control_go_only_after_its_workers(lab, interp):
+    """Every worker holds a copy of the front-end's connection, so the
+    front-end learns of the control's death only once no process can write
+    to its rings any more: QEMU reads ``used->idx`` at the disconnect and
+    completes TX buffers itself from there while the link is down, and a
+    worker still completing buffers after that made the guest's driver see
+    a used id that was not a head (tests/test_restart_qemu.py).  Here one
+    worker is stopped (SIGSTOP) across the kill: the connection stays open
+    while it lives, and closes once it resumes and exits."""
+    rt = lab.runtime(2, "loopback", *interp)
+    with Frontend(rt.sock, queue_pairs=2) as fe:
+        fe.negotiate()
+        fe.post_rx(0, 64)
+        fe.send(0, _numbered(0, 32))
+        assert len(fe.receive(0, timeout=10, min_frames=32)) == 32
+        stats = rt.queue_stats()
+        pids = [stats[q]["worker_pid"] for q in range(4)]
+        held = psutil.Process(pids[1])
+        held.suspend()
+        try:
+            wait_for(lambda: held.status() == psutil.STATUS_STOPPED, timeout=5, interval=0.01)
+            family = rt._children()
+            rt.proc.send_signal(signal.SIGKILL)
+            assert rt.proc.wait(10) == -signal.SIGKILL
+            others = [psutil.Process(p) for p in pids if p != held.pid]
+            psutil.wait_procs(others, timeout=20)
+            assert not [p.pid for p in others if _running(p)]
+            assert held.status() == psutil.STATUS_STOPPED, held.status()
+            assert not fe.wait_closed(1.0), "closed while a worker could still write to its ring"
+        finally:
+            held.resume()
+        assert fe.wait_closed(20)
+        # its files are closed after its memory is gone (do_exit): exiting
+        psutil.wait_procs([held], timeout=10)
+        assert not _running(held)
+        psutil.wait_procs(family, timeout=20)
+    lab.kill_done(family)
 
 
 @pytest.mark.parametrize("when", ["during", "after"])

@@ -124,6 +124,7 @@ class Worker:
         self._poller.register(chan.fileno(), select.POLLIN)
         self._watched: set = set()
         self._log_call_fd = -1       # SET_LOG_FD's eventfd (DirtyLog does not own it)
+        self.session_fd = -1         # a copy of the front-end's connection (_hold_session)
         #: the port part's fds and detail (kinds other than "spsc"), owned here
         self.port_fds: List[int] = []
         self.port_meta: Dict[str, Any] = {}
@@ -174,6 +175,9 @@ class Worker:
             self._update_watch()
 
     def _cmd_apply(self, obj, fds):
+        # The front-end connection rides last, outside the snapshot (it is
+        # the control process's, not the Device's): see _hold_session.
+        self._hold_session(fds.pop() if obj.get("session") and fds else -1)
         snap = QueueSnapshot.decode(obj.get("snapshot"), fds)
         if snap.index != self.index:
             raise ValueError(f"snapshot of queue {snap.index} sent to worker {self.index}")
@@ -183,6 +187,23 @@ class Worker:
             self.apply(snap, pending)
         finally:
             fds.extend(pending)
+
+    def _hold_session(self, fd: int) -> None:
+        """Hold a copy of the front-end's connection while it lasts (-1: it
+        ended).  The front-end sees the connection close only once every
+        process holding it is gone, so when the control process dies it
+        learns of it after the workers, which exit when their command
+        channel closes, have stopped writing to its rings.  (QEMU reads
+        ``used->idx`` at the disconnect and serves the TX ring itself from
+        there while the link is down: a worker still completing buffers
+        after that would complete them twice.)  The control process shuts
+        the connection down itself when it ends a session."""
+        if fd >= 0 and self.session_fd >= 0 and fd_identity(fd) == fd_identity(self.session_fd):
+            os.close(fd)            # the same connection, re-sent with the next snapshot
+            return
+        if self.session_fd >= 0:
+            os.close(self.session_fd)
+        self.session_fd = fd
 
     def apply(self, snap: QueueSnapshot, pending: set) -> None:
         """Make the queue's configuration ``snap``'s.  Idempotent: applying
