@@ -67,3 +67,24 @@ def served(tmp_path, fd_guard):
     yield make
     for b in made:
         b.stop()
+
+
+@pytest.fixture
+def runtime(tmp_path):
+    """``runtime(queues=1, port="sink", *extra, **kw)`` starts ``shardvu run``
+    (:class:`shardvu.testing.runtime.Runtime`) on a socket in ``tmp_path``.
+    At the end each one still running must stop with exit code 0, leave no
+    socket file and no unreaped child behind."""
+    from shardvu.testing.runtime import Runtime
+    made = []
+
+    def make(queues=1, port="sink", *extra, **kw):
+        rt = Runtime(str(tmp_path / f"rt{len(made)}.sock"), queues, port, *extra, **kw)
+        made.append(rt)
+        return rt
+    yield make
+    for rt in made:
+        assert not rt.zombies(), "zombies left behind"
+        if rt.proc.poll() is None:
+            assert rt.stop() == 0
+            assert not os.path.exists(rt.sock), "socket left behind"

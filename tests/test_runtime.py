@@ -18,23 +18,7 @@ from shardvu.testing.driver import VRING_DESC_F_NEXT
 from shardvu.testing.frontend import Frontend, FrontendError
 from shardvu.protocol import Request as R
 
-from shardvu.testing.runtime import Runtime
 from util import wait_for
-
-
-@pytest.fixture
-def runtime(tmp_path):
-    made = []
-
-    def make(queues=1, port="sink", *extra, **kw):
-        rt = Runtime(str(tmp_path / f"rt{len(made)}.sock"), queues, port, *extra, **kw)
-        made.append(rt)
-        return rt
-    yield make
-    for rt in made:
-        if rt.proc.poll() is None:
-            assert rt.stop() == 0
-        assert not os.path.exists(rt.sock), "socket left behind"
 
 
 def frames(pair: int, n: int, size: int = 64):

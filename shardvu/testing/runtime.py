@@ -63,6 +63,18 @@ class Runtime:
         return [p for p in self._children() if not _is_resource_tracker(p) and not _is_zygote(p)
                 and not _is_capture(p)]
 
+    def zombies(self) -> List[int]:
+        """Pids of the control process's descendants that died and were
+        not reaped (a supervisor must leave none)."""
+        out = []
+        for p in self._children():
+            try:
+                if p.status() == psutil.STATUS_ZOMBIE:
+                    out.append(p.pid)
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
     def _children(self) -> List[psutil.Process]:
         try:
             return self.ps.children(recursive=True)
