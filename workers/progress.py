@@ -19,7 +19,7 @@ the ring's own ``used->idx`` and the shared ring's indices, finishes what
 its predecessor was doing when it died (``Worker.recover``), then goes on
 counting from the recorded counters: they never go down.
 
-Torn records: a record is 8 int64 fields written into the slot not in use,
+Torn records: a record is 7 int64 fields written into the slot not in use,
 then one aligned 8-byte store of the slot number publishes it; a kill
 before that store leaves the previous record in force.
 
@@ -30,7 +30,6 @@ Runs on Python 3.9 and PyPy 3.9 (worker code).
 """
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
 import stat
@@ -41,9 +40,10 @@ __all__ = ["ProgressPage", "Progress", "create", "SIZE"]
 
 SIZE = 4096
 _MAGIC = 0x5348_5650_5247_0001          # "SHVPRG", layout 1
-_FIELDS = 8
-_SLOT = (8, 16)                         # int64 index of each slot
-_CUR = 1
+_Q = struct.Struct("q")                 # native: the slot number, one 8-byte store
+_REC = struct.Struct("7q")              # generation, avail, spsc, packets, bytes, drops, valid
+_CUR_OFF = 8
+_SLOT_OFF = (64, 128)
 
 
 class Progress(NamedTuple):
@@ -74,44 +74,39 @@ class ProgressPage:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size < SIZE:
             raise ValueError("progress: not a page made by progress.create()")
-        self.fd = fd
         self._mm = mmap.mmap(fd, SIZE)
-        self._a = (ctypes.c_int64 * (SIZE // 8)).from_buffer(self._mm)
-        if self._a[0] != _MAGIC:
-            self._a = None
+        if _Q.unpack_from(self._mm, 0)[0] != _MAGIC:
             self._mm.close()
             raise ValueError("progress: bad magic")
+        self.fd = fd
+        #: the slot in force; only this page's worker writes the page, so
+        #: the copy here is the page's (a replacement re-reads it)
+        self._cur = _Q.unpack_from(self._mm, _CUR_OFF)[0] & 1
 
     def record(self, generation: int, avail: int, spsc: int, packets: int, nbytes: int,
                drops: int) -> None:
-        a = self._a
-        base = _SLOT[1 - a[_CUR]]
-        a[base] = generation
-        a[base + 1] = avail
-        a[base + 2] = spsc - (1 << 64) if spsc >> 63 else spsc
-        a[base + 3] = packets
-        a[base + 4] = nbytes
-        a[base + 5] = drops
-        a[base + 6] = 1
-        a[_CUR] = 1 - a[_CUR]
+        """Publish a record: the 7 fields into the slot not in force, then
+        the slot number (one aligned 8-byte store whose value differs from
+        the old one in its lowest byte only, so a kill cannot tear it).
+        One ``pack_into`` each: called after every pass that moved frames."""
+        nxt = 1 - self._cur
+        _REC.pack_into(self._mm, _SLOT_OFF[nxt], generation, avail,
+                       spsc - (1 << 64) if spsc >> 63 else spsc, packets, nbytes, drops, 1)
+        _Q.pack_into(self._mm, _CUR_OFF, nxt)
+        self._cur = nxt
 
     def last(self) -> Optional[Progress]:
         """The record in force, or None if nothing was ever recorded."""
-        a = self._a
-        base = _SLOT[a[_CUR]]
-        if a[base + 6] != 1:
+        cur = _Q.unpack_from(self._mm, _CUR_OFF)[0] & 1
+        gen, avail, spsc, packets, nbytes, drops, valid = _REC.unpack_from(self._mm, _SLOT_OFF[cur])
+        if valid != 1:
             return None
-        spsc = a[base + 2]
-        return Progress(a[base], a[base + 1], spsc + (1 << 64) if spsc < 0 else spsc,
-                        a[base + 3], a[base + 4], a[base + 5])
+        return Progress(gen, avail, spsc + (1 << 64) if spsc < 0 else spsc, packets, nbytes, drops)
 
     def close(self) -> None:
-        if self._a is not None:
-            self._a = None
-            try:
-                self._mm.close()
-            except BufferError:     # PyPy: the ctypes export dies with the GC
-                pass
+        if self._mm is not None:
+            self._mm.close()
+            self._mm = None
             os.close(self.fd)
 
 
