@@ -58,6 +58,23 @@ _SUPERVISION_KEYS = ("last_exit_code", "last_exit_signal", "last_recovery_s", "s
                      "broken_reason")
 
 
+
+def _unique_bytes(pid: int) -> Optional[int]:
+    """Private_Clean + Private_Dirty of ``/proc/PID/smaps_rollup`` (pages
+    this process alone maps), in bytes; None if it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            text = f.read()
+    except OSError:
+        return None
+    total = 0
+    found = False
+    for line in text.splitlines():
+        if line.startswith(b"Private_Clean:") or line.startswith(b"Private_Dirty:"):
+            total += int(line.split()[1]) * 1024
+            found = True
+    return total if found else None
+
 class _Queue:
     """What the collector knows about one queue.
 
@@ -317,11 +334,14 @@ class StatsCollector:
     def _proc_usage(self, pid: int) -> Tuple[float, int, int, Optional[float]]:
         """(cpu_percent since the previous snapshot, rss bytes, private
         bytes, CPU seconds user + system) of ``pid``; zeros and None if it
-        is gone.  Private = resident less
-        shared pages (psutil's ``shared``: file and shmem pages, which for a
-        worker are mostly the guest memory it touched through the
-        front-end's memfds — the front-end's memory, not the worker's).
-        Process objects are cached so the cpu deltas work."""
+        is gone.  Private = the pages mapped by this process alone (its
+        unique set size, from ``/proc/PID/smaps_rollup``): not the guest
+        memory it shares with the front-end, nor the pages it still shares
+        copy-on-write with the zygote it was forked from (resident less
+        psutil's ``shared`` counted those as private: 20 MiB for an idle
+        CPython worker whose own pages are 11 MiB).  Where smaps_rollup
+        cannot be read, resident less shared.  Process objects are cached
+        so the cpu deltas work."""
         p = self._procs.get(pid)
         try:
             if p is None:
@@ -329,8 +349,11 @@ class StatsCollector:
             with p.oneshot():
                 mem = p.memory_info()
                 t = p.cpu_times()
-                return (float(p.cpu_percent(None)), int(mem.rss),
-                        int(mem.rss - getattr(mem, "shared", 0)), float(t.user + t.system))
+                private = _unique_bytes(pid)
+                if private is None:
+                    private = mem.rss - getattr(mem, "shared", 0)
+                return (float(p.cpu_percent(None)), int(mem.rss), int(min(private, mem.rss)),
+                        float(t.user + t.system))
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             self._procs.pop(pid, None)
             return 0.0, 0, 0, None

@@ -145,7 +145,8 @@ class SnapshotCollector(Collector):
         yield fam
         for metric, field, doc in (
                 ("shardvu_worker_private_memory_bytes", "private_bytes",
-                 "Resident memory of the queue's worker less shared pages (guest memory)."),
+                 "Memory only the queue's worker maps (its unique set size: not the guest memory, "
+                 "nor pages shared with the zygote)."),
                 ("shardvu_worker_resident_memory_bytes", "rss_bytes",
                  "Resident memory of the queue's worker.")):
             gauge = GaugeMetricFamily(metric, doc, labels=_LABELS)
