@@ -237,12 +237,18 @@ def main() -> None:
                     "in turn, in this process; prints the median ns/pkt of each and B/A")
     ap.add_argument("--only", metavar="TEXT", default="",
                     help="run only the whole passes whose name contains TEXT")
+    ap.add_argument("--no-counts", action="store_true",
+                    help="call the loops without a Counters (no size bins nor casts counted "
+                    "where a loop counts only when given one): separates the cost of that "
+                    "counting from the rest of an A/B against a revision without it")
     args = ap.parse_args()
     size, frame, batches = args.size, args.frame, args.batches
     print(f"{platform.python_implementation()} {platform.python_version()}  ring {size}, "
           f"{frame}-byte frames, {batches} batches")
     if args.against:
         other, this = load_other(args.against), code()
+        if args.no_counts:
+            other.counters = this.counters = None
         print(f"interleaved A/B: A = {args.against}, B = this checkout (medians, ns/pkt)")
         for spec_a, spec_b in zip(passes(other, size, frame), passes(this, size, frame)):
             if args.only not in spec_b[0]:
