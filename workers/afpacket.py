@@ -100,6 +100,9 @@ _U32 = struct.Struct("I")
 #: TPACKET2_HDRLEN - sizeof(struct sockaddr_ll): where a TX frame starts
 _TX_DATA = 32
 _TX_SERIAL = 16         # tpacket2_hdr.tp_sec: the kernel ignores it on TX
+#: tpacket2_hdr.tp_sec, tp_nsec: the kernel stamps every RX frame; a slot
+#: given back keeps its stamp
+_STAMP = struct.Struct("II")
 
 
 def _next_serial(s: int) -> int:
@@ -364,6 +367,11 @@ class AfPacketPort(Port):
         self.serial = 0
         if tx:
             self.slot, self.serial = self._resume_slot()
+        #: RX on a ring already used (a predecessor killed, a reload, a new
+        #: session): find the kernel's place at the first receive, once the
+        #: predecessor can no longer take frames (see _resume_rx)
+        self._resync = not tx and any(_STAMP.unpack_from(self.mm, off + _TX_SERIAL) != (0, 0)
+                                      for off in self.slots)
         self.max_tx = self.geo.frame_size - _TX_DATA - VNET_LEN
         self.gone = False
         self._unchecked = False     # RX frames taken since PACKET_STATISTICS was read
@@ -484,6 +492,8 @@ class AfPacketPort(Port):
     def receive(self, budget: int) -> List[bytes]:
         if self.gone:
             return []
+        if self._resync:
+            self._resume_rx()
         mm = self.mm
         slots = self.slots
         nslots = len(slots)
@@ -518,6 +528,41 @@ class AfPacketPort(Port):
             if err:
                 self._check_link(err)
         return out
+
+    def _resume_rx(self) -> None:
+        """Read on from where the kernel is, not slot 0: the oldest frame
+        still in the ring, or with none the slot the kernel fills next.
+        (Started anywhere else, reader and kernel stay out of step for
+        good: frames come a ring lap late, and are dropped whenever the
+        kernel meets a slot still unread.)  The kernel fills slots in
+        order, so it writes next after the newest stamp; from there the
+        oldest frame is the first slot holding one after a slot that does
+        not.  Statuses are read backwards (slot 0's predecessor again after
+        slot 0): a frame the kernel adds meanwhile then cannot look like
+        such a start.  PACKET_STATISTICS is read now (its drops counted),
+        and the frames stored are those in the ring, so frames the
+        predecessor took since its last read are not taken for holes."""
+        self._resync = False
+        mm = self.mm
+        slots = self.slots
+        n = len(slots)
+        newest, head = (0, 0), 0
+        for i, off in enumerate(slots):
+            stamp = _STAMP.unpack_from(mm, off + _TX_SERIAL)
+            if stamp > newest:
+                newest, head = stamp, i + 1 if i + 1 < n else 0
+        user = [False] * n
+        for i in range(n - 1, -1, -1):
+            user[i] = bool(_U32.unpack_from(mm, slots[i])[0] & TP_STATUS_USER)
+        before_first = bool(_U32.unpack_from(mm, slots[-1])[0] & TP_STATUS_USER)
+        self.slot = head
+        for j in range(n):
+            i = head + j - n if head + j >= n else head + j
+            if user[i] and not (user[i - 1] if i else before_first):
+                self.slot = i
+                break
+        self._count_ring_drops()
+        self._stored, self._taken = sum(user), 0
 
     def _hole(self, mm, i: int) -> bool:
         """Our next slot ``i`` is the kernel's (the ring looks dry), yet the
