@@ -510,6 +510,8 @@ class Device:
     def _set_started(self, vq: VirtQueue, started: bool) -> None:
         if vq.started != started:
             vq.started = started
+            if started:
+                vq.discard_disabled = bool(vq.enable)
             self.iface.queue_set_started(self, vq.index, started)
 
     def collect_progress(self, vq: VirtQueue) -> None:
@@ -588,6 +590,7 @@ class Device:
             addr=tuple(vq.addr) if vq.addr is not None else None,
             base=vq.last_avail_idx, base_serial=self.base_serial[qidx],
             generation=self.generation[qidx], enabled=bool(vq.enable),
+            discard_disabled=bool(vq.discard_disabled),
             in_order=bool(self.iface.queue_is_processed_in_order(self, qidx)),
             regions=tuple(RegionPart(*r.describe()) for r in self.mem.regions),
             region_fds=tuple(r.fd for r in self.mem.regions),
@@ -848,6 +851,8 @@ class Device:
         if st.num > 1:
             raise RequestError(f"queue {st.index}: enable value {st.num} is not 0 or 1")
         vq.enable = bool(st.num)
+        if vq.enable and vq.started:
+            vq.discard_disabled = True
 
     def _on_vring_kick(self, msg, out):
         self._need_protocol(PF.INBAND_NOTIFICATIONS)

@@ -29,7 +29,8 @@ class DropReason(str, enum.Enum):
     RX_BUFFER_TOO_SMALL = "rx_buffer_too_small"
     #: no RX buffer posted by the guest when the frame had to be delivered
     NO_RX_BUFFER = "no_rx_buffer"
-    #: the ring is started but disabled: its frames are consumed and dropped
+    #: the ring is started but disabled (after an enable since it started):
+    #: its frames are consumed and dropped
     RING_DISABLED = "ring_disabled"
     #: the port (or the pair's shared ring) had no room
     PORT_FULL = "port_full"

@@ -125,6 +125,9 @@ class QueueSnapshot:
     base_serial: int = 0
     generation: int = 0
     enabled: bool = False
+    #: VirtQueue.discard_disabled: a disabled ring discards its TX (it was
+    #: enabled since it started), or is left alone until its first enable
+    discard_disabled: bool = False
     in_order: bool = False
     regions: Tuple[RegionPart, ...] = ()
     region_fds: Tuple[int, ...] = ()
@@ -177,7 +180,8 @@ class QueueSnapshot:
             "version": self.version, "index": self.index, "features": self.features,
             "num": self.num, "addr": list(self.addr) if self.addr is not None else None,
             "base": self.base, "base_serial": self.base_serial, "generation": self.generation,
-            "enabled": self.enabled, "in_order": self.in_order, "regions": regions,
+            "enabled": self.enabled, "discard_disabled": self.discard_disabled,
+            "in_order": self.in_order, "regions": regions,
             "kick": slot(self.kick_fd), "call": slot(self.call_fd), "err": slot(self.err_fd),
             "log": [self.log.size, self.log.offset, slot(self.log_fd)] if self.log else None,
             "log_call": slot(self.log_call_fd),
@@ -240,6 +244,7 @@ class QueueSnapshot:
                 index=_u64(obj["index"]), features=_u64(obj["features"]), num=_u64(obj["num"]),
                 addr=addr, base=_u64(obj["base"]), base_serial=_u64(obj["base_serial"]),
                 generation=_u64(obj["generation"]), enabled=bool(obj["enabled"]),
+                discard_disabled=bool(obj.get("discard_disabled", True)),
                 in_order=bool(obj["in_order"]), regions=tuple(regions),
                 region_fds=tuple(region_fds), kick_fd=fd_at(obj["kick"]),
                 call_fd=fd_at(obj["call"]), err_fd=fd_at(obj["err"]), log=log,

@@ -299,6 +299,14 @@ class VirtQueue:
         self.inuse = 0
         self.enable = False
         self.started = False
+        #: the ring has been enabled since it last started (or was enabled
+        #: when it started): a disabled ring then discards its TX buffers,
+        #: as the spec asks of a ring the driver disabled.  Before that
+        #: first enable a started ring is left alone: front-ends enable
+        #: rings after SET_VRING_KICK (QEMU, DPDK's virtio-user, which does
+        #: not wait for the back-end to take the enable before it
+        #: transmits), and what the driver queued in between is traffic.
+        self.discard_disabled = False
         self.broken = False
         self.broken_reason = ""
         #: why, as one of the bounded set of reasons (None while not broken)

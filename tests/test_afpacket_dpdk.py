@@ -37,17 +37,6 @@ def net(tmp_path):
     assert not leftover_testpmds()
 
 
-def settled(rt):
-    last = None
-    for _ in range(20):
-        now = {q: (s["packets"], s["drops"]) for q, s in rt.queue_stats().items()}
-        if now == last:
-            return rt.queue_stats()
-        last = now
-        time.sleep(0.6)
-    raise AssertionError("counters did not settle")
-
-
 def links(nsb: str):
     a = link_stats("va")
     with entered(nsb):
@@ -63,7 +52,7 @@ def test_txonly_counted_exactly_on_the_peer(net, queues):
     extra = ["--txonly-multi-flow"] if queues > 1 else []
     pmd = run_testpmd(rt.sock, queues, "txonly", SECONDS, extra_app=extra)
     assert pmd["returncode"] == 0, pmd["log"][-2000:]
-    stats = settled(rt)
+    stats = rt.settled_stats()
     a1, b1 = links(nsb)
     sent = pmd["tx_packets"]
     peer_rx = b1["rx_packets"] - b0["rx_packets"]
@@ -97,7 +86,7 @@ def test_af_packet_peer_into_rxonly_counted_exactly(net, queues):
             time.sleep(SECONDS)
         finally:
             txs = tx.stop()
-        stats = settled(rt)
+        stats = rt.settled_stats()
         a1, _ = links(nsb)
     finally:
         rxs = rx.stop()

@@ -28,20 +28,6 @@ def runtime(tmp_path):
     assert not leftover_testpmds()
 
 
-def settled_stats(rt, key="packets"):
-    """Per-queue stats once the workers' last publication is in."""
-    import time
-    last = None
-    for _ in range(20):
-        snap = rt.queue_stats()
-        now = {q: s[key] for q, s in snap.items()}
-        if now == last:
-            return snap
-        last = now
-        time.sleep(0.6)
-    return snap
-
-
 def assert_clean(rt, pmd):
     assert pmd["returncode"] == 0, pmd["log"][-2000:]
     assert "broken" not in rt.log(), rt.log()[-3000:]
@@ -52,7 +38,7 @@ def test_txonly_into_sink_counts_match_testpmd(runtime, queues):
     rt = runtime(queues, "sink")
     pmd = run_testpmd(rt.sock, queues, "txonly", SECONDS)
     assert_clean(rt, pmd)
-    stats = settled_stats(rt)
+    stats = rt.settled_stats()
     tx = [stats[2 * p + 1]["packets"] for p in range(queues)]
     assert sum(tx) == pmd["tx_packets"] > 0
     assert all(n > 0 for n in tx), f"a queue carried nothing: {tx}"
@@ -64,8 +50,10 @@ def test_io_forwarding_through_loopback(runtime, queues):
     pmd = run_testpmd(rt.sock, queues, "io", SECONDS)
     assert_clean(rt, pmd)
     assert pmd["rx_packets"] > 1000
-    stats = settled_stats(rt)
-    assert all(stats[2 * p]["packets"] > 0 for p in range(queues))
+    stats = rt.settled_stats()
+    rx = [stats[2 * p]["packets"] for p in range(queues)]
+    assert all(rx), (f"RX packets per pair {rx}, TX {[stats[2 * p + 1]['packets'] for p in range(queues)]}"
+                     f" TX drops {[stats[2 * p + 1]['drops_by_reason'] for p in range(queues)]}")
     # RSS counts the guest pages the copies touched; the worker's own
     # memory (private) stays small (~15 MiB here; the issue's bound is 40 MB)
     assert all(0 < q["private_bytes"] < 40 << 20 for q in stats.values()), \
@@ -78,7 +66,7 @@ def test_rxonly_from_generator(runtime, queues):
     pmd = run_testpmd(rt.sock, queues, "rxonly", SECONDS)
     assert_clean(rt, pmd)
     assert pmd["rx_packets"] > 1000
-    stats = settled_stats(rt)
+    stats = rt.settled_stats()
     rx = [stats[2 * p]["packets"] for p in range(queues)]
     assert all(n > 0 for n in rx), f"a queue received nothing: {rx}"
 

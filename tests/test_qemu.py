@@ -99,21 +99,6 @@ def errors(rt):
     return out
 
 
-def settled(rt, indices=None, timeout=10.0):
-    """Per-queue stats once two reads 0.6 s apart agree (workers publish every
-    0.5 s)."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while True:
-        snap = rt.queue_stats()
-        key = {i: (s["packets"], s["bytes"], s["drops"]) for i, s in snap.items()
-               if indices is None or i in indices}
-        if key == last or time.monotonic() > deadline:
-            return snap
-        last = key
-        time.sleep(0.6)
-
-
 def tx_packets(stats, queues):
     return [stats[2 * i + 1]["packets"] for i in range(queues)]
 
@@ -143,7 +128,7 @@ def test_pktgen_every_queue_exact(lab, queues):
     assert sorted(sent) == list(range(queues)), res["pktgen"]
     assert all(p["sent"] == COUNT and p["errors"] == 0 for p in sent.values()), res["pktgen"]
     assert res["stats"][-1]["tx_packets"] == queues * COUNT, res["stats"]
-    stats = settled(rt)
+    stats = rt.settled_stats()
     assert tx_packets(stats, queues) == [COUNT] * queues
     assert [stats[2 * c + 1]["bytes"] for c in range(queues)] == \
         [COUNT * (60 + c) for c in range(queues)]
@@ -172,7 +157,7 @@ def test_generator_to_guest_exact(lab):
     assert all(n > 0 for n in rx_packets(live, queues)), live
     g.set_link(False)
     res = g.wait_done(timeout=60)
-    stats = settled(rt)
+    stats = rt.settled_stats()
     delivered = rx_packets(stats, queues)
     guest = res["stats"][-1]
     assert guest["carrier"] == 0
@@ -195,7 +180,7 @@ def test_loopback_guest_frames_come_back(lab):
     res = g.wait_done(timeout=90)
     assert all(p["sent"] == COUNT for p in res["pktgen"]), res["pktgen"]
     guest = res["stats"][-1]
-    stats = settled(rt)
+    stats = rt.settled_stats()
     tx, rx = tx_packets(stats, queues), rx_packets(stats, queues)
     drops = [stats[2 * i + 1]["drops"] + stats[2 * i]["drops"] for i in range(queues)]
     assert guest["tx_packets"] == queues * COUNT
@@ -264,7 +249,7 @@ def test_client_mode(lab):
     rt = lab.runtime(queues, "sink", "--client")
     res = g.wait_done(timeout=90)
     assert all(p["sent"] == COUNT for p in res["pktgen"]), res["pktgen"]
-    stats = settled(rt)
+    stats = rt.settled_stats()
     assert tx_packets(stats, queues) == [COUNT] * queues
     assert_no_errors(rt, g)
 
@@ -360,7 +345,7 @@ def test_tap_guest_ping_and_tcp_both_ways_on_4_pairs(lab):
             sniffer.join(2)
         for t in sinks:
             t.join(5)
-        stats = settled(rt)
+        stats = rt.settled_stats()
     assert "error" not in res, res["error"]
     ping = res["ping"][0]
     assert ping["received"] == ping["transmitted"] == 5

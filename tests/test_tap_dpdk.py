@@ -38,17 +38,6 @@ def runtime(tmp_path):
     assert not leftover_testpmds()
 
 
-def settled(rt, queues, key="packets"):
-    last = None
-    for _ in range(20):
-        now = {q: (s[key], s["drops"]) for q, s in rt.queue_stats().items()}
-        if now == last:
-            return rt.queue_stats()
-        last = now
-        time.sleep(0.6)
-    raise AssertionError("counters did not settle")
-
-
 @pytest.mark.parametrize("queues", [1, 2])
 def test_txonly_counted_exactly_on_the_tap(runtime, queues):
     ifname = f"shvtx{queues}"
@@ -57,7 +46,7 @@ def test_txonly_counted_exactly_on_the_tap(runtime, queues):
     extra = ["--txonly-multi-flow"] if queues > 1 else []
     pmd = run_testpmd(rt.sock, queues, "txonly", SECONDS, extra_app=extra)
     assert pmd["returncode"] == 0, pmd["log"][-2000:]
-    stats = settled(rt, queues)
+    stats = rt.settled_stats()
     after = T.link_stats(ifname)
     sent = pmd["tx_packets"]
     assert sent > 0
@@ -90,7 +79,7 @@ def test_af_packet_into_rxonly_counted_exactly(runtime, queues):
             time.sleep(SECONDS)
         finally:
             txs = tx.stop()
-        stats = settled(rt, queues)
+        stats = rt.settled_stats()
         after = T.link_stats(ifname)
     finally:
         rxs = rx.stop()

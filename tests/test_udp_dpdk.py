@@ -30,17 +30,6 @@ def udp_rcvbuf_errors() -> int:
     return int(dict(zip(lines[0][1:], lines[1][1:]))["RcvbufErrors"])
 
 
-def settled(rt):
-    last = None
-    for _ in range(20):
-        now = {q: (s["packets"], s["drops"]) for q, s in rt.queue_stats().items()}
-        if now == last:
-            return rt.queue_stats()
-        last = now
-        time.sleep(0.6)
-    raise AssertionError("counters did not settle")
-
-
 @pytest.mark.parametrize("queues", [1, 2])
 def test_txonly_to_rxonly_through_two_instances_exact(tmp_path, queues):
     with netns("shvud"):
@@ -59,7 +48,7 @@ def test_txonly_to_rxonly_through_two_instances_exact(tmp_path, queues):
                 extra = ["--txonly-multi-flow"] if queues > 1 else []
                 tx = run_testpmd(ra.sock, queues, "txonly", 3, extra_app=extra)
                 assert tx["returncode"] == 0, tx["log"][-2000:]
-                sa, sb = settled(ra), settled(rb)
+                sa, sb = ra.settled_stats(), rb.settled_stats()
                 errs = udp_rcvbuf_errors() - errs0
             finally:
                 rxs = rx.stop()

@@ -241,6 +241,7 @@ class Worker:
             vq.processed_in_order = snap.in_order
             self._remap()
         vq.enable = snap.enabled
+        vq.discard_disabled = snap.discard_disabled
 
     def _remap(self) -> None:
         vq = self.vq
@@ -603,6 +604,8 @@ class Worker:
         c = self.counters
         d0 = c.drops
         if self.is_tx:
+            if not vq.enabled and not vq.discard_disabled:
+                return 0              # not enabled yet since it started: left alone
             forward = (self.port.tx_fn is not None or self.twoway is not None) and vq.enabled
             n, nbytes = self._tx_batch(forward)
             if not n:
@@ -615,12 +618,15 @@ class Worker:
             c.bytes += nbytes
             return n
         mode = self.port.rx_mode
+        counted = 0           # frames counted (and recorded) before the end of the pass
         if mode == "generator":
             if not vq.enabled:
                 return 0
             n, nbytes = self._rx_batch(self.frames, self.gen_frames)
         elif mode == "spsc" and self.spsc is not None:
             if not vq.enabled:        # must not supply RX frames: drop them
+                if not vq.discard_disabled:
+                    return 0          # (or, not enabled yet since it started, leave them)
                 dropped = len(self.spsc.peek(self.batch))
                 self.spsc.release(dropped)
                 if dropped:
@@ -635,6 +641,14 @@ class Worker:
                                                           c, self.hdr_len - h)
                 nbytes -= (self.hdr_len - h) * n
             if more:          # a chained or short RX buffer: the general path
+                if n and self.progress is not None:
+                    # The fast loop has released its frames' slots, the
+                    # general path releases its own: a record in between,
+                    # so that no record spans two releases (progress.resume)
+                    c.packets += n
+                    c.bytes += nbytes
+                    _progress.note(self)
+                    counted, nbytes = n, 0
                 n2, b2 = self._rx_from_peek(self.batch - n)
                 n += n2
                 nbytes += b2
@@ -651,7 +665,7 @@ class Worker:
             return 0
         if n:
             c.batches += 1
-            c.packets += n - (c.drops - d0)
+            c.packets += n - counted - (c.drops - d0)
             c.bytes += nbytes
         return n
 
@@ -679,13 +693,13 @@ class Worker:
         """Checked after re-enabling notifications, before sleeping."""
         vq = self.vq
         if self.is_tx:
-            return not vq.empty()
+            return (vq.enabled or vq.discard_disabled) and not vq.empty()
         mode = self.port.rx_mode
         if mode == "generator":
             return vq.enabled and not vq.empty()
         if mode == "spsc" and self.spsc is not None:
             if not self.spsc.consumer_prepare_sleep():
-                return not vq.empty() or not vq.enabled
+                return not vq.empty() or (not vq.enabled and vq.discard_disabled)
             return False
         if self.port_rx is not None:
             self._update_watch()     # the port fd only while nothing waits for buffers
@@ -738,7 +752,7 @@ class Worker:
         in the loopback ring.  A wrong answer costs only time: the spin
         deadline in :meth:`run` holds across passes that move nothing."""
         vq = self.vq
-        if not vq.started or (not self.is_tx and not vq.enabled):
+        if not vq.started or (not vq.enabled and (not self.is_tx or not vq.discard_disabled)):
             return False
         if self.spsc is not None and not self.is_tx and not self.spsc.ready():
             return False

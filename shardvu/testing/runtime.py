@@ -100,6 +100,22 @@ class Runtime:
     def queue_stats(self) -> Dict[int, Dict]:
         return {q["index"]: q for q in self.stats()["queues"]}
 
+    def settled_stats(self, indices=None, timeout: float = 12.0) -> Dict[int, Dict]:
+        """Per-queue stats once two reads 0.6 s apart agree on the packets,
+        bytes and drops of every queue in ``indices`` (default all): the
+        workers publish every 0.5 s.  After ``timeout`` seconds, the last
+        read as it is (the caller's exact checks then say what moved)."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while True:
+            snap = self.queue_stats()
+            now = {i: (s["packets"], s["bytes"], s["drops"]) for i, s in snap.items()
+                   if indices is None or i in indices}
+            if now == last or time.monotonic() > deadline:
+                return snap
+            last = now
+            time.sleep(0.6)
+
     def log(self) -> str:
         """Everything the runtime logged so far (undecodable bytes
         replaced); OSError if the log file is gone."""
