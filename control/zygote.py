@@ -140,6 +140,9 @@ def spare_main(chan_fd: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     chan = socket.socket(fileno=chan_fd)
     from shardvu.workers.worker import worker_main     # warm: imported before the call
+    # Ports a worker builds once taken import their modules then; the tap's
+    # cffi declarations (PyPy) take a cold process ~250 ms to parse.
+    import shardvu.workers.tap  # noqa: F401
     _warm_zmq()
     # What exists now is the worker code: out of the collector's way before
     # the call, so the worker's start-up collection has little to scan.

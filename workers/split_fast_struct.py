@@ -59,11 +59,16 @@ _ALL_ONES = (0xFFFFFFFF, 0xFFFF)
 _ffi = cffi.FFI()
 _memmove = _ffi.memmove
 _pointer = _ffi.from_buffer
+# Parsed here, at import (a spare worker imports this before it is taken):
+# cffi parses a C type string with pycparser, whose tables it builds on the
+# first parse in a process, ~250 ms on PyPy; a replacement worker's first
+# pass paid that before it served a frame.
+_U8_P = _ffi.typeof("uint8_t *")
 
 
 def _u8(ptr):
     """``ptr`` as ``uint8_t *``: indexing it is one byte load in the JIT."""
-    return _ffi.cast("uint8_t *", ptr)
+    return _ffi.cast(_U8_P, ptr)
 
 
 def _cast(counts, mm, at: int, flen: int) -> None:

@@ -350,9 +350,10 @@ else:       # PyPy 3.9
         ssize_t writev(int fd, const struct iovec *iov, int iovcnt);
     """)
     _libc = _ffi.dlopen(None)
+    _IOV_ARRAY = _ffi.typeof("struct iovec[]")     # parsed at import, not at the first frame
 
     def _iov(buffers: Sequence, writable: bool):
-        iov = _ffi.new("struct iovec[]", len(buffers))
+        iov = _ffi.new(_IOV_ARRAY, len(buffers))
         keep = []
         for i, b in enumerate(buffers):
             p = _ffi.from_buffer(b, require_writable=writable)
