@@ -4,7 +4,9 @@ loses neither frames nor counts.
 The control process makes one page per queue (:func:`create`) and keeps
 it for its whole life; each worker of the queue (the first, and every
 replacement) maps it.  After every pass that moved frames the worker
-records, with :meth:`ProgressPage.record`:
+records (an RX pass also between its fast loop's part and the general
+path's, so that no record spans two releases of the pair's ring), with
+:meth:`ProgressPage.record`:
 
 * ``generation``: the snapshot generation the ring state belongs to (a
   ring reset makes the rest meaningless for recovery);
@@ -16,7 +18,7 @@ records, with :meth:`ProgressPage.record`:
 
 A replacement reads the last record (:meth:`ProgressPage.last`) and, with
 the ring's own ``used->idx`` and the shared ring's indices, finishes what
-its predecessor was doing when it died (``Worker.recover``), then goes on
+its predecessor was doing when it died (:func:`resume`), then goes on
 counting from the recorded counters: they never go down.
 
 Torn records: a record is 7 int64 fields written into the slot not in use,
@@ -98,6 +100,10 @@ class ProgressPage:
     def last(self) -> Optional[Progress]:
         """The record in force, or None if nothing was ever recorded."""
         cur = _Q.unpack_from(self._mm, _CUR_OFF)[0] & 1
+        # A page mapped while the previous worker still recorded (a live
+        # upgrade's new worker) learns the slot in force here, at its start
+        # (resume), before its first record.
+        self._cur = cur
         gen, avail, spsc, packets, nbytes, drops, valid = _REC.unpack_from(self._mm, _SLOT_OFF[cur])
         if valid != 1:
             return None
@@ -146,16 +152,28 @@ def resume(w) -> None:
       first ``m`` chains from ``rec.avail`` that hold the ``k`` frames
       (frames too short or too long for a slot were dropped by the same
       rule, and are counted as drops).
-    * RX, ``done`` > 0: those frames were delivered (used store first);
-      their slots not yet released (the consumer index may have moved part
-      of the way) are released now.
+    * RX, ``done`` > 0: those buffers were filled (used store first).  A
+      record spans at most one release of the pair's ring's slots, which
+      comes after the used stores of the frames it releases (the RX pass
+      records between its fast loop's part and the general path's).  So
+      if the consumer index moved since the record, every frame delivered
+      since was released; if not, none was, and they are the oldest
+      frames waiting in the ring: matched by length against the used
+      elements (:func:`_delivered`: one buffer a frame, or several with
+      MRG_RXBUF), then released now.
 
-    Exactly once for single-buffer frames (what the fast loops take); a
-    chained TX frame (general path: used store, then hand-on) or an RX
-    frame spanning MRG_RXBUF buffers may be lost or repeated once if the
-    kill lands inside its batch.  Bytes of chains completed after the last
-    record are re-read from their descriptors (the guest may already have
-    reused them: best effort); packets and drops are exact."""
+    Exactly once, also for RX frames spanning MRG_RXBUF buffers, except a
+    chained TX frame (general path: used store, then hand-on), which may
+    be lost or repeated once if the kill lands inside its batch, and an RX
+    frame the dead worker dropped (no RX buffer it fits in), after which
+    the frames of its batch are delivered again.  Bytes of TX chains
+    completed after the last record are re-read from their descriptors
+    (the guest may already have reused them: best effort), RX bytes come
+    from the used elements; packets and drops are exact.
+
+    The state a worker starts from is recorded at once (also the first
+    worker's), so that a worker killed before its first pass's record
+    leaves its own starting point behind."""
     if w.resumed:
         return
     w.resumed = True
@@ -164,17 +182,25 @@ def resume(w) -> None:
         # while busy left them off (the driver would not kick, and the new
         # worker would sleep until its idle timeout).
         w.vq.set_notification(True)
-    rec = w.progress.last()
-    if rec is None:
-        return
-    c = w.counters
-    vq = w.vq
     spsc = w.spsc
     if spsc is not None:
         # attached a while ago (a live upgrade's new worker applied its
         # snapshot while the old one still ran): the shared indices now
         spsc._prod = _u64(spsc._pi.value)
         spsc._cons = _u64(spsc._ci.value)
+    rec = w.progress.last()
+    if rec is not None:
+        _finish(w, rec)
+    vq = w.vq
+    if vq.mapped and vq.num and vq.last_avail_idx == vq.used_idx:
+        note(w)             # where this worker starts from (a kill before its first record)
+
+
+def _finish(w, rec: Progress) -> None:
+    """:func:`resume`'s work on the predecessor's last record ``rec``."""
+    c = w.counters
+    vq = w.vq
+    spsc = w.spsc
     if rec.generation != (w._generation or 0) or not vq.mapped or not vq.num:
         return
     if vq.processed_in_order and not vq.inuse and vq.inflight is None:
@@ -197,16 +223,48 @@ def resume(w) -> None:
     else:
         if done:
             elems = [_used_elem(vq, (rec.avail + i) & 0xFFFF) for i in range(done)]
-            c.packets += done
-            c.bytes += sum(max(0, n - hdr) for _head, n in elems)
-            # One slot per delivered frame: release those not yet released.
-            # A pass may release in two steps (the fast loop, then the
-            # general path at a slot wrap), so the consumer index may have
-            # moved part of the way.
-            if spsc is not None and not w.mergeable:
+            frames = done           # one buffer a frame, unless told otherwise
+            if spsc is not None:
                 released = (spsc._cons - rec.spsc) % (1 << 64)
-                if released < done:
-                    spsc.consumed(rec.spsc + done)
+                if not released:
+                    # Delivered, not released: those frames are the oldest
+                    # waiting in the pair's ring.  Release them now.
+                    frames, bufs = _delivered(w, elems)
+                    spsc.release(frames)
+                    spsc.unpeek()
+                    frames += done - bufs       # buffers not matched: one frame each
+                elif w.mergeable:
+                    # released since the record: every frame delivered since
+                    # (a record spans one release), each in one or more buffers
+                    frames = min(done, released)
+            c.packets += frames
+            c.bytes += max(0, sum(n for _head, n in elems) - hdr * frames)
+
+
+def _delivered(w, elems: list) -> tuple:
+    """How many of the frames waiting in the pair's ring, oldest first,
+    the used elements ``elems`` (``(head, len)``, in order) hold:
+    ``(frames, buffers)``.  A frame is in the buffers whose used lengths
+    add up to its header + frame (one buffer without MRG_RXBUF); the first
+    frame that does not match ends the count (it is delivered again rather
+    than lost).  Leaves those frames peeked: the caller releases them."""
+    extra = 0 if w.offload_loop else w.hdr_len      # offload: the slot holds the header
+    views = w.spsc.peek(len(elems))
+    lens = [len(v) + extra for v in views]
+    del views
+    frames = i = 0
+    for want in lens:
+        got, j = elems[i][1], i + 1
+        while got < want and j < len(elems) and w.mergeable:
+            got += elems[j][1]
+            j += 1
+        if got != want:
+            break
+        frames += 1
+        i = j
+        if i == len(elems):
+            break
+    return frames, i
 
 
 def _u64(v: int) -> int:
