@@ -37,32 +37,6 @@ INTERPRETERS = [pytest.param((), id="cpython"),
                                                       reason="no PyPy venv at .venv-pypy"))]
 
 
-@pytest.fixture
-def runtime(tmp_path):
-    made = []
-
-    def make(queues=1, port="sink", *extra, **kw):
-        rt = Runtime(str(tmp_path / f"rt{len(made)}.sock"), queues, port, *extra, **kw)
-        made.append(rt)
-        return rt
-    yield make
-    for rt in made:
-        if rt.proc.poll() is None:
-            assert rt.stop() == 0
-        assert not _zombies(rt), "zombies left behind"
-
-
-def _zombies(rt: Runtime):
-    out = []
-    for p in rt._children():
-        try:
-            if p.status() == psutil.STATUS_ZOMBIE:
-                out.append(p.pid)
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
 def _spares(rt: Runtime) -> int:
     n = 0
     for p in rt._children():
@@ -367,7 +341,7 @@ def test_kill_under_load_loopback_exactly_once(runtime, interp, victims):
     # A worker the pool started holds one fd more in the control (its
     # multiprocess sentinel) than a replacement: the count may drop once.
     assert counts[0] <= fds and counts[1] == counts[0] and counts[2] == counts[0], (fds, counts)
-    assert not _zombies(rt)
+    assert not rt.zombies()
 
 
 @pytest.mark.parametrize("interp", INTERPRETERS)
@@ -483,7 +457,7 @@ def test_zygote_death_leaves_the_workers_and_a_new_zygote_serves(runtime):
             t.round()
         t.drain()
         _exactly_once(t)
-    assert not _zombies(rt)
+    assert not rt.zombies()
 
 
 @pytest.mark.parametrize("interp", INTERPRETERS)
@@ -515,7 +489,7 @@ def test_sighup_replaces_every_worker_without_losing_a_frame(runtime, interp):
         counted = lambda: [rt.queue_stats()[q]["packets"] for q in (0, 1)]    # noqa: E731
         wait_for(lambda: counted() == [t.sent] * 2, timeout=5, interval=0.1)
     assert "died" not in rt.log()           # a replacement, not a crash
-    assert not _zombies(rt)
+    assert not rt.zombies()
 
 
 def test_reload_refused_by_another_snapshot_version_keeps_the_old_workers(runtime, tmp_path, monkeypatch):
@@ -556,4 +530,4 @@ def test_reload_refused_by_another_snapshot_version_keeps_the_old_workers(runtim
         counted = lambda: [rt.queue_stats()[q]["packets"] for q in (0, 1)]    # noqa: E731
         wait_for(lambda: counted() == [t.sent] * 2, timeout=5, interval=0.1)
         assert rt.queue_stats()[1]["state"] != "broken"
-    assert not _zombies(rt)
+    assert not rt.zombies()
