@@ -337,6 +337,11 @@ def test_kill_under_load_loopback_exactly_once(runtime, interp, victims):
         for q in victims:
             assert info[q]["restarts"] == 3
             assert info[q].get("last_exit_signal", signal.SIGKILL) == signal.SIGKILL
+        # every other counter is carried too: the 64-byte frames' size bin
+        # holds every frame, and the drops by reason add up to the drops
+        for q in (0, 1):
+            assert info[q]["size_64_packets"] == t.sent, (q, info[q])
+            assert sum(info[q]["drops_by_reason"].values()) == info[q]["drops"], (q, info[q])
     assert "replaced by pid" in rt.log()
     # A worker the pool started holds one fd more in the control (its
     # multiprocess sentinel) than a replacement: the count may drop once.

@@ -21,12 +21,21 @@ the ring's own ``used->idx`` and the shared ring's indices, finishes what
 its predecessor was doing when it died (:func:`resume`), then goes on
 counting from the recorded counters: they never go down.
 
-Torn records: a record is 7 int64 fields written into the slot not in use,
-then one aligned 8-byte store of the slot number publishes it; a kill
-before that store leaves the previous record in force.
+* every other counter (kicks, calls, suppressed, batches, ring_errors,
+  the casts, the size bins; drops by reason), so that none is lost either.
+
+Torn records: a record is written into the slot not in use, then one
+aligned 8-byte store of the slot number publishes it; a kill before that
+store leaves the previous record in force.  A slot's drops by reason are
+rewritten only when the drops total differs from the one they were
+written with (they change only with it), so a record costs one
+``pack_into`` of fixed arity and the slot number's store.
 
 Layout (native-endian int64): 0 magic, 8 current slot (0/1), 64 slot 0,
-128 slot 1 (each: generation, avail, spsc, packets, bytes, drops, valid).
+320 slot 1 (each: generation, avail, spsc, packets, bytes, drops, kicks,
+calls, suppressed, batches, ring_errors, broadcast, multicast, the 7 size
+bins, valid), 1024 slot 0's drops by reason, 1536 slot 1's (each: the
+drops total they add up to, then one count per DropReason, in its order).
 
 Runs on Python 3.9 and PyPy 3.9 (worker code).
 """
@@ -38,14 +47,23 @@ import stat
 import struct
 from typing import NamedTuple, Optional
 
+from shardvu.framestats import add_lengths
+from shardvu.reasons import DropReason
+
+from .stats import SIZE_BINS
+
 __all__ = ["ProgressPage", "Progress", "create", "SIZE"]
 
 SIZE = 4096
-_MAGIC = 0x5348_5650_5247_0001          # "SHVPRG", layout 1
+_MAGIC = 0x5348_5650_5247_0002          # "SHVPRG", layout 2
 _Q = struct.Struct("q")                 # native: the slot number, one 8-byte store
-_REC = struct.Struct("7q")              # generation, avail, spsc, packets, bytes, drops, valid
+_REC = struct.Struct("21q")             # see the layout above; valid last
 _CUR_OFF = 8
-_SLOT_OFF = (64, 128)
+_SLOT_OFF = (64, 320)
+_REASONS = tuple(DropReason)
+_WHY = struct.Struct(f"{1 + len(_REASONS)}q")   # drops total, then per reason
+_WHY_OFF = (1024, 1536)
+assert len(SIZE_BINS) == 7                # the record's fixed arity
 
 
 class Progress(NamedTuple):
@@ -55,6 +73,11 @@ class Progress(NamedTuple):
     packets: int
     bytes: int
     drops: int
+    #: (kicks, calls, suppressed, batches, ring_errors, broadcast, multicast)
+    scalars: tuple = ()
+    sizes: tuple = ()
+    #: {DropReason: n}, or None if the slot's were not written for its drops
+    by_reason: Optional[dict] = None
 
 
 def create() -> int:
@@ -84,17 +107,30 @@ class ProgressPage:
         #: the slot in force; only this page's worker writes the page, so
         #: the copy here is the page's (a replacement re-reads it)
         self._cur = _Q.unpack_from(self._mm, _CUR_OFF)[0] & 1
+        #: per slot, the drops total its drops by reason were written with
+        self._why_drops: list = [None, None]
 
-    def record(self, generation: int, avail: int, spsc: int, packets: int, nbytes: int,
-               drops: int) -> None:
-        """Publish a record: the 7 fields into the slot not in force, then
-        the slot number (one aligned 8-byte store whose value differs from
-        the old one in its lowest byte only, so a kill cannot tear it).
-        One ``pack_into`` each: called after every pass that moved frames."""
+    def record(self, generation: int, avail: int, spsc: int, counters) -> None:
+        """Publish a record of ``counters`` (a workers.stats.Counters) and
+        the ring positions: the fields into the slot not in force, then the
+        slot number (one aligned 8-byte store whose value differs from the
+        old one in its lowest byte only, so a kill cannot tear it).  One
+        ``pack_into`` per part: called after every pass that moved frames."""
         nxt = 1 - self._cur
-        _REC.pack_into(self._mm, _SLOT_OFF[nxt], generation, avail,
-                       spsc - (1 << 64) if spsc >> 63 else spsc, packets, nbytes, drops, 1)
-        _Q.pack_into(self._mm, _CUR_OFF, nxt)
+        c = counters
+        s = c.sizes
+        mm = self._mm
+        drops = c.drops
+        if self._why_drops[nxt] != drops:
+            by = c.drops_by_reason
+            _WHY.pack_into(mm, _WHY_OFF[nxt], drops, *[by[r] for r in _REASONS])
+            self._why_drops[nxt] = drops
+        _REC.pack_into(mm, _SLOT_OFF[nxt], generation, avail,
+                       spsc - (1 << 64) if spsc >> 63 else spsc, c.packets, c.bytes, drops,
+                       c.kicks, c.calls, c.suppressed, c.batches, c.ring_errors,
+                       c.broadcast_packets, c.multicast_packets,
+                       s[0], s[1], s[2], s[3], s[4], s[5], s[6], 1)
+        _Q.pack_into(mm, _CUR_OFF, nxt)
         self._cur = nxt
 
     def last(self) -> Optional[Progress]:
@@ -104,10 +140,14 @@ class ProgressPage:
         # upgrade's new worker) learns the slot in force here, at its start
         # (resume), before its first record.
         self._cur = cur
-        gen, avail, spsc, packets, nbytes, drops, valid = _REC.unpack_from(self._mm, _SLOT_OFF[cur])
-        if valid != 1:
+        f = _REC.unpack_from(self._mm, _SLOT_OFF[cur])
+        if f[20] != 1:
             return None
-        return Progress(gen, avail, spsc + (1 << 64) if spsc < 0 else spsc, packets, nbytes, drops)
+        why = _WHY.unpack_from(self._mm, _WHY_OFF[cur])
+        spsc = f[2]
+        return Progress(f[0], f[1], spsc + (1 << 64) if spsc < 0 else spsc, f[3], f[4], f[5],
+                        f[6:13], f[13:20],
+                        dict(zip(_REASONS, why[1:])) if why[0] == f[5] else None)
 
     def close(self) -> None:
         if self._mm is not None:
@@ -125,7 +165,7 @@ def note(w) -> None:
     c = w.counters
     spsc = w.spsc
     idx = 0 if spsc is None else (spsc._prod if w.is_tx else spsc._cons)
-    w.progress.record(w._generation or 0, w.vq.last_avail_idx, idx, c.packets, c.bytes, c.drops)
+    w.progress.record(w._generation or 0, w.vq.last_avail_idx, idx, c)
 
 
 def carry(w) -> None:
@@ -134,6 +174,11 @@ def carry(w) -> None:
     if rec is not None:
         c = w.counters
         c.packets, c.bytes, c.drops = rec.packets, rec.bytes, rec.drops
+        (c.kicks, c.calls, c.suppressed, c.batches, c.ring_errors, c.broadcast_packets,
+         c.multicast_packets) = rec.scalars
+        c.sizes = list(rec.sizes)
+        if rec.by_reason is not None:
+            c.drops_by_reason.update(rec.by_reason)
 
 
 def resume(w) -> None:
@@ -214,8 +259,11 @@ def _finish(w, rec: Progress) -> None:
     hdr = w.hdr_len
     if w.is_tx:
         if done:
+            lens = [n for n in _tx_lengths(vq, rec.avail, done) if n >= hdr]
             c.packets += done
-            c.bytes += sum(max(0, n - hdr) for n in _tx_lengths(vq, rec.avail, done))
+            c.bytes += sum(lens) - hdr * len(lens)
+            if lens:
+                add_lengths(c, lens, hdr, min(lens), max(lens))
         elif spsc is not None:
             k = (spsc._prod - rec.spsc) % (1 << 64)
             if 0 < k <= vq.num:
@@ -239,6 +287,9 @@ def _finish(w, rec: Progress) -> None:
                     frames = min(done, released)
             c.packets += frames
             c.bytes += max(0, sum(n for _head, n in elems) - hdr * frames)
+            if frames == done:      # one buffer a frame: their sizes are the used lengths
+                lens = [n for _head, n in elems]
+                add_lengths(c, lens, hdr, min(lens), max(lens))
 
 
 def _delivered(w, elems: list) -> tuple:
@@ -296,7 +347,7 @@ def _complete_pushed(w, k: int) -> None:
     rings, num = vq.rings, vq.num
     maxf = w.spsc.max_frame
     start = vq.last_avail_idx
-    m = pushed = nbytes = 0
+    m = pushed = nbytes = short = 0
     while pushed < k and m < num:
         head = rings.avail16[2 + ((start + m) & (num - 1))]
         if head >= num or rings.desc16[(head << 3) + 6] & (_F_NEXT | _F_WRITE | _F_INDIRECT):
@@ -305,6 +356,8 @@ def _complete_pushed(w, k: int) -> None:
         if 0 <= flen <= maxf:
             pushed += 1
             nbytes += flen
+        elif flen < 0:
+            short += 1
         m += 1
     if pushed != k:
         return            # the ring does not tell this story: leave it to the walk
@@ -317,4 +370,7 @@ def _complete_pushed(w, k: int) -> None:
     vq.notify()
     c.packets += m
     c.bytes += nbytes
-    c.drops += m - k
+    if short:
+        c.drop(DropReason.SHORT_FRAME, short)
+    if m - k - short:
+        c.drop(DropReason.OVERSIZE_FRAME, m - k - short)
