@@ -15,7 +15,7 @@ import pytest
 from afnet import entered, veth
 from nsutil import can_netns
 from test_qemu import TAP_OFFLOADS, _qemu_ok, _guest_ok, _qemu_why, _guest_why, errors, \
-    guest_image, lab, settled  # noqa: F401  (fixtures)
+    guest_image, lab  # noqa: F401  (fixtures)
 import test_qemu
 
 pytestmark = [
@@ -57,7 +57,7 @@ def test_guest_ping_and_tcp_both_ways_on_4_pairs(lab):
             sniffer.join(2)
         for t in sinks:
             t.join(5)
-        stats = settled(rt)
+        stats = rt.settled_stats()
     assert "error" not in res, res["error"]
     ping = res["ping"][0]
     assert ping["received"] == ping["transmitted"] == 5
