@@ -289,3 +289,25 @@ def test_a_ring_started_before_its_enable_keeps_its_tx_for_the_enable(runtime, p
         assert fe.send(0, frames(0, 5)) == 5
         wait_for(lambda: _tx_accounted(rt) == (8, 5), timeout=10)
         wait_for(lambda: fe.queues[1].used_idx == 13)
+
+
+def test_frames_left_in_the_pair_ring_do_not_reach_the_next_session(runtime):
+    """Frames the TX worker handed to the pair's ring while the guest had
+    no RX buffers belong to that guest: after a reconnect (a ring reset)
+    the RX worker drops them, counted as ring_disabled, and the new guest
+    receives only its own frames."""
+    rt = runtime(1, "loopback")
+    with Frontend(rt.sock) as fe:
+        fe.negotiate()
+        assert fe.send(0, frames(0, 6)) == 6            # no RX buffers posted
+        wait_for(lambda: rt.queue_stats()[1]["packets"] == 6, timeout=10)
+    with Frontend(rt.sock) as fe:
+        fe.negotiate()
+        fe.post_rx(0, 16)
+        want = [bytes([0xAA, i]) + bytes(62) for i in range(4)]
+        assert fe.send(0, want) == 4
+        got = fe.receive(0, timeout=10, min_frames=4)
+        time.sleep(0.5)
+        got += fe.receive(0, timeout=0.2, min_frames=0)
+        assert got == want
+    wait_for(lambda: rt.queue_stats()[0]["drops_by_reason"]["ring_disabled"] == 6, timeout=10)

@@ -188,6 +188,22 @@ class Worker:
         finally:
             fds.extend(pending)
 
+    def _discard_pair_ring(self) -> None:
+        """At a ring reset (a new session, RESET_DEVICE), the loopback RX
+        worker drops the frames its pair's ring still holds: they belong to
+        the guest before the reset and must not reach the next one.  Counted
+        as ``ring_disabled`` drops.  (A worker's first snapshot is not a
+        reset: a replacement delivers what its predecessor left.)"""
+        if self.is_tx or self.spsc is None:
+            return
+        while True:
+            n = len(self.spsc.peek(self.spsc.slots))
+            if not n:
+                break
+            self.spsc.release(n)
+            self.counters.drop(DropReason.RING_DISABLED, n)
+        self.spsc.unpeek()
+
     def _hold_session(self, fd: int) -> None:
         """Hold a copy of the front-end's connection while it lasts (-1: it
         ended).  The front-end sees the connection close only once every
@@ -217,6 +233,8 @@ class Worker:
             self._drain_tx()       # frames queued while enabled are still traffic
         if snap.generation != self._generation:
             # A ring reset: progress and broken state go with it.
+            if self._generation is not None:
+                self._discard_pair_ring()
             vq.reset()
             self._generation = snap.generation
             self._base_serial = None
