@@ -614,7 +614,7 @@ class Device:
                    (inf.fd, inf.mmap_size, inf.mmap_offset, inf.num_queues, inf.queue_size)
                    if inf is not None else None)
         queue_keys = [(vq.num, vq.addr, vq.last_avail_idx, self.base_serial[i], self.generation[i],
-                       bool(vq.enable), vq.kick_fd, vq.call_fd, vq.err_fd)
+                       bool(vq.enable), bool(vq.discard_disabled), vq.kick_fd, vq.call_fd, vq.err_fd)
                       for i, vq in enumerate(self.vqs)]
         return dev_key, queue_keys
 
