@@ -180,6 +180,14 @@ def test_a_restart_offers_what_the_first_start_offered(lab, monkeypatch, tmp_pat
     assert first["queue_num"] == 2 * queues
 
 
+def _loop_32(fe: Frontend) -> None:
+    """Negotiate, then 32 numbered frames through pair 0 and back (loopback)."""
+    fe.negotiate()
+    fe.post_rx(0, 64)
+    fe.send(0, _numbered(0, 32))
+    assert len(fe.receive(0, timeout=10, min_frames=32)) == 32
+
+
 # -- nothing outlives a killed control ----------------------------------------------------------
 @pytest.mark.parametrize("interp", INTERPRETERS)
 def test_kill9_of_the_control_takes_zygote_spares_and_workers_with_it(lab, interp):
@@ -189,10 +197,7 @@ def test_kill9_of_the_control_takes_zygote_spares_and_workers_with_it(lab, inter
     replacement worker (a spare that became a worker) among them."""
     rt = lab.runtime(2, "loopback", *interp)
     with Frontend(rt.sock, queue_pairs=2) as fe:
-        fe.negotiate()
-        fe.post_rx(0, 64)
-        fe.send(0, _numbered(0, 32))
-        assert len(fe.receive(0, timeout=10, min_frames=32)) == 32
+        _loop_32(fe)
         victim = rt.queue_stats()[1]["worker_pid"]
         os.kill(victim, signal.SIGKILL)
         wait_for(lambda: rt.queue_stats()[1]["worker_pid"] not in (None, victim),
@@ -216,10 +221,7 @@ def test_the_front_end_sees_a_killed_control_go_only_after_its_workers(lab, inte
     while it lives, and closes once it resumes and exits."""
     rt = lab.runtime(2, "loopback", *interp)
     with Frontend(rt.sock, queue_pairs=2) as fe:
-        fe.negotiate()
-        fe.post_rx(0, 64)
-        fe.send(0, _numbered(0, 32))
-        assert len(fe.receive(0, timeout=10, min_frames=32)) == 32
+        _loop_32(fe)
         stats = rt.queue_stats()
         pids = [stats[q]["worker_pid"] for q in range(4)]
         held = psutil.Process(pids[1])
