@@ -171,12 +171,6 @@ class Runner:
             self._watched.clear()
             self.polling_queues.clear()
             dev.close()
-            try:
-                # other processes may hold copies of the connection (a
-                # sharded back-end's workers): end it for all of them
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass            # the front-end already went
             conn.close()
             log.info("front-end disconnected; device reset")
 

@@ -212,8 +212,9 @@ class Worker:
         channel closes, have stopped writing to its rings.  (QEMU reads
         ``used->idx`` at the disconnect and serves the TX ring itself from
         there while the link is down: a worker still completing buffers
-        after that would complete them twice.)  The control process shuts
-        the connection down itself when it ends a session."""
+        after that would complete them twice.)  When the control process
+        ends a session, its last snapshot (without the connection) makes
+        every worker drop its copy before the control closes its own."""
         if fd >= 0 and self.session_fd >= 0 and fd_identity(fd) == fd_identity(self.session_fd):
             os.close(fd)            # the same connection, re-sent with the next snapshot
             return
